@@ -1,0 +1,3 @@
+"""livestyle: real-time video restyling with few-step diffusion."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,23 @@
+"""livestyle's own model runtime: SD-compatible U-Net, autoencoders, CLIP text, LoRA, loading.
+
+No diffusers or transformers at run time: they are the parity oracles in the tests.
+"""
+
+from livestyle.models.clip import TextEncoder, TextEncoderConfig
+from livestyle.models.loading import (
+    NoiseSchedule, Pipeline, TextModel, load_autoencoder, load_pipeline, load_text_encoder, load_unet,
+)
+from livestyle.models.lora import fuse_lora, fuse_loras
+from livestyle.models.prompt import PromptCache, encode_prompt, parse_weights
+from livestyle.models.taesd import TinyAutoencoder
+from livestyle.models.temporal import TemporalCache
+from livestyle.models.tokenizer import Tokenizer
+from livestyle.models.unet import UNet, UNetConfig
+from livestyle.models.vae import KLAutoencoder, KLAutoencoderConfig
+
+__all__ = [
+    "KLAutoencoder", "KLAutoencoderConfig", "NoiseSchedule", "Pipeline", "PromptCache", "TemporalCache",
+    "TextEncoder", "TextEncoderConfig", "TextModel", "TinyAutoencoder", "Tokenizer", "UNet", "UNetConfig",
+    "encode_prompt", "fuse_lora", "fuse_loras", "load_autoencoder", "load_pipeline", "load_text_encoder",
+    "load_unet", "parse_weights",
+]

@@ -1,0 +1,345 @@
+"""Loading SD-class checkpoints into livestyle's own models.
+
+Three shapes of checkpoint are taken, as users have them:
+
+(a) a diffusers folder: `model_index.json`, `unet/`, `vae/`, `text_encoder/`,
+    `tokenizer/`, `scheduler/` (or one of those component folders on its own);
+(b) one original-layout `.safetensors` file (A1111/Civitai: `model.diffusion_model.*`,
+    `first_stage_model.*`, `cond_stage_model.*`), SD 1.x and SD 2.x told apart by shapes;
+(c) tiny autoencoders: TAESD-family `*_encoder.safetensors` + `*_decoder.safetensors`
+    (or the folder holding them) or a diffusers AutoencoderTiny folder.
+
+Our models use upstream's parameter names, so a diffusers-layout state dict loads as it
+is and original layouts are renamed first (convert_*.py). Weights are read on the CPU,
+loaded into a model built on the meta device (no wasted random init of ~1e9 floats),
+then moved to the requested device and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from livestyle.errors import CheckpointError
+from livestyle.models.checkpoint import (
+    describe, load_into, read_header, read_safetensors, strip_prefix, unsupported,
+)
+from livestyle.models.clip import TextEncoder, TextEncoderConfig
+from livestyle.models.convert_clip import text_encoder_from_original, text_encoder_from_transformers
+from livestyle.models.convert_unet import unet_config_from_original, unet_from_original
+from livestyle.models.convert_vae import vae_config_from_original, vae_from_original, vae_to_original
+from livestyle.models.lora import fuse_loras
+from livestyle.models.taesd import TinyAutoencoder, split_tiny_state_dict, tiny_from_diffusers
+from livestyle.models.tokenizer import Tokenizer
+from livestyle.models.unet import UNet, UNetConfig
+from livestyle.models.vae import KLAutoencoder, KLAutoencoderConfig
+
+Autoencoder = TinyAutoencoder | KLAutoencoder
+
+_UNET = "model.diffusion_model."
+_VAE = "first_stage_model."
+_TEXT = "cond_stage_model."
+_WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The training noise schedule and what the U-Net predicts (diffusers' scheduler config)."""
+
+    prediction_type: str = "epsilon"  # "epsilon" or "v_prediction"
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict) -> "NoiseSchedule":
+        fields = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
+        schedule = cls(**fields)
+        if schedule.prediction_type not in ("epsilon", "v_prediction"):
+            raise CheckpointError(f"scheduler prediction_type {schedule.prediction_type!r} is not supported "
+                                  "(epsilon or v_prediction)")
+        return schedule
+
+
+@dataclass
+class TextModel:
+    """A text encoder with the tokenizer that belongs to it."""
+
+    encoder: TextEncoder
+    tokenizer: Tokenizer
+
+
+@dataclass
+class Pipeline:
+    """Everything the stream engine needs from an SD-class checkpoint.
+
+    family: "sd1" (768-d CLIP ViT-L context) or "sd2" (1024-d OpenCLIP ViT-H context).
+    """
+
+    family: str
+    unet: UNet
+    autoencoder: Autoencoder
+    text: TextModel
+    schedule: NoiseSchedule
+    source: Path
+
+
+# -- Files and folders ---------------------------------------------------------------------
+
+def _component_weights(folder: Path) -> Path:
+    """The safetensors weight file of a diffusers/transformers component folder."""
+    for stem in _WEIGHT_NAMES:
+        for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
+            if (folder / name).is_file():
+                return folder / name
+        if (folder / f"{stem}.safetensors.index.json").is_file():
+            return folder / f"{stem}.safetensors.index.json"
+    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".ckpt", ".pt", ".pth"))
+    if pickles:
+        raise CheckpointError(
+            f"{folder}: has only pickle weights ({pickles[0]}); livestyle reads only .safetensors: "
+            "re-save the model with diffusers' save_pretrained(..., safe_serialization=True)"
+        )
+    raise CheckpointError(f"{folder}: no .safetensors weights in this folder")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.name.endswith(".index.json"):  # sharded: {"weight_map": {key: shard file}}
+        shards = sorted(set(_read_json(path).get("weight_map", {}).values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(read_safetensors(path.parent / shard))
+        return state
+    return read_safetensors(path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _read_component(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json, state dict) of a diffusers component folder."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder")
+    return _read_json(folder / "config.json"), _read_weights(_component_weights(folder))
+
+
+def _read_single_file(path: Path) -> dict[str, torch.Tensor]:
+    keys = read_header(path).keys()
+    if why := unsupported(keys):
+        raise CheckpointError(f"{path}: this looks like {why}")
+    return read_safetensors(path)
+
+
+def _build(cls, config, state: dict[str, torch.Tensor], source, device, dtype) -> nn.Module:
+    """Build `cls(config)` without random init, load `state` strictly, move it to device/dtype."""
+    with torch.device("meta"):
+        module = cls(config)
+    load_into(module, state, source, assign=True)
+    meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if meta:  # a buffer the file does not hold; the model must compute it itself
+        raise RuntimeError(f"{cls.__name__} left {meta[:3]} uninitialised after loading")
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _is_diffusers_pipeline(path: Path) -> bool:
+    return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet").is_dir())
+
+
+# -- U-Net ---------------------------------------------------------------------------------
+
+def load_unet(path: str | Path, device="cpu", dtype=torch.float32,
+              num_heads: tuple[int, ...] | None = None) -> UNet:
+    """A U-Net from a diffusers folder (pipeline or `unet/`) or an original single file.
+
+    num_heads: per-level head counts for a single file whose layout is not SD's own
+    (SD 1.x uses 8 heads, SD 2.x 64-d heads; shapes do not store this).
+    """
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "unet" if _is_diffusers_pipeline(path) else path
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"{path}: not a diffusers U-Net folder (no unet/ or config.json)")
+        cfg, state = _read_component(folder)
+        if why := unsupported(state.keys()):
+            raise CheckpointError(f"{folder}: this looks like {why}")
+        return _build(UNet, UNetConfig.from_diffusers(cfg), state, folder, device, dtype)
+    state = _read_single_file(path)
+    unet_state = strip_prefix(state, _UNET) if any(k.startswith(_UNET) for k in state) else state
+    if "input_blocks.0.0.weight" not in unet_state:
+        raise CheckpointError(f"{path}: no U-Net in this file; it looks like {describe(state.keys())}")
+    return _unet_from_original(unet_state, path, device, dtype, num_heads)
+
+
+def _unet_from_original(state, source, device, dtype, num_heads=None) -> UNet:
+    config = unet_config_from_original({k: tuple(v.shape) for k, v in state.items()}, num_heads=num_heads)
+    return _build(UNet, config, unet_from_original(state, config), source, device, dtype)
+
+
+# -- Autoencoders --------------------------------------------------------------------------
+
+def load_autoencoder(path: str | Path, device="cpu", dtype=torch.float32) -> Autoencoder:
+    """A tiny (TAESD-family) or KL autoencoder; which one is read from the weights.
+
+    Takes: a diffusers pipeline folder (its `vae/`), a diffusers AutoencoderKL or
+    AutoencoderTiny folder, a TAESD `*_encoder.safetensors`/`*_decoder.safetensors` file
+    (its partner is found beside it) or the folder holding the pair, a standalone VAE
+    file, or an original single-file checkpoint (its `first_stage_model.*`).
+    """
+    path = Path(path)
+    if path.is_dir():
+        if _is_diffusers_pipeline(path):
+            path = path / "vae"
+        if (path / "config.json").is_file():
+            cfg, state = _read_component(path)
+            if cfg.get("_class_name") == "AutoencoderTiny" or any(k.startswith("encoder.layers.") for k in state):
+                return _tiny(*tiny_from_diffusers(state), path, device, dtype)
+            return _build(KLAutoencoder, KLAutoencoderConfig.from_diffusers(cfg), state, path, device, dtype)
+        pair = _taesd_pair(path)
+        if pair:
+            return _tiny(read_safetensors(pair[0]), read_safetensors(pair[1]), path, device, dtype)
+        raise CheckpointError(f"{path}: not an autoencoder folder (no config.json, no *_encoder/*_decoder.safetensors)")
+    name = path.name
+    if name.endswith(("_encoder.safetensors", "_decoder.safetensors")) and path.is_file():
+        pair = _taesd_pair(path.parent, stem=name.rsplit("_", 1)[0])
+        if not pair:
+            raise CheckpointError(f"{path}: its partner {name.rsplit('_', 1)[0]}_"
+                                  f"{'decoder' if name.endswith('_encoder.safetensors') else 'encoder'}"
+                                  ".safetensors is not beside it")
+        return _tiny(read_safetensors(pair[0]), read_safetensors(pair[1]), path, device, dtype)
+    state = _read_single_file(path)
+    if any(k.startswith(_VAE) for k in state):
+        state = strip_prefix(state, _VAE)
+    if any(k.startswith("encoder.layers.") for k in state):
+        return _tiny(*tiny_from_diffusers(state), path, device, dtype)
+    if "1.conv.0.weight" in state or "encoder.1.conv.0.weight" in state:
+        return _tiny(*split_tiny_state_dict(state), path, device, dtype)
+    return _kl_from_state(state, path, device, dtype)
+
+
+def _kl_from_state(state, source, device, dtype) -> KLAutoencoder:
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:  # diffusers layout, no config.json
+        original = vae_to_original(state)
+        config = vae_config_from_original({k: tuple(v.shape) for k, v in original.items()})
+        return _build(KLAutoencoder, config, state, source, device, dtype)
+    if "encoder.down.0.block.0.conv1.weight" in state:  # original layout
+        config = vae_config_from_original({k: tuple(v.shape) for k, v in state.items()})
+        return _build(KLAutoencoder, config, vae_from_original(state), source, device, dtype)
+    raise CheckpointError(f"{source}: no autoencoder in this file; it looks like {describe(state.keys())}")
+
+
+def _taesd_pair(folder: Path, stem: str | None = None) -> tuple[Path, Path] | None:
+    encoders = [folder / f"{stem}_encoder.safetensors"] if stem else sorted(folder.glob("*_encoder.safetensors"))
+    for enc in encoders:
+        dec = enc.with_name(enc.name.replace("_encoder.safetensors", "_decoder.safetensors"))
+        if enc.is_file() and dec.is_file():
+            return enc, dec
+    return None
+
+
+def _tiny(encoder_state, decoder_state, source, device, dtype) -> TinyAutoencoder:
+    try:
+        model = TinyAutoencoder.from_state_dicts(encoder_state, decoder_state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# -- Text ----------------------------------------------------------------------------------
+
+def load_text_encoder(path: str | Path, device="cpu", dtype=torch.float32) -> TextModel:
+    """The CLIP text encoder and its tokenizer.
+
+    From a diffusers pipeline folder (`text_encoder/` + `tokenizer/`) or an original
+    single file (`cond_stage_model.*`; the tokenizer then is CLIP's own BPE vocabulary,
+    shipped with livestyle: single files carry none).
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not _is_diffusers_pipeline(path):
+            raise CheckpointError(f"{path}: not a diffusers pipeline folder (no model_index.json or unet/)")
+        cfg, state = _read_component(path / "text_encoder")
+        # transformers 5 saves CLIPTextModel without the `text_model.` prefix; both load.
+        encoder = _build(TextEncoder, TextEncoderConfig.from_transformers(cfg), text_encoder_from_transformers(state),
+                         path / "text_encoder", device, dtype)
+        if not (path / "tokenizer").is_dir():
+            raise CheckpointError(f"{path}: has text_encoder/ but no tokenizer/")
+        return TextModel(encoder, Tokenizer.from_folder(path / "tokenizer"))
+    return _text_from_original(_read_single_file(path), path, device, dtype)
+
+
+def _text_from_original(state, source, device, dtype) -> TextModel:
+    text_state = strip_prefix(state, _TEXT)
+    if not text_state:
+        raise CheckpointError(f"{source}: no text encoder (cond_stage_model.*) in this file; "
+                              f"it looks like {describe(state.keys())}")
+    try:
+        converted, config = text_encoder_from_original(text_state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    encoder = _build(TextEncoder, config, converted, source, device, dtype)
+    # SD 2.x (OpenCLIP) pads with "!" (id 0), SD 1.x with the end-of-text token.
+    pad = "!" if config.hidden_size == 1024 else "<|endoftext|>"
+    return TextModel(encoder, Tokenizer.bundled(pad_token=pad))
+
+
+# -- Whole pipelines -----------------------------------------------------------------------
+
+def load_pipeline(path: str | Path, device="cpu", dtype=torch.float32,
+                  autoencoder: str | Path | None = None,
+                  loras: tuple[tuple[str | Path, float], ...] = ()) -> Pipeline:
+    """U-Net, autoencoder, text encoder + tokenizer and noise schedule of one checkpoint.
+
+    path: a diffusers folder or an original single `.safetensors` file.
+    autoencoder: optional replacement autoencoder (e.g. TAESD for speed), anything
+        `load_autoencoder` takes.
+    loras: (LoRA file, scale) pairs, fused into the U-Net and text encoder weights.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not _is_diffusers_pipeline(path):
+            found = ", ".join(sorted(p.name for p in path.iterdir())[:6]) or "nothing"
+            raise CheckpointError(f"{path}: not a diffusers model folder: no model_index.json and no unet/ "
+                                  f"(found: {found})")
+        if not (path / "unet").is_dir():
+            found = ", ".join(sorted(p.name for p in path.iterdir() if p.is_dir())) or "no subfolders"
+            raise CheckpointError(f"{path}: diffusers folder without unet/ (found: {found})")
+        unet = load_unet(path, device, dtype)
+        vae = load_autoencoder(autoencoder or path, device, dtype)
+        text = load_text_encoder(path, device, dtype)
+        sched = path / "scheduler" / "scheduler_config.json"
+        schedule = NoiseSchedule.from_diffusers(_read_json(sched)) if sched.is_file() else NoiseSchedule()
+    else:
+        state = _read_single_file(path)
+        parts = {p for p in (_UNET, _VAE, _TEXT) if any(k.startswith(p) for k in state)}
+        if _UNET not in parts:
+            raise CheckpointError(f"{path}: not a full SD checkpoint (no model.diffusion_model.*); "
+                                  f"it looks like {describe(state.keys())}")
+        if _TEXT not in parts:
+            raise CheckpointError(f"{path}: has no text encoder (cond_stage_model.*)")
+        if _VAE not in parts and autoencoder is None:
+            raise CheckpointError(f"{path}: has no VAE (first_stage_model.*); pass an autoencoder")
+        unet = _unet_from_original(strip_prefix(state, _UNET), path, device, dtype)
+        vae = (load_autoencoder(autoencoder, device, dtype) if autoencoder
+               else _kl_from_state(strip_prefix(state, _VAE), path, device, dtype))
+        text = _text_from_original(state, path, device, dtype)
+        schedule = NoiseSchedule()
+        del state
+    context = unet.config.cross_attention_dim
+    if context != text.encoder.config.hidden_size:
+        raise CheckpointError(f"{path}: the U-Net expects {context}-d text features, "
+                              f"the text encoder gives {text.encoder.config.hidden_size}")
+    if loras:
+        fuse_loras([(read_safetensors(p), scale) for p, scale in loras], unet, text.encoder)
+    family = "sd2" if context == 1024 else "sd1"
+    return Pipeline(family, unet, vae, text, schedule, path)

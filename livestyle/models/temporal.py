@@ -1,0 +1,84 @@
+"""Temporal cache for the U-Net's self-attention: a fixed-shape feature bank of past frames.
+
+After StreamV2V (Liang et al. 2024, "Looking Backward: Streaming Video-to-Video
+Translation with Feature Banks"): each self-attention layer also attends to its own
+keys and values from the last N frames, which ties the look of consecutive frames
+together without any training.
+
+Unlike a bank grown with torch.cat, every buffer here is allocated once, from the
+U-Net, the latent size, the batch size and N (gpt-fast's KV cache is the model):
+
+    keys[i], values[i]  (B, N, L_i, C_i)  layer i's ring of N frames; L_i = h_i * w_i tokens
+    filled              (N,) bool         which ring slots hold a frame
+    write_index         (1,) int64        the slot the current frame is written to
+
+Slots never written are masked out of the attention rather than cut off, so shapes
+never change, nothing reads back to the host, and the whole step can be captured in
+a CUDA graph. Batch rows are independent: row b only ever sees row b's past.
+
+Per frame: U-Net forward (each layer calls `extend_and_store`), then `advance()`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from livestyle.models.unet import UNet
+
+
+class TemporalCache:
+    """Preallocated ring buffers of self-attention keys/values for the last `frames` frames."""
+
+    def __init__(self, shapes: list[tuple[int, int]], batch: int, frames: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        """shapes: (tokens, channels) per self-attention layer, indexed like Attention.layer_index."""
+        if frames < 1:
+            raise ValueError(f"TemporalCache needs at least 1 frame, got {frames}")
+        self.frames = frames
+        self.keys = [torch.zeros(batch, frames, L, C, device=device, dtype=dtype) for L, C in shapes]
+        self.values = [torch.zeros(batch, frames, L, C, device=device, dtype=dtype) for L, C in shapes]
+        self.filled = torch.zeros(frames, dtype=torch.bool, device=device)
+        self.write_index = torch.zeros(1, dtype=torch.long, device=device)
+
+    @classmethod
+    def for_unet(cls, unet: UNet, batch: int, latent_hw: tuple[int, int], frames: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> TemporalCache:
+        """A cache for `unet` run on (batch, C, h, w) latents with latent_hw = (h, w)."""
+        return cls(unet.self_attention_shapes(latent_hw), batch, frames, device, dtype)
+
+    def extend_and_store(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Keys/values of the current frame followed by the bank's; then bank the current ones.
+
+        k, v: (B, L, C) of layer `layer` for the current frame.
+        Returns k_all, v_all: (B, L + N*L, C), and mask: (1, L + N*L) bool, True where a key
+        may be attended to (the current frame, and the slots filled by past frames).
+        The write goes to slot `write_index` after the read (torch.cat copied the bank),
+        so a frame never attends to itself twice and the oldest frame is the one replaced.
+        """
+        bank_k, bank_v = self.keys[layer], self.values[layer]
+        B, N, L, C = bank_k.shape
+        if k.shape != (B, L, C):
+            raise ValueError(f"TemporalCache layer {layer} holds (batch, tokens, channels) = {(B, L, C)}, "
+                             f"got {tuple(k.shape)}: build the cache for this batch size and latent size")
+        k_all = torch.cat([k, bank_k.view(B, N * L, C).to(k.dtype)], dim=1)  # (B, L + N*L, C)
+        v_all = torch.cat([v, bank_v.view(B, N * L, C).to(v.dtype)], dim=1)
+        valid_past = self.filled[:, None].expand(N, L).reshape(N * L)  # (N*L,)
+        mask = torch.cat([torch.ones(L, dtype=torch.bool, device=k.device), valid_past])[None]  # (1, L + N*L)
+        # The slot index stays a device tensor: index_copy_ writes in place without a host sync.
+        # Detached: the bank is state; no gradient flows into past frames.
+        bank_k.index_copy_(1, self.write_index, k.detach()[:, None].to(bank_k.dtype))
+        bank_v.index_copy_(1, self.write_index, v.detach()[:, None].to(bank_v.dtype))
+        return k_all, v_all, mask
+
+    def advance(self) -> None:
+        """Mark the slot just written as filled and move on to the next (oldest) slot."""
+        self.filled.index_fill_(0, self.write_index, True)
+        self.write_index.add_(1).remainder_(self.frames)
+
+    def reset(self) -> None:
+        """Forget all past frames (a scene cut, a new stream); keeps the buffers."""
+        self.filled.zero_()
+        self.write_index.zero_()

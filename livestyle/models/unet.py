@@ -1,0 +1,474 @@
+"""The Stable Diffusion 1.x / 2.x U-Net (SD-Turbo included), with temporal self-attention.
+
+Same architecture and parameter names as `diffusers.UNet2DConditionModel` for the
+SD 1.x/2.x configurations, so a diffusers `unet/` state dict loads with
+`load_state_dict(strict=True)`; the original single-file layout is converted by
+convert_unet.py. The file reads top to bottom: timestep embedding, ResnetBlock,
+Attention, FeedForward, TransformerBlock, SpatialTransformer, Down/Upsample, the
+three block kinds, then UNet.
+
+Contract: `UNet(sample, timestep, context, temporal=None) -> prediction`, with
+sample (B, C_in, h, w) latents (any h, w; odd and non-square included), timestep
+(B,) or 0-d in the training schedule's units (0..999 for SD), context (B, L, D)
+text embeddings with any L (long prompts give L = 77 * k), prediction (B, C_out, h, w)
+(epsilon or v, whatever the checkpoint was trained for).
+
+Every self-attention (`attn1`) can read a TemporalCache (temporal.py): it then also
+attends to its own keys/values of the last N frames (StreamV2V's feature bank).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from livestyle.errors import CheckpointError
+from livestyle.models.temporal import TemporalCache
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Hyper-parameters of an SD 1.x / 2.x U-Net. Defaults are SD 1.5's.
+
+    Per-level tuples run from the highest resolution (level 0) to the lowest.
+    SD 1.x: 8 heads everywhere, conv proj_in/out, context 768.
+    SD 2.x / SD-Turbo: 64-channel heads (5, 10, 20, 20), linear proj_in/out, context 1024.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    attention_levels: tuple[bool, ...] = (True, True, True, False)  # levels with a SpatialTransformer
+    num_heads: tuple[int, ...] = (8, 8, 8, 8)
+    cross_attention_dim: int = 768
+    use_linear_projection: bool = False
+    transformer_layers_per_block: int = 1
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        if not (len(self.attention_levels) == len(self.num_heads) == n):
+            raise ValueError(f"UNetConfig: block_out_channels, attention_levels and num_heads need one entry "
+                             f"per level ({n}), got {len(self.attention_levels)} and {len(self.num_heads)}")
+        for channels, heads in zip(self.block_out_channels, self.num_heads):
+            if channels % heads:
+                raise ValueError(f"UNetConfig: {heads} heads do not divide {channels} channels")
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict) -> UNetConfig:
+        """The config of a diffusers `unet/config.json` dict; CheckpointError for what we cannot run."""
+        cross_dim = cfg.get("cross_attention_dim", 1280)
+        cross_dims = cross_dim if isinstance(cross_dim, (list, tuple)) else [cross_dim]
+        if cfg.get("addition_embed_type") == "text_time" or 2048 in cross_dims:
+            raise CheckpointError("this looks like an SDXL U-Net; SDXL is not supported yet")
+        if cfg.get("class_embed_type") is not None or cfg.get("num_class_embeds") is not None:
+            raise CheckpointError(f"U-Net with class embeddings (class_embed_type={cfg.get('class_embed_type')!r}, "
+                                  "e.g. the SD 2 x4 upscaler) is not supported")
+        # Options SD 1.x/2.x never use; anything else is a different network.
+        plain = {"addition_embed_type": None, "time_cond_proj_dim": None, "encoder_hid_dim": None,
+                 "encoder_hid_dim_type": None, "time_embedding_type": "positional", "time_embedding_dim": None,
+                 "time_embedding_act_fn": None, "timestep_post_act": None, "act_fn": "silu",
+                 "resnet_time_scale_shift": "default", "center_input_sample": False, "dual_cross_attention": False,
+                 "only_cross_attention": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
+                 "mid_block_scale_factor": 1, "downsample_padding": 1, "conv_in_kernel": 3, "conv_out_kernel": 3,
+                 "attention_type": "default", "class_embeddings_concat": False, "resnet_skip_time_act": False,
+                 "resnet_out_scale_factor": 1.0, "cross_attention_norm": None,
+                 "reverse_transformer_layers_per_block": None}
+        for key, expected in plain.items():
+            value = cfg.get(key, expected)
+            if value != expected and not (isinstance(value, (list, tuple)) and set(value) == {expected}):
+                raise CheckpointError(f"U-Net config {key}={value!r} is not supported (SD 1.x/2.x use {expected!r})")
+        if cfg.get("norm_num_groups", 32) is None:
+            raise CheckpointError("U-Net config norm_num_groups=None is not supported (SD 1.x/2.x use 32)")
+
+        # Absent keys take diffusers' defaults, which are SD 1.x's.
+        down = list(cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
+        up = list(cfg.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
+        channels = tuple(cfg.get("block_out_channels", (320, 640, 1280, 1280)))
+        down_kinds = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+        up_kinds = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+        unknown = [t for t in down if t not in down_kinds] + [t for t in up if t not in up_kinds]
+        if unknown or not down:
+            raise CheckpointError(f"U-Net block types {unknown or down} are not supported "
+                                  f"(only {', '.join([*down_kinds, *up_kinds])})")
+        levels = tuple(down_kinds[t] for t in down)
+        if tuple(up_kinds[t] for t in reversed(up)) != levels:
+            raise CheckpointError(f"U-Net up_block_types {up} do not mirror down_block_types {down}")
+
+        n = len(down)
+        if len(channels) != n:
+            raise CheckpointError(f"U-Net config block_out_channels={list(channels)} needs {n} entries, one per level")
+
+        def per_level(name, value) -> tuple:
+            value = tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+            if len(value) != n:
+                raise CheckpointError(f"U-Net config {name}={list(value)} needs {n} entries, one per level")
+            return value
+
+        def same_everywhere(name, value) -> int:
+            values = set(per_level(name, value))
+            if len(values) != 1:
+                raise CheckpointError(f"U-Net config {name}={value} varies per level; not supported")
+            return values.pop()
+
+        # diffusers' `attention_head_dim` is the number of heads when `num_attention_heads` is unset
+        # (a historical misnaming, diffusers issue #2011).
+        heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+        try:
+            return cls(
+                in_channels=cfg.get("in_channels", 4),
+                out_channels=cfg.get("out_channels", 4),
+                block_out_channels=channels,
+                layers_per_block=same_everywhere("layers_per_block", cfg.get("layers_per_block", 2)),
+                attention_levels=levels,
+                num_heads=per_level("num_attention_heads", heads),
+                cross_attention_dim=same_everywhere("cross_attention_dim", cross_dim),
+                use_linear_projection=bool(cfg.get("use_linear_projection", False)),
+                transformer_layers_per_block=same_everywhere("transformer_layers_per_block",
+                                                             cfg.get("transformer_layers_per_block", 1)),
+                norm_num_groups=cfg.get("norm_num_groups", 32),
+                norm_eps=cfg.get("norm_eps", 1e-5),
+                flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
+                freq_shift=cfg.get("freq_shift", 0),
+            )
+        except ValueError as e:  # e.g. heads that do not divide the channels
+            raise CheckpointError(str(e)) from None
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float,
+                       max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps (DDPM, Ho et al. 2020): (B,) -> (B, dim) float32.
+
+    Frequencies run from 1 down to ~1/max_period; `flip_sin_to_cos` puts cos first.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    args = t.float()[:, None] * torch.exp(exponent)[None, :]  # (B, half)
+    sin, cos = torch.sin(args), torch.cos(args)
+    emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP on the sinusoidal embedding: (B, C) -> (B, 4C)."""
+
+    def __init__(self, channels: int, embed_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(channels, embed_dim)
+        self.linear_2 = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, time embedding added in between, plus a (1x1 conv) skip."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x, temb):
+        """x (B, C_in, h, w), temb (B, T) -> (B, C_out, h, w)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when called without context.
+
+    `layer_index` numbers the self-attention layers of a UNet in forward order (set
+    by UNet); it picks this layer's bank in a TemporalCache.
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # a list only for diffusers' key `to_out.0`
+        self.layer_index: int | None = None
+
+    def forward(self, x, context=None, temporal: TemporalCache | None = None):
+        """x (B, L, C), context (B, S, D) or None -> (B, L, C).
+
+        With `temporal`, keys/values of this layer's past frames join the current
+        ones (masked where a slot was never written), then the current ones are stored.
+        """
+        B, L, C = x.shape
+        source = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)  # (B, L, C), (B, S, C), (B, S, C)
+        mask = None
+        if temporal is not None:
+            k, v, mask = temporal.extend_and_store(self.layer_index, k, v)  # (B, S + N*S, C); mask (1, S + N*S)
+        # (B, *, C) -> (B, heads, *, C / heads)
+        q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, L, C / heads)
+        out = out.transpose(1, 2).reshape(B, L, C)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020): one projection to 2 * d_out, GELU of one half gates the other."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU MLP with 4x inner width: (B, L, C) -> (B, L, C)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        # net.1 is a dropout in diffusers; Identity keeps the key names net.0 / net.2.
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: self-attention, cross-attention to the text, feed-forward."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context, temporal=None):
+        """x (B, L, C), context (B, S, D) -> (B, L, C)."""
+        x = x + self.attn1(self.norm1(x), temporal=temporal)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the h*w positions of a feature map, with a residual around it.
+
+    proj_in/proj_out are 1x1 convs (SD 1.x) or linear layers (SD 2.x); same math,
+    different weight shapes, applied before/after flattening accordingly.
+    """
+
+    def __init__(self, channels: int, heads: int, context_dim: int, depth: int, linear: bool, groups: int):
+        super().__init__()
+        self.linear = linear
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim) for _ in range(depth))
+        self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x, context, temporal=None):
+        """x (B, C, h, w), context (B, S, D) -> (B, C, h, w)."""
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if not self.linear:
+            h = self.proj_in(h)
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, h*w, C)
+        if self.linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context, temporal)
+        if self.linear:
+            h = self.proj_out(h)
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, h, w)
+        if not self.linear:
+            h = self.proj_out(h)
+        return x + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv: (B, C, h, w) -> (B, C, ceil(h/2), ceil(w/2))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling to `size`, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, size):
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+def _transformer(config: UNetConfig, level: int) -> SpatialTransformer:
+    return SpatialTransformer(config.block_out_channels[level], config.num_heads[level], config.cross_attention_dim,
+                              config.transformer_layers_per_block, config.use_linear_projection,
+                              config.norm_num_groups)
+
+
+class DownBlock(nn.Module):
+    """One encoder level: resnet (+ transformer) x layers_per_block, then maybe a Downsample.
+
+    diffusers' CrossAttnDownBlock2D (with transformers) or DownBlock2D (without).
+    """
+
+    def __init__(self, config: UNetConfig, level: int, in_channels: int, temb_channels: int):
+        super().__init__()
+        out_channels, n = config.block_out_channels[level], config.layers_per_block
+        groups, eps = config.norm_num_groups, config.norm_eps
+        self.resnets = nn.ModuleList(
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, temb_channels, groups, eps)
+            for i in range(n))
+        self.attentions = nn.ModuleList(_transformer(config, level) for _ in range(n) if config.attention_levels[level])
+        is_last = level == len(config.block_out_channels) - 1
+        self.downsamplers = None if is_last else nn.ModuleList([Downsample(out_channels)])
+
+    def forward(self, x, temb, context, temporal=None):
+        """-> (x, skips): the output and the feature maps the decoder concatenates back."""
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions:
+                x = self.attentions[i](x, context, temporal)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    """resnet, transformer, resnet at the lowest resolution (UNetMidBlock2DCrossAttn)."""
+
+    def __init__(self, config: UNetConfig, temb_channels: int):
+        super().__init__()
+        channels, groups, eps = config.block_out_channels[-1], config.norm_num_groups, config.norm_eps
+        self.resnets = nn.ModuleList(ResnetBlock(channels, channels, temb_channels, groups, eps) for _ in range(2))
+        # The mid block always has a transformer, even where the lowest level has none (SD's level 3).
+        self.attentions = nn.ModuleList([_transformer(config, len(config.block_out_channels) - 1)])
+
+    def forward(self, x, temb, context, temporal=None):
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context, temporal)
+        return self.resnets[1](x, temb)
+
+
+class UpBlock(nn.Module):
+    """One decoder level: (concat skip, resnet (+ transformer)) x (layers_per_block + 1), then maybe Upsample.
+
+    diffusers' CrossAttnUpBlock2D / UpBlock2D. `level` is the resolution level
+    (the first up block works at the lowest resolution, level n - 1).
+    """
+
+    def __init__(self, config: UNetConfig, level: int, prev_channels: int, temb_channels: int):
+        super().__init__()
+        channels = config.block_out_channels
+        out_channels, n = channels[level], config.layers_per_block + 1
+        # The last resnet's skip comes from the level above (or conv_in), hence its width.
+        skip_last = channels[max(level - 1, 0)]
+        groups, eps = config.norm_num_groups, config.norm_eps
+        self.resnets = nn.ModuleList(
+            ResnetBlock((prev_channels if i == 0 else out_channels) + (skip_last if i == n - 1 else out_channels),
+                        out_channels, temb_channels, groups, eps)
+            for i in range(n))
+        self.attentions = nn.ModuleList(_transformer(config, level) for _ in range(n) if config.attention_levels[level])
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if level > 0 else None
+
+    def forward(self, x, temb, context, skips, upsample_size=None, temporal=None):
+        """skips: this level's encoder maps, consumed last-first; upsample_size: (h, w) for the Upsample."""
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips[-1 - i]], dim=1), temb)
+            if self.attentions:
+                x = self.attentions[i](x, context, temporal)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class UNet(nn.Module):
+    """SD 1.x / 2.x conditional U-Net (diffusers' UNet2DConditionModel layout)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        channels = config.block_out_channels
+        temb_channels = 4 * channels[0]
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(channels[0], temb_channels)
+        self.down_blocks = nn.ModuleList(
+            DownBlock(config, level, channels[max(level - 1, 0)], temb_channels) for level in range(len(channels)))
+        self.mid_block = MidBlock(config, temb_channels)
+        levels = list(reversed(range(len(channels))))
+        self.up_blocks = nn.ModuleList(
+            UpBlock(config, level, channels[min(level + 1, len(channels) - 1)], temb_channels) for level in levels)
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+
+        # Number the self-attention layers in forward order (down, mid, up: the order in which
+        # modules() walks them), so that a TemporalCache can hold one bank per layer.
+        blocks = [m for m in self.modules() if isinstance(m, TransformerBlock)]
+        for index, block in enumerate(blocks):
+            block.attn1.layer_index = index
+
+    def self_attention_shapes(self, latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
+        """(tokens, channels) of every self-attention layer, by layer_index, for latents of size (h, w)."""
+        h, w = latent_hw
+        tokens = []  # per level; a stride-2 conv with padding 1 rounds up
+        for _ in self.config.block_out_channels:
+            tokens.append(h * w)
+            h, w = (h + 1) // 2, (w + 1) // 2
+        n = len(tokens)
+        placed = [(block.attentions, level) for level, block in enumerate(self.down_blocks)]
+        placed += [(self.mid_block.attentions, n - 1)]
+        placed += [(block.attentions, n - 1 - i) for i, block in enumerate(self.up_blocks)]
+        return [(tokens[level], t.norm.num_channels)
+                for attentions, level in placed for t in attentions for _ in t.transformer_blocks]
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                temporal: TemporalCache | None = None) -> torch.Tensor:
+        """sample (B, C_in, h, w), timestep (B,) or 0-d, context (B, L, D) -> (B, C_out, h, w)."""
+        B = sample.shape[0]
+        t = timestep.reshape(-1).expand(B).to(sample.device)  # 0-d or (1,) broadcast to (B,)
+        emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
+                                 self.config.freq_shift)
+        emb = self.time_embedding(emb.to(sample.dtype))  # (B, 4 * C0)
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, emb, context, temporal)
+            skips += block_skips
+        x = self.mid_block(x, emb, context, temporal)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            # Upsample to the next skip's size rather than x2: for sizes not divisible by
+            # 2**levels the encoder rounded up, and diffusers (forward_upsample_size) matches
+            # the skip; for divisible sizes both are the same.
+            size = skips[-1].shape[-2:] if skips else None
+            x = block(x, emb, context, block_skips, size, temporal)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))

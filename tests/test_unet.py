@@ -1,0 +1,250 @@
+"""U-Net: parity with diffusers.UNet2DConditionModel, original-layout conversion, temporal cache."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+
+from livestyle.errors import CheckpointError
+from livestyle.models.convert_unet import unet_config_from_original, unet_from_original, unet_to_original
+from livestyle.models.temporal import TemporalCache
+from livestyle.models.unet import UNet, UNetConfig
+
+PREFIX = "model.diffusion_model."
+
+# SD 1.x-like: conv proj_in/out, same head count everywhere, attention on level 0 only.
+SD1_TINY = dict(
+    block_out_channels=(32, 64), layers_per_block=2, attention_head_dim=2, cross_attention_dim=32,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=32, sample_size=16,
+)
+# SD 2.x-like: linear proj_in/out, per-level head counts, two transformer layers, wider context.
+SD2_TINY = dict(
+    block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=(2, 4, 4), cross_attention_dim=48,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    use_linear_projection=True, transformer_layers_per_block=2, norm_num_groups=32, sample_size=16,
+)
+TINY = {"sd1": SD1_TINY, "sd2": SD2_TINY}
+
+SD15 = dict(
+    block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, attention_head_dim=8, cross_attention_dim=768,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, in_channels=4, out_channels=4,
+    norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, sample_size=64,
+)
+SD21 = dict(SD15, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True,
+            upcast_attention=True, sample_size=96)
+
+
+def randomized_diffusers(cfg: dict) -> UNet2DConditionModel:
+    """A diffusers U-Net with every parameter perturbed (diffusers zero-inits some convs)."""
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(**cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def ours_from(state: dict, config: UNetConfig) -> UNet:
+    model = UNet(config).eval()
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def inputs(config: UNetConfig, hw, batch=2, tokens=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, config.in_channels, *hw, generator=g)
+    t = torch.tensor([10.0, 700.0][:batch])
+    c = torch.randn(batch, tokens, config.cross_attention_dim, generator=g)
+    return x, t, c
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def pair(request):
+    ref = randomized_diffusers(TINY[request.param])
+    config = UNetConfig.from_diffusers(dict(ref.config))
+    return ref, config
+
+
+@pytest.mark.parametrize("hw", [(24, 16), (13, 22)])
+@torch.no_grad()
+def test_parity_with_diffusers(pair, hw):
+    ref, config = pair
+    ours = ours_from(ref.state_dict(), config)
+    x, t, c = inputs(config, hw, tokens=hw[0] % 9 + 3)
+    expected = ref(x, t, c).sample
+    got = ours(x, t, c)
+    assert got.shape == (2, config.out_channels, *hw)
+    assert expected.abs().max() > 0.5  # a non-trivial output
+    assert (got - expected).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_scalar_timestep_broadcasts(pair):
+    ref, config = pair
+    ours = ours_from(ref.state_dict(), config)
+    x, _, c = inputs(config, (8, 8))
+    t = torch.tensor(321)
+    assert torch.allclose(ours(x, t, c), ours(x, t.expand(2), c))
+
+
+def test_config_from_diffusers():
+    assert UNetConfig.from_diffusers(SD15) == UNetConfig()
+    sd21 = UNetConfig.from_diffusers(SD21)
+    assert sd21.num_heads == (5, 10, 20, 20) and sd21.cross_attention_dim == 1024 and sd21.use_linear_projection
+    tiny = UNetConfig.from_diffusers(SD2_TINY)
+    assert tiny.attention_levels == (True, True, False) and tiny.transformer_layers_per_block == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(addition_embed_type="text_time", cross_attention_dim=2048), "SDXL"),
+    (dict(cross_attention_dim=2048), "SDXL"),
+    (dict(class_embed_type="timestep"), "class"),
+    (dict(down_block_types=["SimpleCrossAttnDownBlock2D"] + SD15["down_block_types"][1:]), "SimpleCrossAttn"),
+    (dict(up_block_types=["CrossAttnUpBlock2D"] * 4), "mirror"),
+    (dict(time_cond_proj_dim=256), "time_cond_proj_dim"),
+])
+def test_config_from_diffusers_refuses(change, message):
+    with pytest.raises(CheckpointError, match=message):
+        UNetConfig.from_diffusers(dict(SD15, **change))
+
+
+@torch.no_grad()
+def test_original_layout_round_trip(pair, tmp_path):
+    ref, config = pair
+    original = unet_to_original(ref.state_dict(), config)
+    assert "input_blocks.0.0.weight" in original and "middle_block.1.proj_in.weight" in original
+    path = tmp_path / "unet.safetensors"
+    save_file({PREFIX + k: v.contiguous() for k, v in original.items()}, path)
+    loaded = {k.removeprefix(PREFIX): v for k, v in load_file(path).items()}
+
+    inferred = unet_config_from_original({k: tuple(v.shape) for k, v in loaded.items()}, num_heads=config.num_heads)
+    assert inferred == config
+    ours = ours_from(unet_from_original(loaded, inferred), inferred)
+    x, t, c = inputs(config, (20, 12))
+    assert (ours(x, t, c) - ref(x, t, c).sample).abs().max() <= 1e-4
+
+
+def test_from_original_names_bad_keys(pair):
+    ref, config = pair
+    original = unet_to_original(ref.state_dict(), config)
+    original["input_blocks.1.0.in_layers.9.weight"] = original.pop("input_blocks.1.0.in_layers.0.weight")
+    with pytest.raises(CheckpointError, match=r"missing input_blocks\.1\.0\.in_layers\.0\.weight.*unexpected"):
+        unet_from_original(original, config)
+
+
+def original_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Original-layout key -> shape of a full-size U-Net, without allocating its weights."""
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**cfg)
+    original = unet_to_original(model.state_dict(), UNetConfig.from_diffusers(cfg))
+    return {k: tuple(v.shape) for k, v in original.items()}
+
+
+def test_full_size_config_from_shapes():
+    sd15 = unet_config_from_original(original_shapes(SD15))
+    assert sd15 == UNetConfig()
+    assert sd15.num_heads == (8, 8, 8, 8) and sd15.cross_attention_dim == 768 and not sd15.use_linear_projection
+    sd21_shapes = original_shapes(SD21)
+    sd21 = unet_config_from_original(sd21_shapes)
+    assert sd21 == UNetConfig.from_diffusers(SD21)
+    assert sd21.num_heads == (5, 10, 20, 20) and sd21.cross_attention_dim == 1024 and sd21.use_linear_projection
+    assert len(sd21_shapes["input_blocks.1.1.proj_in.weight"]) == 2
+
+
+def test_refuses_sdxl_and_unknown_shapes():
+    shapes = original_shapes(SD15)
+    with pytest.raises(CheckpointError, match="SDXL"):
+        unet_config_from_original(dict(shapes, **{"label_emb.0.0.weight": (1280, 2816)}))
+    with pytest.raises(CheckpointError, match="not an SD U-Net.*proj_out"):
+        unet_config_from_original({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.proj_out.weight": (3, 3)})
+    with pytest.raises(CheckpointError, match="num_heads"):
+        unet_config_from_original(original_shapes(SD1_TINY))
+    with pytest.raises(CheckpointError, match="3 heads do not divide 32"):
+        unet_config_from_original(original_shapes(SD1_TINY), num_heads=(3, 3))
+
+
+# -- temporal cache ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    ref = randomized_diffusers(SD2_TINY)  # two attention levels, two transformer layers each: 14 layers
+    return ours_from(ref.state_dict(), UNetConfig.from_diffusers(dict(ref.config)))
+
+
+HW = (10, 6)  # 10x6 -> 5x3 -> 3x2: odd sizes on the way down
+
+
+def frames(unet, count, seed):
+    return [inputs(unet.config, HW, seed=seed + i) for i in range(count)]
+
+
+@torch.no_grad()
+def test_cache_empty_and_repeated_frames(tiny_unet):
+    (x, t, c), = frames(tiny_unet, 1, seed=3)
+    plain = tiny_unet(x, t, c)
+    cache = TemporalCache.for_unet(tiny_unet, batch=2, latent_hw=HW, frames=2)
+    assert len(cache.keys) == 14
+    # (a) no filled slot: same as plain attention
+    assert (tiny_unet(x, t, c, temporal=cache) - plain).abs().max() <= 1e-5
+    cache.advance()
+    # (b) the same frame again: duplicated identical keys/values leave the softmax average unchanged
+    assert (tiny_unet(x, t, c, temporal=cache) - plain).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_cache_previous_frame_matters_and_reset(tiny_unet):
+    (xa, t, c), (xb, _, _) = frames(tiny_unet, 2, seed=5)
+    plain_b = tiny_unet(xb, t, c)
+    cache = TemporalCache.for_unet(tiny_unet, batch=2, latent_hw=HW, frames=2)
+    pointers = [b.data_ptr() for b in cache.keys + cache.values]
+    tiny_unet(xa, t, c, temporal=cache)
+    cache.advance()
+    # (c) a different previous frame changes the output
+    assert (tiny_unet(xb, t, c, temporal=cache) - plain_b).abs().max() > 1e-3
+    cache.advance()
+    # (d) reset forgets it
+    cache.reset()
+    assert (tiny_unet(xb, t, c, temporal=cache) - plain_b).abs().max() <= 1e-5
+    # (f) fixed buffers, written in place
+    assert [b.data_ptr() for b in cache.keys + cache.values] == pointers
+
+
+def test_cache_ring_keeps_last_frames():
+    cache = TemporalCache([(3, 4)], batch=2, frames=2)  # one layer, 3 tokens, 4 channels
+    frame = lambda f: torch.full((2, 3, 4), float(f))  # noqa: E731
+    _, _, mask = cache.extend_and_store(0, frame(0), frame(0))
+    assert mask.tolist() == [[True] * 3 + [False] * 6]  # nothing banked yet
+    cache.advance()
+    for f in (1, 2):
+        cache.extend_and_store(0, frame(f), frame(f))
+        cache.advance()
+    # Frame 0 was overwritten by frame 2 (slot 0); slot 1 holds frame 1.
+    k, v, mask = cache.extend_and_store(0, frame(3), -frame(3))
+    assert k[:, :, 0].tolist() == [[3.0] * 3 + [2.0] * 3 + [1.0] * 3] * 2
+    assert v[:, :3].eq(-3).all() and mask.all() and cache.write_index.tolist() == [1]
+
+
+@torch.no_grad()
+def test_cache_batch_rows_are_independent(tiny_unet):
+    (xa, t, c), (xb, _, _) = frames(tiny_unet, 2, seed=9)
+    batched = TemporalCache.for_unet(tiny_unet, batch=2, latent_hw=HW, frames=2)
+    tiny_unet(xa, t, c, temporal=batched)
+    batched.advance()
+    both = tiny_unet(xb, t, c, temporal=batched)
+    for row in range(2):
+        alone = TemporalCache.for_unet(tiny_unet, batch=1, latent_hw=HW, frames=2)
+        r = slice(row, row + 1)
+        tiny_unet(xa[r], t[r], c[r], temporal=alone)
+        alone.advance()
+        assert (tiny_unet(xb[r], t[r], c[r], temporal=alone) - both[r]).abs().max() <= 1e-5
+
+
+def test_cache_refuses_other_latent_size(tiny_unet):
+    x, t, c = inputs(tiny_unet.config, (8, 8))
+    cache = TemporalCache.for_unet(tiny_unet, batch=2, latent_hw=HW, frames=2)
+    with pytest.raises(ValueError, match="latent size"):
+        tiny_unet(x, t, c, temporal=cache)
