@@ -14,6 +14,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from livestyle.errors import CheckpointError
 from livestyle.models.lora import fuse_lora, fuse_loras
+from livestyle.models.unet import UNet, UNetConfig
 
 RANK = 4
 
@@ -343,6 +344,86 @@ def test_unet_only_lora_needs_no_text_encoder(base):
     lora = kohya_lora(seed=8, text={})
     unet, _ = fresh(base)
     assert fuse_lora(lora, 1.0, unet=unet) == len(KOHYA_UNET)
+
+
+# --- original-SD (CompVis) U-Net names, into a livestyle UNet ----------------------------
+
+# Level 0 with attention, level 1 without, one layer per block; an LCM config, whose
+# cond_proj has no original name. Blocks: input_blocks 0 conv_in, 1 resnet+attention,
+# 2 downsampler, 3 resnet; output_blocks 0, 1 (+ upsampler 1.1), 2, 3 with attention.
+OURS = UNetConfig(block_out_channels=(8, 16), layers_per_block=1, attention_levels=(True, False), num_heads=(2, 2),
+                  cross_attention_dim=16, norm_num_groups=4, time_cond_proj_dim=8)
+# original name -> (diffusers name, down shape, up shape), written out so the test checks the mapping.
+ORIGINAL_UNET = {
+    "input_blocks_1_1_transformer_blocks_0_attn1_to_q":
+        ("down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", (RANK, 8), (8, RANK)),
+    "input_blocks_1_1_transformer_blocks_0_attn2_to_k":
+        ("down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", (RANK, 16), (8, RANK)),
+    "middle_block_1_proj_in": ("mid_block_attentions_0_proj_in", (RANK, 16, 1, 1), (16, RANK, 1, 1)),
+    "output_blocks_3_0_in_layers_2": ("up_blocks_1_resnets_1_conv1", (RANK, 16, 3, 3), (8, RANK, 1, 1)),
+    "output_blocks_0_0_emb_layers_1": ("up_blocks_0_resnets_0_time_emb_proj", (RANK, 32), (16, RANK)),
+    "input_blocks_3_0_skip_connection": ("down_blocks_1_resnets_0_conv_shortcut", (RANK, 8, 1, 1), (16, RANK, 1, 1)),
+    "output_blocks_2_1_transformer_blocks_0_ff_net_2":
+        ("up_blocks_1_attentions_0_transformer_blocks_0_ff_net_2", (RANK, 32), (8, RANK)),
+    "input_blocks_2_0_op": ("down_blocks_0_downsamplers_0_conv", (RANK, 8, 3, 3), (8, RANK, 1, 1)),
+    "output_blocks_1_1_conv": ("up_blocks_0_upsamplers_0_conv", (RANK, 16, 3, 3), (16, RANK, 1, 1)),
+    "time_embed_0": ("time_embedding_linear_1", (RANK, 8), (32, RANK)),
+    "input_blocks_0_0": ("conv_in", (RANK, 4, 3, 3), (8, RANK, 1, 1)),
+    "out_2": ("conv_out", (RANK, 8, 3, 3), (4, RANK, 1, 1)),
+}
+
+
+@pytest.fixture(scope="module")
+def ours():
+    torch.manual_seed(11)
+    return UNet(OURS).eval()
+
+
+def original_lora(seed, names):
+    """The same random kohya LoRA spelled with original (names="original") or diffusers module names."""
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for i, (original, (diffusers_name, down, up)) in enumerate(ORIGINAL_UNET.items()):
+        stem = "lora_unet_" + (original if names == "original" else diffusers_name)
+        lora[stem + ".lora_down.weight"] = torch.randn(down, generator=g) * 0.3
+        lora[stem + ".lora_up.weight"] = torch.randn(up, generator=g) * 0.3
+        lora[stem + ".alpha"] = torch.tensor(1.0 + i)
+    return lora
+
+
+def test_original_sd_names_fuse_like_diffusers_names(ours):
+    by_original, by_diffusers = copy.deepcopy(ours), copy.deepcopy(ours)
+    assert fuse_lora(original_lora(12, "original"), 0.7, unet=by_original) == len(ORIGINAL_UNET)
+    assert fuse_lora(original_lora(12, "diffusers"), 0.7, unet=by_diffusers) == len(ORIGINAL_UNET)
+    before = ours.state_dict()
+    changed = {k for k, v in by_original.state_dict().items() if not torch.equal(v, before[k])}
+    assert len(changed) == len(ORIGINAL_UNET)
+    for k, v in by_original.state_dict().items():
+        assert torch.equal(v, by_diffusers.state_dict()[k]), k
+
+
+def test_original_and_diffusers_names_of_one_layer_collide(ours):
+    lora = {**down_up("lora_unet_middle_block_1_proj_in", (RANK, 16, 1, 1), (16, RANK, 1, 1)),
+            **down_up("lora_unet_mid_block_attentions_0_proj_in", (RANK, 16, 1, 1), (16, RANK, 1, 1))}
+    with pytest.raises(CheckpointError, match="targets one layer twice"):
+        fuse_lora(lora, 1.0, unet=copy.deepcopy(ours))
+
+
+@pytest.mark.parametrize("stem", ["lora_unet_input_blocks_7_1_proj_in",  # no such block
+                                  "lora_unet_output_blocks_0_1_proj_in",  # level 1 has no attention
+                                  "lora_unet_middle_block_1_norm"])  # a GroupNorm, no LoRA target
+def test_unknown_original_names_are_named(ours, stem):
+    unet = copy.deepcopy(ours)
+    with pytest.raises(CheckpointError, match=f"match nothing.*{stem}"):
+        fuse_lora(down_up(stem), 1.0, unet=unet)
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v, ours.state_dict()[k]), k
+
+
+def test_original_names_need_a_livestyle_unet(base):
+    unet, _ = fresh(base)  # diffusers' UNet2DConditionModel: it has a config, but not ours
+    with pytest.raises(CheckpointError, match="original SD block names.*livestyle UNet"):
+        fuse_lora(original_lora(13, "original"), 1.0, unet=unet)
 
 
 # --- errors ---------------------------------------------------------------------------

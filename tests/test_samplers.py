@@ -5,6 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, LCMScheduler
+from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_text2img import (
+    LatentConsistencyModelPipeline,
+)
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
 
 from livestyle.stream import samplers as S
@@ -350,6 +353,20 @@ def test_ddim_with_eta_matches_diffusers_variance_noise():
     close(S.sample_ddim(model, x, schedule, noises=noises), ref, atol=1e-5)
     with pytest.raises(ValueError, match="noise"):
         S.ddim_step(x, x, schedule, 0)
+
+
+@pytest.mark.parametrize("dim", [256, 512, 12, 7])
+def test_guidance_scale_embedding_matches_diffusers(dim):
+    # LCM's pipeline passes w = guidance_scale - 1.
+    w = torch.tensor([7.5, 8.0, 1.0, 1.5, 0.3]) - 1
+    # diffusers' method uses no state of the pipeline: call it unbound with a dummy self.
+    expected = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+    got = S.guidance_scale_embedding(w, dim)
+    assert got.shape == (5, dim) and got.dtype == torch.float32
+    assert torch.equal(got, expected)
+    assert not torch.equal(got[0], got[1])  # different w, different embedding
+    with pytest.raises(ValueError, match=r"\(B,\)"):
+        S.guidance_scale_embedding(w[None], dim)
 
 
 def test_bad_prediction_type_is_refused():

@@ -6,9 +6,15 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from livestyle.errors import CheckpointError
-from livestyle.models.convert_unet import unet_config_from_original, unet_from_original, unet_to_original
+from livestyle.models.convert_unet import (
+    original_module_names,
+    unet_config_from_original,
+    unet_from_original,
+    unet_to_original,
+)
 from livestyle.models.temporal import TemporalCache
 from livestyle.models.unet import UNet, UNetConfig
+from livestyle.stream.samplers import guidance_scale_embedding
 
 PREFIX = "model.diffusion_model."
 
@@ -96,6 +102,55 @@ def test_config_from_diffusers():
     assert sd21.num_heads == (5, 10, 20, 20) and sd21.cross_attention_dim == 1024 and sd21.use_linear_projection
     tiny = UNetConfig.from_diffusers(SD2_TINY)
     assert tiny.attention_levels == (True, True, False) and tiny.transformer_layers_per_block == 2
+    assert UNetConfig().time_cond_proj_dim is None
+    assert UNetConfig.from_diffusers(dict(SD15, time_cond_proj_dim=256)) == UNetConfig(time_cond_proj_dim=256)
+
+
+# -- LCM: the guidance-scale embedding added to the timestep embedding ----------------------
+
+LCM_TINY = dict(SD1_TINY, time_cond_proj_dim=12)
+
+
+@pytest.fixture(scope="module")
+def lcm_pair():
+    ref = randomized_diffusers(LCM_TINY)
+    config = UNetConfig.from_diffusers(dict(ref.config))
+    assert config.time_cond_proj_dim == 12
+    return ref, ours_from(ref.state_dict(), config)  # strict: time_embedding.cond_proj.weight included
+
+
+@torch.no_grad()
+def test_lcm_parity_with_diffusers(lcm_pair):
+    ref, ours = lcm_pair
+    assert tuple(ours.time_embedding.cond_proj.weight.shape) == (32, 12)  # (block_out_channels[0], cond dim)
+    x, t, c = inputs(ours.config, (13, 22))
+    w = guidance_scale_embedding(torch.tensor([7.5 - 1, 2.0 - 1]), dim=12)  # (B, 12), as LCM's pipeline
+    expected = ref(x, t, c, timestep_cond=w).sample
+    got = ours(x, t, c, timestep_cond=w)
+    assert (got - expected).abs().max() <= 1e-4
+    assert (got - ours(x, t, c)).abs().max() > 1e-2  # the condition matters
+    # Without timestep_cond diffusers adds nothing; so do we.
+    assert (ours(x, t, c) - ref(x, t, c).sample).abs().max() <= 1e-4
+
+
+def test_timestep_cond_needs_an_lcm_unet(pair):
+    ref, config = pair
+    ours = ours_from(ref.state_dict(), config)
+    x, t, c = inputs(config, (8, 8))
+    with pytest.raises(ValueError, match="time_cond_proj_dim"):
+        ours(x, t, c, timestep_cond=torch.zeros(2, 12))
+
+
+def test_original_layout_refuses_lcm(lcm_pair):
+    ref, ours = lcm_pair
+    # diffusers' single-file loader has no original key for cond_proj, and neither have we.
+    with pytest.raises(CheckpointError, match="cond_proj"):
+        unet_to_original(ref.state_dict(), ours.config)
+    with pytest.raises(CheckpointError, match="cond_proj"):
+        unet_from_original({}, ours.config)
+    shapes = original_shapes(SD15)
+    with pytest.raises(CheckpointError, match=r"cond_proj.*found time_embed\.cond_proj\.weight"):
+        unet_config_from_original(dict(shapes, **{"time_embed.cond_proj.weight": (320, 256)}))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -104,7 +159,7 @@ def test_config_from_diffusers():
     (dict(class_embed_type="timestep"), "class"),
     (dict(down_block_types=["SimpleCrossAttnDownBlock2D"] + SD15["down_block_types"][1:]), "SimpleCrossAttn"),
     (dict(up_block_types=["CrossAttnUpBlock2D"] * 4), "mirror"),
-    (dict(time_cond_proj_dim=256), "time_cond_proj_dim"),
+    (dict(time_embedding_type="fourier"), "time_embedding_type"),
 ])
 def test_config_from_diffusers_refuses(change, message):
     with pytest.raises(CheckpointError, match=message):
@@ -141,6 +196,26 @@ def original_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
         model = UNet2DConditionModel(**cfg)
     original = unet_to_original(model.state_dict(), UNetConfig.from_diffusers(cfg))
     return {k: tuple(v.shape) for k, v in original.items()}
+
+
+def test_original_module_names():
+    names = original_module_names(UNetConfig())  # SD 1.5, written out from the CompVis layout
+    assert names["input_blocks.1.1.transformer_blocks.0.attn1.to_q"] == \
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert names["input_blocks.0.0"] == "conv_in"
+    assert names["time_embed.0"] == "time_embedding.linear_1"
+    assert names["input_blocks.3.0.op"] == "down_blocks.0.downsamplers.0.conv"
+    assert names["middle_block.1.proj_in"] == "mid_block.attentions.0.proj_in"
+    assert names["output_blocks.2.1.conv"] == "up_blocks.0.upsamplers.0.conv"  # level 3 has no attention
+    assert names["output_blocks.5.2.conv"] == "up_blocks.1.upsamplers.0.conv"
+    assert names["output_blocks.3.0.in_layers.2"] == "up_blocks.1.resnets.0.conv1"
+    assert names["output_blocks.11.0.skip_connection"] == "up_blocks.3.resnets.2.conv_shortcut"
+    assert names["out.2"] == "conv_out"
+    # Every module with weights, each once; an LCM config adds no entry.
+    with torch.device("meta"):
+        modules = {k.rpartition(".")[0] for k in UNet(UNetConfig()).state_dict()}
+    assert sorted(names.values()) == sorted(modules)
+    assert original_module_names(UNetConfig(time_cond_proj_dim=256)) == names
 
 
 def test_full_size_config_from_shapes():

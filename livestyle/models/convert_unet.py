@@ -15,6 +15,11 @@ Inside a resnet the layer names differ (in_layers.0 = norm1, ...); inside a
 transformer they are the same. Keys here come without the `model.diffusion_model.`
 prefix of a full checkpoint; proj_in/proj_out weights keep their stored shapes
 (4-D conv for SD 1.x, 2-D linear for SD 2.x), matching `use_linear_projection`.
+
+LCM's guidance embedding (`time_embedding.cond_proj`, configs with time_cond_proj_dim)
+has no name in the original layout: LCM checkpoints were trained and published in
+the diffusers layout, and diffusers' own single-file loader maps no such key. Such
+U-Nets load from the diffusers layout only.
 """
 
 import torch
@@ -28,6 +33,8 @@ _RESNET_NAMES = {  # diffusers -> original, inside a resnet
 }
 
 _SDXL = "this looks like an SDXL U-Net; SDXL is not supported yet"
+_LCM = ("the original U-Net layout has no name for LCM's guidance embedding (time_embedding.cond_proj, "
+        "time_cond_proj_dim); load LCM U-Nets from the diffusers layout")
 
 
 def _few(keys, n=3) -> str:
@@ -66,10 +73,13 @@ def _expected_shapes(config: UNetConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _key_map(config: UNetConfig) -> dict[str, str]:
-    """diffusers key -> original key, for every weight of a U-Net with this config."""
+    """diffusers key -> original key, for every weight of a U-Net with this config
+    except the one without an original name (time_embedding.cond_proj)."""
     modules = _module_map(config)
     keys = {}
     for key in _expected_shapes(config):
+        if key.startswith("time_embedding.cond_proj."):
+            continue
         parts = key.split(".")
         cut = next(c for c in range(len(parts) - 1, 0, -1) if ".".join(parts[:c]) in modules)
         prefix, rest = ".".join(parts[:cut]), parts[cut:]
@@ -77,6 +87,21 @@ def _key_map(config: UNetConfig) -> dict[str, str]:
             rest = [_RESNET_NAMES[rest[0]], *rest[1:]]
         keys[key] = ".".join([modules[prefix], *rest])
     return keys
+
+
+def original_module_names(config: UNetConfig) -> dict[str, str]:
+    """Original module path -> diffusers module path, for every module with weights.
+
+    E.g. "input_blocks.1.1.transformer_blocks.0.attn1.to_q" ->
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "time_embed.0" ->
+    "time_embedding.linear_1", "output_blocks.3.0.in_layers.2" -> "up_blocks.1.resnets.0.conv1"
+    (SD 1.5). Paths have no `model.diffusion_model.` prefix. Only modules that this
+    config has are listed (time_embedding.cond_proj, which has no original name, is not).
+    """
+    modules = {}
+    for diffusers_key, original_key in _key_map(config).items():
+        modules[original_key.rpartition(".")[0]] = diffusers_key.rpartition(".")[0]  # drop .weight / .bias
+    return modules
 
 
 def unet_config_from_original(shapes: dict[str, tuple[int, ...]],
@@ -94,6 +119,8 @@ def unet_config_from_original(shapes: dict[str, tuple[int, ...]],
         raise CheckpointError("U-Net with class labels (label_emb.*, e.g. the SD 2 x4 upscaler) is not supported")
     if "conv_in.weight" in shapes:
         raise CheckpointError("U-Net weights are in the diffusers layout (conv_in.weight), not the original one")
+    if any("cond_proj" in k for k in shapes):
+        raise CheckpointError(f"{_LCM} (found {_few(k for k in shapes if 'cond_proj' in k)})")
     needed = ["input_blocks.0.0.weight", "out.2.weight", "time_embed.0.weight", "middle_block.1.proj_in.weight"]
     if any(k not in shapes for k in needed):
         hint = " (strip the 'model.diffusion_model.' prefix first)" if any(
@@ -149,6 +176,8 @@ def unet_from_original(state_dict: dict[str, torch.Tensor], config: UNetConfig) 
 
     Raises CheckpointError naming a few missing, unexpected or misshapen keys.
     """
+    if config.time_cond_proj_dim is not None:
+        raise CheckpointError(_LCM)
     to_diffusers = {orig: diff for diff, orig in _key_map(config).items()}
     missing = [k for k in to_diffusers if k not in state_dict]
     unexpected = [k for k in state_dict if k not in to_diffusers]
@@ -166,6 +195,8 @@ def unet_from_original(state_dict: dict[str, torch.Tensor], config: UNetConfig) 
 
 def unet_to_original(state_dict: dict[str, torch.Tensor], config: UNetConfig) -> dict[str, torch.Tensor]:
     """The inverse of unet_from_original: diffusers keys -> original keys (no prefix added)."""
+    if config.time_cond_proj_dim is not None:
+        raise CheckpointError(_LCM)
     to_original = _key_map(config)
     unknown = [k for k in state_dict if k not in to_original]
     if unknown:

@@ -14,7 +14,12 @@ Key formats read, for SD 1.x/2.x:
   A1111 / kohya-ss   lora_unet_<path>.lora_down.weight, .lora_up.weight, .alpha
                      lora_te_<path>...   <path> is the diffusers / transformers module
                      path with "." written "_", e.g. lora_unet_down_blocks_0_attentions_0_proj_in,
-                     lora_te_text_model_encoder_layers_0_mlp_fc1.
+                     lora_te_text_model_encoder_layers_0_mlp_fc1. U-Net paths may also be
+                     original-SD (CompVis) module paths, e.g. lora_unet_input_blocks_1_1_proj_in,
+                     lora_unet_output_blocks_3_0_in_layers_2, lora_unet_time_embed_0 (some
+                     trainers and LyCORIS write those); they are resolved through
+                     convert_unet.original_module_names, which needs a livestyle UNet (its
+                     config numbers the blocks).
   PEFT (diffusers)   unet.<path>.lora_A.weight, .lora_B.weight (optional .alpha), and
                      text_encoder.<path>...; also bare <path> and base_model.model.<path>.
   diffusers, older   unet.<path>.lora.down.weight / .lora.up.weight;
@@ -36,6 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from livestyle.errors import CheckpointError
+from livestyle.models.convert_unet import original_module_names
+from livestyle.models.unet import UNet
 
 # (down suffix, up suffix, style). No suffix is a tail of another, so the first match is the only one.
 _PAIR_SUFFIXES = (
@@ -60,8 +67,10 @@ _DIFF_SUFFIXES = (".diff", ".diff_b")  # LyCORIS full weight differences
 
 _SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
 
-# Original-SD U-Net block names (kohya for SDXL, some other trainers for SD 1.x).
-_ORIGINAL_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+# Original-SD U-Net module names (kohya for SDXL, some other trainers and LyCORIS for SD 1.x).
+# None of them starts like a diffusers name (conv_in, time_embedding, down_blocks, ...).
+_ORIGINAL_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_",
+                  "lora_unet_time_embed_", "lora_unet_out_")
 
 # Old diffusers attention-processor names -> the layer they adapt.
 _PROCESSOR_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
@@ -85,17 +94,27 @@ class _Update:
 
 
 class _Layers:
-    """The Linear / Conv2d layers of one model, by dotted path and by kohya's underscore spelling."""
+    """The Linear / Conv2d layers of one model, by dotted path and by kohya's underscore spelling.
 
-    def __init__(self, model: nn.Module, strip: str = ""):
+    `aliases` (other path -> path, e.g. original-SD names of U-Net modules) add more
+    underscore spellings for the same layers.
+    """
+
+    def __init__(self, model: nn.Module, strip: str = "", aliases: dict[str, str] | None = None):
         self.by_path: dict[str, nn.Module] = {}
         self.by_underscore: dict[str, str | None] = {}  # None: two paths spell the same
         for name, module in model.named_modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 path = name.removeprefix(strip)
                 self.by_path[path] = module
-                flat = path.replace(".", "_")
-                self.by_underscore[flat] = None if flat in self.by_underscore else path
+                self._spell(path, path)
+        for alias, path in (aliases or {}).items():
+            if path in self.by_path:  # aliases of norms and the like are no LoRA targets
+                self._spell(alias, path)
+
+    def _spell(self, name: str, path: str) -> None:
+        flat = name.replace(".", "_")
+        self.by_underscore[flat] = None if flat in self.by_underscore else path
 
 
 def _group(lora: dict[str, Tensor]) -> dict[str, dict]:
@@ -128,8 +147,11 @@ def _group(lora: dict[str, Tensor]) -> dict[str, dict]:
     return groups
 
 
-def _check_format(keys) -> None:
-    """Refuse whole families of LoRAs we do not fuse, with the reason."""
+def _check_format(keys, original_names: bool) -> None:
+    """Refuse whole families of LoRAs we do not fuse, with the reason.
+
+    original_names: whether original-SD U-Net names can be resolved (a livestyle UNet was given).
+    """
     for prefix in _SDXL_PREFIXES:
         if any(k.startswith(prefix) for k in keys):
             raise CheckpointError(f"this LoRA targets SDXL ({prefix} keys); SDXL is not supported yet")
@@ -139,10 +161,10 @@ def _check_format(keys) -> None:
         if hits:
             raise CheckpointError(f"this LoRA is {variant} ({_few(hits, 1)}); only plain LoRA/LoCon is supported")
     original = [k for k in keys if k.startswith(_ORIGINAL_UNET)]
-    if original:
+    if original and not original_names:
         raise CheckpointError(
             f"LoRA uses original SD block names (lora_unet_input_blocks_…, e.g. {_few(original, 1)}), "
-            "not supported yet"
+            "which only a livestyle UNet can resolve (its config numbers the blocks), not this U-Net"
         )
 
 
@@ -217,8 +239,12 @@ def _plan(lora: dict[str, Tensor], unet: nn.Module | None, text_encoder: nn.Modu
         raise ValueError("fuse_lora needs a unet or a text_encoder to fuse into")
     if not lora:
         raise CheckpointError("LoRA has no tensors")
-    _check_format(lora.keys())
-    unet_layers = _Layers(unet) if unet is not None else None
+    # Only our UNet carries the UNetConfig that numbers the original blocks
+    # (diffusers' UNet2DConditionModel has a `.config` too, of another kind).
+    ours = isinstance(unet, UNet)
+    _check_format(lora.keys(), original_names=ours)
+    aliases = original_module_names(unet.config) if ours else None
+    unet_layers = _Layers(unet, aliases=aliases) if unet is not None else None
     text_layers = _Layers(text_encoder, strip="text_model.") if text_encoder is not None else None
 
     updates, missing, targeted = [], [], {}
@@ -270,7 +296,8 @@ def fuse_lora(
 
     lora: the LoRA file's tensors (e.g. from safetensors). scale: the LoRA strength
     (1.0 = as trained; A1111's <lora:name:scale>). unet: a module with diffusers U-Net
-    parameter names; text_encoder: one with CLIPTextModel names. A LoRA with weights
+    parameter names (a livestyle UNet also takes original-SD names); text_encoder: one
+    with CLIPTextModel names. A LoRA with weights
     for a model that is not given is an error. Returns the number of weights changed.
     Raises CheckpointError before changing anything if any entry does not fit.
     """

@@ -7,11 +7,13 @@ convert_unet.py. The file reads top to bottom: timestep embedding, ResnetBlock,
 Attention, FeedForward, TransformerBlock, SpatialTransformer, Down/Upsample, the
 three block kinds, then UNet.
 
-Contract: `UNet(sample, timestep, context, temporal=None) -> prediction`, with
-sample (B, C_in, h, w) latents (any h, w; odd and non-square included), timestep
+Contract: `UNet(sample, timestep, context, temporal=None, timestep_cond=None) -> prediction`,
+with sample (B, C_in, h, w) latents (any h, w; odd and non-square included), timestep
 (B,) or 0-d in the training schedule's units (0..999 for SD), context (B, L, D)
 text embeddings with any L (long prompts give L = 77 * k), prediction (B, C_out, h, w)
-(epsilon or v, whatever the checkpoint was trained for).
+(epsilon or v, whatever the checkpoint was trained for). Full LCM checkpoints
+(time_cond_proj_dim set, e.g. LCM_Dreamshaper_v7) also take timestep_cond
+(B, time_cond_proj_dim), the guidance-scale embedding (samplers.guidance_scale_embedding).
 
 Every self-attention (`attn1`) can read a TemporalCache (temporal.py): it then also
 attends to its own keys/values of the last N frames (StreamV2V's feature bank).
@@ -37,6 +39,8 @@ class UNetConfig:
     Per-level tuples run from the highest resolution (level 0) to the lowest.
     SD 1.x: 8 heads everywhere, conv proj_in/out, context 768.
     SD 2.x / SD-Turbo: 64-channel heads (5, 10, 20, 20), linear proj_in/out, context 1024.
+    Full LCM checkpoints (LCM_Dreamshaper_v7): SD 1.5 plus time_cond_proj_dim=256, the width
+    of the guidance-scale embedding added to the timestep embedding.
     """
 
     in_channels: int = 4
@@ -52,6 +56,7 @@ class UNetConfig:
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
+    time_cond_proj_dim: int | None = None  # LCM's guidance embedding width; None: no such input
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -73,7 +78,7 @@ class UNetConfig:
             raise CheckpointError(f"U-Net with class embeddings (class_embed_type={cfg.get('class_embed_type')!r}, "
                                   "e.g. the SD 2 x4 upscaler) is not supported")
         # Options SD 1.x/2.x never use; anything else is a different network.
-        plain = {"addition_embed_type": None, "time_cond_proj_dim": None, "encoder_hid_dim": None,
+        plain = {"addition_embed_type": None, "encoder_hid_dim": None,
                  "encoder_hid_dim_type": None, "time_embedding_type": "positional", "time_embedding_dim": None,
                  "time_embedding_act_fn": None, "timestep_post_act": None, "act_fn": "silu",
                  "resnet_time_scale_shift": "default", "center_input_sample": False, "dual_cross_attention": False,
@@ -138,6 +143,7 @@ class UNetConfig:
                 norm_eps=cfg.get("norm_eps", 1e-5),
                 flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
                 freq_shift=cfg.get("freq_shift", 0),
+                time_cond_proj_dim=cfg.get("time_cond_proj_dim"),
             )
         except ValueError as e:  # e.g. heads that do not divide the channels
             raise CheckpointError(str(e)) from None
@@ -158,14 +164,24 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_sh
 
 
 class TimestepEmbedding(nn.Module):
-    """MLP on the sinusoidal embedding: (B, C) -> (B, 4C)."""
+    """MLP on the sinusoidal embedding: (B, C) -> (B, 4C).
 
-    def __init__(self, channels: int, embed_dim: int):
+    With `cond_dim` (LCM's time_cond_proj_dim), a condition (B, cond_dim) is projected to
+    C and added to the input first, as diffusers' TimestepEmbedding does.
+    """
+
+    def __init__(self, channels: int, embed_dim: int, cond_dim: int | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(channels, embed_dim)
         self.linear_2 = nn.Linear(embed_dim, embed_dim)
+        self.cond_proj = nn.Linear(cond_dim, channels, bias=False) if cond_dim is not None else None
 
-    def forward(self, x):
+    def forward(self, x, cond=None):
+        """x (B, C), cond (B, cond_dim) or None (nothing added) -> (B, 4C)."""
+        if cond is not None:
+            if self.cond_proj is None:
+                raise ValueError("timestep_cond was given, but this U-Net has no time_cond_proj_dim")
+            x = x + self.cond_proj(cond)
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
@@ -418,7 +434,7 @@ class UNet(nn.Module):
         channels = config.block_out_channels
         temb_channels = 4 * channels[0]
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(channels[0], temb_channels)
+        self.time_embedding = TimestepEmbedding(channels[0], temb_channels, config.time_cond_proj_dim)
         self.down_blocks = nn.ModuleList(
             DownBlock(config, level, channels[max(level - 1, 0)], temb_channels) for level in range(len(channels)))
         self.mid_block = MidBlock(config, temb_channels)
@@ -449,13 +465,20 @@ class UNet(nn.Module):
                 for attentions, level in placed for t in attentions for _ in t.transformer_blocks]
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                temporal: TemporalCache | None = None) -> torch.Tensor:
-        """sample (B, C_in, h, w), timestep (B,) or 0-d, context (B, L, D) -> (B, C_out, h, w)."""
+                temporal: TemporalCache | None = None, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """sample (B, C_in, h, w), timestep (B,) or 0-d, context (B, L, D) -> (B, C_out, h, w).
+
+        timestep_cond: (B, time_cond_proj_dim) LCM guidance embedding, for configs with
+        time_cond_proj_dim. Left out, nothing is added, as in diffusers (the model then
+        runs as if its guidance-embedding projection gave zero).
+        """
         B = sample.shape[0]
         t = timestep.reshape(-1).expand(B).to(sample.device)  # 0-d or (1,) broadcast to (B,)
         emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                  self.config.freq_shift)
-        emb = self.time_embedding(emb.to(sample.dtype))  # (B, 4 * C0)
+        if timestep_cond is not None:
+            timestep_cond = timestep_cond.to(sample.dtype)
+        emb = self.time_embedding(emb.to(sample.dtype), timestep_cond)  # (B, 4 * C0)
 
         x = self.conv_in(sample)
         skips = [x]

@@ -334,6 +334,25 @@ def sample_lcm(
     return denoised
 
 
+def guidance_scale_embedding(w: Tensor, dim: int = 512) -> Tensor:
+    """LCM's guidance-scale conditioning: w (B,) -> (B, dim) fp32, the U-Net's timestep_cond.
+
+    Full LCM checkpoints (LCM_Dreamshaper_v7, time_cond_proj_dim = 256) were distilled
+    with the CFG scale as an input: w = guidance_scale - 1 (diffusers' LCM pipeline),
+    embedded like a timestep at 1000 * w (sin half first, then cos; VDM's embedding,
+    Kingma et al. 2021), zero-padded to an odd dim. Computed in fp32 op for op as
+    diffusers' get_guidance_scale_embedding, so the two agree bit for bit.
+    """
+    if w.ndim != 1:
+        raise ValueError(f"w must be (B,), got shape {tuple(w.shape)}")
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)  # (half,)
+    args = (w.float() * 1000.0)[:, None] * freqs[None, :]  # (B, half)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
+
+
 # --- Euler ancestral (SD-Turbo) ----------------------------------------------------
 
 
