@@ -34,7 +34,7 @@ from torch import nn
 import livestyle
 from livestyle.errors import LivestyleError
 from livestyle.models.lite_autoencoder import LiteAutoencoder
-from livestyle.models.loading import DEMO_PIPELINE_CLASS, Pipeline, load_pipeline
+from livestyle.models.loading import DEMO_PIPELINE_CLASS, Pipeline, demo_parts_mismatch, load_pipeline
 from livestyle.models.styles import StyleBank
 from livestyle.models.unet import UNet, UNetConfig
 
@@ -119,12 +119,8 @@ def save_demo_model(folder: str | Path, unet: UNet, autoencoder: LiteAutoencoder
     scheduler_config.json (e.g. the default steps and strength the model was trained for).
     """
     folder = Path(folder)
-    if styles.dim != unet.config.cross_attention_dim:
-        raise ValueError(f"save_demo_model: styles are {styles.dim}-d, the U-Net's cross_attention_dim is "
-                         f"{unet.config.cross_attention_dim}")
-    if autoencoder.latent_channels != unet.config.in_channels:
-        raise ValueError(f"save_demo_model: the autoencoder makes {autoencoder.latent_channels}-channel latents, "
-                         f"the U-Net takes {unet.config.in_channels}")
+    if mismatch := demo_parts_mismatch(unet, autoencoder, styles):
+        raise ValueError(f"save_demo_model: {mismatch}")
     scheduler = {"_class_name": SCHEDULER_CLASS, "prediction_type": "flow_velocity", "num_train_timesteps": 1000}
     if clash := sorted(scheduler.keys() & (schedule_extra or {}).keys()):
         raise ValueError(f"save_demo_model: schedule_extra may not set {', '.join(clash)} (fixed by the format)")

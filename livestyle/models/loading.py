@@ -363,6 +363,17 @@ def load_pipeline(path: str | Path, device="cpu", dtype=torch.float32,
     return Pipeline(family, unet, vae, text, schedule, path)
 
 
+def demo_parts_mismatch(unet: UNet, autoencoder: Autoencoder, styles: StyleBank) -> str | None:
+    """Why a U-Net, autoencoder and style bank cannot form one demo model, or None."""
+    if styles.dim != unet.config.cross_attention_dim:
+        return (f"the U-Net expects {unet.config.cross_attention_dim}-d style context, "
+                f"the style bank holds {styles.dim}-d embeddings")
+    if autoencoder.latent_channels != unet.config.in_channels:
+        return (f"the U-Net takes {unet.config.in_channels}-channel latents, "
+                f"the autoencoder makes {autoencoder.latent_channels}")
+    return None
+
+
 def _is_demo(path: Path) -> bool:
     if not path.is_dir():
         return False
@@ -383,12 +394,8 @@ def _load_demo(path: Path, device, dtype, autoencoder, loras) -> Pipeline:
     sched = path / "scheduler" / "scheduler_config.json"
     schedule = (NoiseSchedule.from_diffusers(_read_json(sched)) if sched.is_file()
                 else NoiseSchedule(prediction_type="flow_velocity"))
-    if styles.dim != unet.config.cross_attention_dim:
-        raise CheckpointError(f"{path}: the U-Net expects {unet.config.cross_attention_dim}-d style context, "
-                              f"the style bank holds {styles.dim}-d embeddings")
-    if vae.latent_channels != unet.config.in_channels:
-        raise CheckpointError(f"{path}: the U-Net takes {unet.config.in_channels}-channel latents, "
-                              f"the autoencoder makes {vae.latent_channels}")
+    if mismatch := demo_parts_mismatch(unet, vae, styles):
+        raise CheckpointError(f"{path}: {mismatch}")
     if loras:  # there is no text encoder: a LoRA can only touch the U-Net
         fuse_loras([(read_safetensors(p), scale) for p, scale in loras], unet, None)
     return Pipeline("demo", unet, vae, None, schedule, path, styles)

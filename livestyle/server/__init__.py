@@ -1,1 +1,1 @@
-"""server: see DESIGN.md."""
+"""The WebRTC server (aiohttp + aiortc): pages, /offer, WHIP/WHEP, sessions (not built yet)."""

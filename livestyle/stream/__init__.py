@@ -1,1 +1,1 @@
-"""stream: see DESIGN.md."""
+"""Streaming: few-step samplers as plain functions, and restyling frames with a model."""
