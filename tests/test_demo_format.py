@@ -22,21 +22,14 @@ from livestyle.models.loading import NoiseSchedule
 from livestyle.models.styles import StyleBank
 from livestyle.models.unet import UNet, UNetConfig
 from livestyle.stream.samplers import bridge_step, sample_bridge
+from random_weights import perturb
 
 LATENT, STYLE_DIM = 4, 16
 
 
-def _randomize(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05 + p)
-    return module.eval()
-
-
 def _parts(seed=0):
     torch.manual_seed(seed)
-    unet = _randomize(UNet(demo_unet_config(LATENT, STYLE_DIM)), seed + 1)
+    unet = perturb(UNet(demo_unet_config(LATENT, STYLE_DIM)), seed + 1)
     vae = LiteAutoencoder(LiteAutoencoderConfig(latent_channels=LATENT, width=16)).eval()
     styles = StyleBank.random(["ink", "pastel", "neon"], tokens=3, dim=STYLE_DIM,
                               generator=torch.Generator().manual_seed(5))
@@ -146,7 +139,7 @@ def test_unet_config_to_diffusers_round_trips_and_matches_diffusers():
     cfg = unet_config_to_diffusers(config)
     assert UNetConfig.from_diffusers(json.loads(json.dumps(cfg))) == config
     torch.manual_seed(0)
-    ours = _randomize(UNet(config), 3)
+    ours = perturb(UNet(config), 3)
     theirs = UNet2DConditionModel.from_config(cfg).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
     g = torch.Generator().manual_seed(7)

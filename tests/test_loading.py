@@ -23,16 +23,9 @@ from livestyle.models.convert_vae import vae_to_original
 from livestyle.models.taesd import TinyAutoencoder
 from livestyle.models.tokenizer import bundled_vocab_and_merges
 from livestyle.models.vae import KLAutoencoder
+from random_weights import perturb
 
 VOCAB = 49408  # CLIP's BPE vocabulary: single files use the tokenizer livestyle ships
-
-
-def _randomize(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05 + p)
-    return module.eval()
 
 
 def _fp16_exact(module):
@@ -45,18 +38,18 @@ def _fp16_exact(module):
 
 def _components(context, heads, linear_projection, text_layers=1, text_heads=4):
     torch.manual_seed(0)
-    unet = _randomize(UNet2DConditionModel(
+    unet = perturb(UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=context,
         attention_head_dim=heads, use_linear_projection=linear_projection, norm_num_groups=32,
     ), 1)
-    vae = _randomize(AutoencoderKL(
+    vae = perturb(AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
         latent_channels=4, norm_num_groups=32,
     ), 2)
-    text = _randomize(CLIPTextModel(CLIPTextConfig(
+    text = perturb(CLIPTextModel(CLIPTextConfig(
         hidden_size=context, intermediate_size=64, num_hidden_layers=text_layers,
         num_attention_heads=text_heads, vocab_size=VOCAB, max_position_embeddings=77, hidden_act="quick_gelu",
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
@@ -126,7 +119,7 @@ def test_component_loaders_and_dtype(diffusers_folder):
 def test_tiny_autoencoder_swapped_in(diffusers_folder, tmp_path):
     folder, _ = diffusers_folder
     torch.manual_seed(0)
-    tiny = _randomize(AutoencoderTiny(encoder_block_out_channels=(64,) * 4, decoder_block_out_channels=(64,) * 4), 5)
+    tiny = perturb(AutoencoderTiny(encoder_block_out_channels=(64,) * 4, decoder_block_out_channels=(64,) * 4), 5)
     tiny.save_pretrained(tmp_path / "taesd")
     pipe = load_pipeline(folder, autoencoder=tmp_path / "taesd")
     assert isinstance(pipe.autoencoder, TinyAutoencoder)
