@@ -1,4 +1,5 @@
-"""Few-step samplers as plain functions: LCM, Euler ancestral (SD-Turbo) and DDIM.
+"""Few-step samplers as plain functions: LCM, Euler ancestral (SD-Turbo), DDIM, and the
+flow bridge of the embedded demo model (`sample_bridge`, at the end of this file).
 
 In the spirit of k-diffusion's sampling.py: a sampler takes a model and a state
 and returns the new state; nothing is mutated, nothing is hidden on an object.
@@ -23,6 +24,9 @@ and work in at least fp32 whatever the latents' dtype.
 
 Parity oracles (tests only): diffusers' LCMScheduler, EulerAncestralDiscreteScheduler
 and DDIMScheduler with Stable Diffusion's configs.
+
+The flow bridge has its own contract, `velocity_model(z, t * 1000) -> dz/dt` with t in
+[0, 1]: its model predicts a velocity, not noise (see `sample_bridge`).
 """
 
 from __future__ import annotations
