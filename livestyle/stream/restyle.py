@@ -22,7 +22,10 @@ def restyle(pipe: Pipeline, images: torch.Tensor, context: torch.Tensor, strengt
 
     strength: 0 returns the input's own reconstruction, 1 the full style.
     temporal: the stream's cache of past frames' self-attention keys/values; advanced
-    once per frame here, so consecutive calls are consecutive frames.
+    once per frame here, so consecutive calls are consecutive frames. Every step writes
+    the frame's keys/values to the same ring slot, so with steps > 1 the later steps
+    also see the earlier steps' entry for this frame, and the bank keeps the last
+    step's (per-step banks are the streaming engine's job).
     Returns restyled images (B,3,H,W) in [0,1].
     """
     z0 = pipe.autoencoder.encode(images)
