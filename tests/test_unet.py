@@ -12,7 +12,7 @@ from livestyle.models.convert_unet import (
     unet_from_original,
     unet_to_original,
 )
-from livestyle.models.temporal import TemporalCache
+from livestyle.models.temporal import TemporalBatch, TemporalCache
 from livestyle.models.unet import UNet, UNetConfig
 from livestyle.stream.samplers import guidance_scale_embedding
 
@@ -323,3 +323,28 @@ def test_cache_refuses_other_latent_size(tiny_unet):
     cache = TemporalCache.for_unet(tiny_unet, batch=2, latent_hw=HW, frames=2)
     with pytest.raises(ValueError, match="latent size"):
         tiny_unet(x, t, c, temporal=cache)
+
+
+@torch.no_grad()
+def test_rows_view_and_temporal_batch_equal_separate_caches(tiny_unet):
+    """Streams batched into one call (TemporalBatch), with a guidance row that keeps no
+    bank, give each stream what its own cache alone gives; a rows() view writes through."""
+    (xa, t, c), (xb, _, _) = frames(tiny_unet, 2, seed=11)
+    first, second = (TemporalCache.for_unet(tiny_unet, batch=1, latent_hw=HW, frames=2) for _ in range(2))
+    pair = TemporalCache.for_unet(tiny_unet, batch=2, latent_hw=HW, frames=2)
+    for x in (xa, xb):  # two frames: the second one attends to the first
+        parts = [(first, 1), (pair.rows(0, 1), 1), (None, 1), (second, 1)]
+        batch = torch.cat([x[:1], x[:1], x[1:], x[1:]])
+        out = tiny_unet(batch, t[:1].expand(4), c[:1].expand(4, -1, -1), temporal=TemporalBatch(parts))
+        for cache in (first, second, pair):
+            cache.advance()
+    first_alone = TemporalCache.for_unet(tiny_unet, batch=1, latent_hw=HW, frames=2)
+    tiny_unet(xa[:1], t[:1], c[:1], temporal=first_alone)
+    first_alone.advance()
+    expected = tiny_unet(xb[:1], t[:1], c[:1], temporal=first_alone)
+    assert (out[0:1] - expected).abs().max() <= 1e-5
+    assert (out[1:2] - expected).abs().max() <= 1e-5  # through the view: row 0 of `pair` banked it
+    assert (out[2:3] - tiny_unet(xb[1:], t[:1], c[:1])).abs().max() <= 1e-5  # no bank: plain attention
+    assert pair.filled.tolist() == [True, True] and pair.keys[0][1].abs().sum() == 0  # row 1 never written
+    with pytest.raises(ValueError, match="one frame count"):
+        TemporalBatch([(first, 1), (TemporalCache.for_unet(tiny_unet, batch=1, latent_hw=HW, frames=3), 1)])

@@ -17,6 +17,10 @@ never change, nothing reads back to the host, and the whole step can be captured
 a CUDA graph. Batch rows are independent: row b only ever sees row b's past.
 
 Per frame: U-Net forward (each layer calls `extend_and_store`), then `advance()`.
+
+`rows(start, stop)` is a view of some batch rows (one denoising slot of a stream run
+step by step); `TemporalBatch` joins the caches of several streams, and rows that keep
+no bank (a guidance row), into one object for one batched U-Net call.
 """
 
 from __future__ import annotations
@@ -73,6 +77,20 @@ class TemporalCache:
         bank_v.index_copy_(1, self.write_index, v.detach()[:, None].to(bank_v.dtype))
         return k_all, v_all, mask
 
+    def rows(self, start: int, stop: int) -> TemporalCache:
+        """A cache over batch rows [start, stop) that shares this one's buffers and ring
+        position: writes through it land here; `advance()` on either moves both."""
+        view = TemporalCache.__new__(TemporalCache)
+        view.frames = self.frames
+        view.keys = [k[start:stop] for k in self.keys]
+        view.values = [v[start:stop] for v in self.values]
+        view.filled, view.write_index = self.filled, self.write_index
+        return view
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0] if self.keys else 0
+
     def advance(self) -> None:
         """Mark the slot just written as filled and move on to the next (oldest) slot."""
         self.filled.index_fill_(0, self.write_index, True)
@@ -82,3 +100,44 @@ class TemporalCache:
         """Forget all past frames (a scene cut, a new stream); keeps the buffers."""
         self.filled.zero_()
         self.write_index.zero_()
+
+
+class TemporalBatch:
+    """Several streams' caches as one, for a U-Net call whose batch stacks their rows.
+
+    parts: (cache, rows) in batch order; a cache of None stands for rows with no bank
+    (they attend to themselves only: their past slots are zeros, masked out). Every
+    cache must keep the same number of frames, so that all rows have the same key count.
+    The caller advances each stream's own cache after the call.
+    """
+
+    def __init__(self, parts: list[tuple[TemporalCache | None, int]]):
+        frames = {c.frames for c, _ in parts if c is not None}
+        if len(frames) != 1:
+            raise ValueError(f"TemporalBatch needs caches with one frame count, got {sorted(frames) or 'none'}")
+        self.frames = frames.pop()
+        self.parts = parts
+
+    def extend_and_store(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """As TemporalCache.extend_and_store, with a per-row mask (B, 1, 1, L + N*L)."""
+        B, L, C = k.shape
+        N = self.frames
+        ks, vs, masks = [], [], []
+        start = 0
+        for cache, n in self.parts:
+            kp, vp = k[start:start + n], v[start:start + n]
+            start += n
+            if cache is None:
+                pad = kp.new_zeros(n, N * L, C)
+                mask = torch.cat([torch.ones(L, dtype=torch.bool, device=k.device),
+                                  torch.zeros(N * L, dtype=torch.bool, device=k.device)])[None]  # (1, L + N*L)
+                kp, vp = torch.cat([kp, pad], dim=1), torch.cat([vp, pad], dim=1)
+            else:
+                kp, vp, mask = cache.extend_and_store(layer, kp, vp)
+            ks.append(kp)
+            vs.append(vp)
+            masks.append(mask.expand(n, -1))
+        if start != B:
+            raise ValueError(f"TemporalBatch covers {start} rows, the U-Net batch has {B}")
+        mask = torch.cat(masks)[:, None, None]  # (B, 1, 1, L + N*L): broadcasts over heads and queries
+        return torch.cat(ks), torch.cat(vs), mask

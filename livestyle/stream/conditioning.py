@@ -1,0 +1,57 @@
+"""What the U-Net is conditioned on: a style of the demo model, or a text prompt.
+
+Embeddings are computed when a stream's settings change and remembered, never per frame.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from livestyle.config import SettingsError
+from livestyle.models.loading import Pipeline
+from livestyle.models.prompt import PromptCache
+
+
+def parse_style(text: str) -> str | dict[str, float]:
+    """"starry-night" -> the name; "a:0.7, b:0.3" -> {"a": 0.7, "b": 0.3} (a blend)."""
+    if ":" not in text:
+        return text.strip()
+    blend = {}
+    for part in text.split(","):
+        name, _, weight = part.partition(":")
+        try:
+            blend[name.strip()] = float(weight)
+        except ValueError:
+            raise SettingsError(f"style {text!r}: {part.strip()!r} is not NAME:WEIGHT") from None
+    return blend
+
+
+class Conditioning:
+    """Contexts (1, T, D) for the pipeline's U-Net, cached by text.
+
+    The demo model reads `style` (and a negative as a style: the direction to move away
+    from); SD checkpoints read `prompt` and `negative` through their text encoder.
+    """
+
+    def __init__(self, pipe: Pipeline, device: torch.device | str, dtype: torch.dtype):
+        self.pipe, self.device, self.dtype = pipe, device, dtype
+        self.prompts = PromptCache(pipe.text.encoder, pipe.text.tokenizer) if pipe.text is not None else None
+        self._styles: dict[str, torch.Tensor] = {}
+
+    def positive(self, style: str, prompt: str) -> torch.Tensor:
+        if self.prompts is None:
+            return self.style(style)
+        return self.prompts(prompt).to(self.device, self.dtype)
+
+    def negative(self, negative: str) -> torch.Tensor:
+        if self.prompts is None:
+            if not negative:
+                raise SettingsError("guidance = 'full' with the demo model needs a negative style to move away from")
+            return self.style(negative)
+        return self.prompts(negative).to(self.device, self.dtype)
+
+    def style(self, text: str) -> torch.Tensor:
+        if text not in self._styles:
+            with torch.inference_mode():
+                self._styles[text] = self.pipe.styles.context(parse_style(text)).to(self.device, self.dtype)
+        return self._styles[text]

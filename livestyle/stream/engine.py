@@ -1,0 +1,554 @@
+"""The streaming engine: one worker thread owns the device and serves every stream.
+
+    engine = Engine(pipe, device="cpu")
+    stream = engine.open_stream(settings, on_output, live=True)
+    stream.submit(frame) ... stream.update(strength=0.6) ... stream.flush(); stream.close()
+
+Per frame, on the worker (DESIGN.md's data path):
+
+    similarity filter (small grey copy, CPU) -> skip, or
+    encode -> [flow prior into the start latent: SD] -> stream-batch step(s) of the U-Net
+    -> [flow prior into the finished latent: demo bridge] -> decode
+    -> [flow-guided blend of the previous output image] -> on_output(frame with the input's pts)
+
+- Latest frame wins: each stream holds at most one waiting frame; a newer one replaces
+  it (counted as dropped), so a slow model never builds up delay. For files
+  (`live=False`) submit() waits instead, and every frame is restyled.
+- Stream batch (StreamDiffusion): with S steps, slot k of a stream holds the frame that
+  entered k calls ago, and one U-Net call advances all S frames by a step. The first
+  frame runs its S steps one after another and is output at once (no warm-up
+  frames); its intermediate latents prime the slots, so from the next frame on each
+  call finishes one frame, S - 1 frames late.
+- Many streams: every stream with work is advanced together; rows of streams with
+  the same latent size and temporal cache length share one U-Net call.
+- Live updates are applied by the worker between frames; one that changes buffer
+  shapes first finishes the frames in flight with the old settings.
+- No host syncs per frame except the one that cannot be avoided: the restyled frame
+  coming back to the host for its sink.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+
+import av
+import cv2
+import numpy as np
+import torch
+
+from livestyle.config import StreamSettings
+from livestyle.errors import LivestyleError
+from livestyle.frame import rgb_array
+from livestyle.models.loading import Pipeline
+from livestyle.models.temporal import TemporalBatch, TemporalCache
+from livestyle.stream.conditioning import Conditioning, parse_style
+from livestyle.stream.flow import Motion, flow_size, propagate, sampling_grid, small_grey
+from livestyle.stream.guidance import make_guidance
+from livestyle.stream.plan import make_plan
+from livestyle.stream.state import StreamState, Tag, layout
+from livestyle.stream.stats import ModelTimer, StreamMeter, StreamStats
+
+log = logging.getLogger(__name__)
+
+OutputCallback = Callable[[av.VideoFrame], None]
+
+
+class StreamClosed(LivestyleError):
+    """submit() or update() on a stream that was closed."""
+
+
+@dataclass
+class Rows:
+    """One stream's rows for a U-Net call: its latents at their steps (a stream-batch
+    call holds all S slots; a step-by-step call one)."""
+
+    state: StreamState
+    x: torch.Tensor  # (n, C, h, w)
+    index: torch.Tensor  # (n,) step of each row
+    reference: torch.Tensor  # (n, C, h, w) residual-CFG references
+    fresh: bool  # row 0 is a frame at its first step
+    cache: TemporalCache | None  # the rows' banks
+
+
+Denoising = Generator[Rows, torch.Tensor, tuple[Tag, torch.Tensor]]
+
+
+class Stream:
+    """A handle on one stream of the engine; every method is thread-safe (see the module docstring)."""
+
+    def __init__(self, engine: Engine, settings: StreamSettings, on_output: OutputCallback, live: bool, sid: str):
+        self.engine, self.on_output, self.live, self.id = engine, on_output, live, sid
+        self.settings = settings
+        self.meter = StreamMeter()
+        # Guarded by engine.lock: what the caller asked for, taken by the worker.
+        self.pending: tuple[Tag, np.ndarray] | None = None
+        self.requested: StreamSettings | None = settings
+        self.reset_requested = self.flush_requested = self.closed = False
+        self.working = self.owed = False
+        self.state: StreamState | None = None  # the worker's alone
+
+    def submit(self, frame: av.VideoFrame | np.ndarray) -> None:
+        """Queue a frame (any size; RGB array or av.VideoFrame with pts/time_base).
+
+        live streams: never blocks, replaces a frame still waiting (counted as dropped).
+        file streams: blocks until the worker has taken the previous frame."""
+        rgb = rgb_array(frame)
+        H, W = rgb.shape[:2]
+        pts, time_base = (frame.pts, frame.time_base) if isinstance(frame, av.VideoFrame) else (None, None)
+        w, h = self.settings.size
+        # Resizing and the grey copy happen here, on the caller's thread, beside the model.
+        small = rgb if (W, H) == (w, h) else cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
+        tag = Tag(pts, time_base, (W, H), time.monotonic(), small_grey(small, flow_size(w, h)))
+        lock = self.engine.lock
+        with lock:
+            while not self.live and self.pending is not None and not self.closed and self.engine.running:
+                lock.wait()
+            if self.closed or not self.engine.running:
+                raise StreamClosed(f"stream {self.id} is closed")
+            replaced = self.pending is not None
+            self.pending = (tag, small)
+            self.meter.submitted(replaced)
+            lock.notify_all()
+
+    def update(self, settings: StreamSettings | None = None, **changes) -> StreamSettings:
+        """Change settings live; checked now (an error names the field), applied from the next frame."""
+        new = (settings or self.settings).replace(**changes)
+        self.engine.check(new)
+        with self.engine.lock:
+            if self.closed:
+                raise StreamClosed(f"stream {self.id} is closed")
+            self.settings = self.requested = new
+            self.engine.lock.notify_all()
+        return new
+
+    def reset(self) -> None:
+        """Forget temporal state (a scene cut)."""
+        with self.engine.lock:
+            self.reset_requested = True
+            self.engine.lock.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every frame taken so far has been output. False on timeout."""
+        lock = self.engine.lock
+        with lock:
+            self.flush_requested = True
+            lock.notify_all()
+            done = lock.wait_for(lambda: self.closed or not self.engine.running or not (
+                self.pending or self.working or self.owed or self.requested), timeout)
+            self.flush_requested = False
+            return done
+
+    def close(self) -> None:
+        """Stop the stream and free its state; frames not output yet are dropped."""
+        with self.engine.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.pending = None
+            if self in self.engine.streams:
+                self.engine.streams.remove(self)
+            if not self.working:
+                self.state = None
+            self.engine.lock.notify_all()
+
+    def stats(self) -> StreamStats:
+        return self.meter.snapshot()
+
+
+class Engine:
+    """Owns the model on one device and a worker thread that runs every stream's frames."""
+
+    def __init__(self, model: Pipeline | Callable[[], Pipeline], device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        """model: a loaded Pipeline, or a function that loads one (e.g. `load_demo`).
+
+        Given a function, the worker thread loads the model itself. On a CPU that matters:
+        when another thread has already run parallel torch work, OpenMP keeps a second
+        team of threads and the worker's parallel regions slowed down ~2x here (2 cores,
+        libgomp); a model loaded and run on one thread does not pay that. A loading
+        error is raised here, in the caller's thread."""
+        self.device, self.dtype = torch.device(device), dtype
+        self.streams: list[Stream] = []
+        self.lock = threading.Condition()
+        self.running = True
+        self.timer = ModelTimer(self.device)
+        self.busy: deque[tuple[float, float]] = deque()
+        self.batches = self.frames = 0
+        self._ids = itertools.count(1)
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self.worker = threading.Thread(target=self._work, args=(model,), name="livestyle-engine", daemon=True)
+        self.worker.start()
+        self._loaded.wait()
+        if self._load_error is not None:
+            self.worker.join()
+            raise self._load_error
+
+    def _load(self, model: Pipeline | Callable[[], Pipeline]) -> None:
+        """On the worker: load the model if need be, move it to the device, get ready."""
+        pipe = model() if callable(model) else model
+        for module in (pipe.unet, pipe.autoencoder, pipe.text.encoder if pipe.text else None, pipe.styles):
+            if module is not None:
+                module.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.pipe = pipe
+        self.conditioning = Conditioning(pipe, self.device, self.dtype)
+        self.family = pipe.family
+        self.styles = tuple(pipe.styles.names) if pipe.styles is not None else ()
+
+    # -- The caller's side -------------------------------------------------------------
+
+    def open_stream(self, settings: StreamSettings, on_output: OutputCallback, live: bool = True) -> Stream:
+        self.check(settings)
+        with self.lock:
+            if not self.running:
+                raise LivestyleError("the engine is closed")
+            stream = Stream(self, settings, on_output, live, f"s{next(self._ids)}")
+            self.streams.append(stream)
+            self.lock.notify_all()
+        return stream
+
+    def check(self, settings: StreamSettings) -> None:
+        """Everything about `settings` that depends on the model, checked on the host
+        (a bad style, guidance the model cannot do, too few timesteps for the steps)."""
+        plan = make_plan(self.pipe, settings, "cpu")
+        make_guidance(settings.guidance, settings.guidance_scale, plan)
+        if self.pipe.styles is not None:
+            if settings.guidance == "full" and settings.guidance_scale != 1.0 and not settings.negative:
+                raise LivestyleError("guidance = 'full' with the demo model needs a negative style to move away from")
+            for text in [settings.style] + ([settings.negative] if settings.negative else []):
+                style = parse_style(text)
+                for name in [style] if isinstance(style, str) else style:
+                    self.pipe.styles.index(name)  # raises, naming the known styles
+                if not isinstance(style, str) and sum(style.values()) <= 0:
+                    raise LivestyleError(f"style {text!r}: the weights must have a positive sum")
+
+    def stats(self) -> dict:
+        now = time.monotonic()
+        with self.lock:
+            while self.busy and now - self.busy[0][1] > 2.0:
+                self.busy.popleft()
+            busy = sum(min(end, now) - max(start, now - 2.0) for start, end in self.busy)
+            return {"device": str(self.device), "streams": len(self.streams), "load": round(min(1.0, busy / 2.0), 3),
+                    "batches": self.batches, "frames": self.frames}
+
+    def close(self) -> None:
+        with self.lock:
+            self.running = False
+            for stream in self.streams:
+                stream.closed = True
+            self.streams.clear()
+            self.lock.notify_all()
+        if threading.current_thread() is not self.worker:
+            self.worker.join()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- The worker --------------------------------------------------------------------
+
+    def _has_work(self, s: Stream) -> bool:
+        return bool(s.pending or s.requested or s.reset_requested or (s.flush_requested and s.owed))
+
+    def _work(self, model: Pipeline | Callable[[], Pipeline]) -> None:
+        try:
+            self._load(model)
+        except BaseException as e:  # handed to the caller of __init__
+            self._load_error, self.running = e, False
+            return
+        finally:
+            self._loaded.set()
+        while True:
+            with self.lock:
+                self.lock.wait_for(lambda: not self.running or any(self._has_work(s) for s in self.streams))
+                if not self.running:
+                    return
+                taken = []
+                for s in self.streams:
+                    if not self._has_work(s):
+                        continue
+                    taken.append((s, s.requested, s.reset_requested, s.pending))
+                    s.requested, s.reset_requested, s.pending, s.working = None, False, None, True
+                self.lock.notify_all()  # file streams waiting to submit their next frame
+            started = time.monotonic()
+            try:
+                with torch.inference_mode():
+                    self._step(taken)
+            except Exception as e:  # a bug, not a bad frame: say so loudly, keep serving the other streams
+                log.exception("engine step failed: %s", e)
+                for s, *_ in taken:
+                    s.meter.errors += 1
+            finally:
+                with self.lock:
+                    self.busy.append((started, time.monotonic()))
+                    for s, *_ in taken:
+                        s.working = False
+                        s.owed = s.state is not None and s.state.in_flight
+                        if s.closed:
+                            s.state = None
+                    self.lock.notify_all()
+
+    def _step(self, taken) -> None:
+        """Apply settings, then advance every stream that has a frame (or owes frames)."""
+        frames = []
+        for s, settings, reset, pending in taken:
+            try:
+                if settings is not None:
+                    self._apply(s, settings)
+                if reset:
+                    s.state.reset()
+            except Exception as e:  # the stream keeps its previous settings
+                log.exception("stream %s: could not apply settings: %s", s.id, e)
+                s.meter.errors += 1
+            if pending is not None:
+                tag, rgb = pending
+                state = s.state
+                if state.similar is not None and state.newest is not None and state.similar.skip(tag.grey):
+                    s.meter.skipped += 1
+                    self._repeat(s, tag)
+                    continue
+                frames.append((s, tag, rgb))
+            elif s.flush_requested and s.state is not None and s.state.in_flight:
+                frames.append((s, None, None))  # drain one step of the stream batch
+        groups: dict[tuple, list] = {}
+        for item in frames:
+            state = item[0].state
+            key = (tuple(state.x.shape[1:]), state.settings.temporal.attention_frames)
+            groups.setdefault(key, []).append(item)
+        for items in groups.values():
+            try:
+                self._advance(items)
+            except Exception as e:  # a bad frame: logged with its pts, the streams go on
+                pts = [tag.pts for _, tag, _ in items if tag is not None]
+                log.exception("frame(s) at pts %s failed: %s", pts, e)
+                for s, tag, rgb in items:
+                    s.meter.errors += 1
+                    s.state.tags = [None] * s.state.steps
+                    if tag is not None:
+                        self._emit(s, tag, s.state.last_output if s.state.last_output is not None else rgb)
+
+    def _apply(self, s: Stream, settings: StreamSettings) -> None:
+        plan = make_plan(self.pipe, settings, self.device)
+        guidance = make_guidance(settings.guidance, settings.guidance_scale, plan)
+        cond = self.conditioning.positive(settings.style, settings.prompt)
+        uncond = self.conditioning.negative(settings.negative) if guidance.needs_negative else None
+        old = s.state
+        if old is not None and old.layout == layout(settings, plan.steps):
+            old.retune(settings, plan, guidance, cond, uncond)
+            return
+        if old is not None:
+            while old.in_flight:  # finish the frames in flight the old way: none is lost
+                self._advance([(s, None, None)])
+        s.state = StreamState(settings, plan, guidance, cond, uncond, self.pipe.unet,
+                              self.pipe.autoencoder.latent_channels, self.device, self.dtype)
+        if old is not None:
+            s.state.carry_over(old)
+        s.meter.latency_frames = plan.steps - 1 if settings.stream_batch else 0
+
+    # -- One call's worth of frames ----------------------------------------------------
+
+    def _advance(self, items: list[tuple[Stream, Tag | None, np.ndarray | None]]) -> None:
+        """items: (stream, tag, processing-size RGB) for a new frame, (stream, None, None)
+        for a drain step. Encodes, denoises and outputs them, batched across streams."""
+        fresh = [(s, tag, rgb) for s, tag, rgb in items if tag is not None]
+        z0s = {}
+        if fresh:
+            w, h = fresh[0][0].state.settings.size
+            rgbs = [rgb if rgb.shape[:2] == (h, w) else cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
+                    for _, _, rgb in fresh]
+            images = torch.from_numpy(np.stack(rgbs)).to(self.device, non_blocking=True)  # (B, h, w, 3) uint8
+            images = images.permute(0, 3, 1, 2).to(self.dtype).div_(255)  # (B, 3, h, w) in [0, 1]
+            z = self.pipe.autoencoder.encode(images)
+            z0s = {id(s): z[i:i + 1] for i, (s, _, _) in enumerate(fresh)}
+        runs = []
+        for s, tag, _ in items:
+            state = s.state
+            if tag is None:  # drain: a stand-in copy of the newest frame pushes the others through
+                tag, z0 = state.newest.echo(), state.last_z0
+            else:
+                z0 = z0s[id(s)]
+                state.newest, state.last_z0 = tag, z0
+                if state.plan.prior_at_start:
+                    z0 = self._prior(state, tag, z0, state.settings.temporal.flow_blend)
+            runs.append((s, self._denoise(state, z0, tag)))
+        finished = self._drive(runs)
+        self._finish([(s, tag, den) for s, (tag, den) in finished if tag.emit])
+
+    def _denoise(self, state: StreamState, z0: torch.Tensor, tag: Tag) -> Denoising:
+        """One frame through the stream's steps; yields U-Net rows, returns (finished tag, latent).
+
+        z0: (1, C, h, w) the frame's latent. Returns the tag and (1, C, h, w) denoised
+        latent of the frame that finished: this one, or with a primed stream batch the
+        one that entered S - 1 calls ago."""
+        plan, S = state.plan, state.steps
+        cache = state.cache
+        if state.settings.stream_batch and S > 1 and state.primed:
+            x = torch.cat([plan.start(z0, state.noise[:1]), state.x[1:]])  # (S, C, h, w)
+            reference = torch.cat([z0, state.reference[1:]])
+            index = state.steps_index
+            out = yield Rows(state, x, index, reference, True, cache)
+            x_next, denoised = plan.step(x, out, index, state.renoise)
+            done = state.tags[-1]
+            state.x[1:], state.reference[1:] = x_next[:-1], reference[:-1]  # every frame moves one slot on
+            state.tags = [None, tag] + state.tags[1:-1]
+            if cache is not None:
+                cache.advance()
+            return done, denoised[-1:]
+        # Step by step: per-frame mode, or the first frame of a stream batch, whose
+        # intermediate latents then prime the slots (stand-in copies, never output).
+        prime = state.settings.stream_batch and S > 1
+        x, reference = plan.start(z0, state.noise[:1]), z0.clone()
+        for k in range(S):
+            index = state.steps_index[k:k + 1]
+            out = yield Rows(state, x, index, reference, k == 0, cache.rows(k, k + 1) if cache else None)
+            x, denoised = plan.step(x, out, index, state.renoise[k:k + 1])
+            if prime and k < S - 1:
+                state.x[k + 1], state.reference[k + 1], state.tags[k + 1] = x[0], reference[0], tag.echo()
+        if cache is not None:
+            cache.advance()
+        return tag, denoised
+
+    def _drive(self, runs: list[tuple[Stream, Denoising]]) -> list[tuple[Stream, tuple[Tag, torch.Tensor]]]:
+        """Run the streams' denoising together: each round, one U-Net call per context length."""
+        finished = []
+        requests = {}
+        for s, run in runs:
+            requests[id(run)] = (s, run, next(run))
+        while requests:
+            by_context: dict[int, list] = {}
+            for s, run, rows in requests.values():
+                by_context.setdefault(rows.state.cond.shape[1], []).append((s, run, rows))
+            requests = {}
+            for batch in by_context.values():
+                outs = self._call([rows for _, _, rows in batch])
+                for (s, run, rows), out in zip(batch, outs):
+                    try:
+                        requests[id(run)] = (s, run, run.send(out))
+                    except StopIteration as stop:
+                        finished.append((s, stop.value))
+        return finished
+
+    def _call(self, batch: list[Rows]) -> list[torch.Tensor]:
+        """One U-Net call over several streams' rows (with their guidance rows); returns
+        each stream's guided outputs."""
+        xs, ts, contexts, conds, parts, sizes = [], [], [], [], [], []
+        for rows in batch:
+            state, n = rows.state, rows.x.shape[0]
+            m = state.guidance.rows(rows.x, rows.fresh)  # unconditional rows, after the n conditional ones
+            index = torch.cat([rows.index, rows.index[:m]])
+            xs += [rows.x, rows.x[:m]]
+            ts.append(state.plan.model_time(index))
+            contexts.append(state.cond.expand(n, -1, -1))
+            if m:
+                contexts.append(state.uncond.expand(m, -1, -1))
+            if state.timestep_cond is not None:
+                conds.append(state.timestep_cond.expand(n + m, -1))
+            parts += [(rows.cache, n)] + ([(None, m)] if m else [])
+            sizes.append(n + m)
+        temporal = None
+        if len(parts) == 1:
+            temporal = parts[0][0]
+        elif any(cache is not None for cache, _ in parts):
+            temporal = TemporalBatch(parts)
+        started = self.timer.start()
+        x = torch.cat(xs)
+        out = self.pipe.unet(x, torch.cat(ts), torch.cat(contexts), temporal=temporal,
+                             timestep_cond=torch.cat(conds) if len(conds) == len(batch) else None)
+        self.timer.stop(started, self._meters(batch))
+        self.batches += 1
+        guided = []
+        for rows, chunk in zip(batch, out.split(sizes)):
+            guided.append(rows.state.guidance.combine(rows.state.plan, rows.x, chunk, rows.index,
+                                                      rows.reference, rows.fresh))
+        return guided
+
+    def _meters(self, batch: list[Rows]) -> list[StreamMeter]:
+        owners = {id(s.state): s.meter for s in self.streams}
+        return [owners[id(rows.state)] for rows in batch if id(rows.state) in owners]
+
+    # -- Temporal propagation and output ----------------------------------------------
+
+    def _motion(self, state: StreamState, tag: Tag) -> Motion | None:
+        """Motion from the previous output frame to `tag`'s frame, estimated once; None
+        when there is no previous frame of the same size to follow."""
+        previous = state.previous_tag
+        if previous is None or previous.grey.shape != tag.grey.shape:
+            return None
+        if tag.motion is None or tag.motion[0] is not previous:
+            tag.motion = (previous, state.flow.motion(previous.grey, tag.grey))
+        return tag.motion[1]
+
+    def _prior(self, state: StreamState, tag: Tag, z: torch.Tensor, blend: float) -> torch.Tensor:
+        """z with the previous output latent blended in along the motion (flow-guided latents)."""
+        temporal = state.settings.temporal
+        if not temporal.flow or blend == 0 or state.previous_latent is None:
+            return z
+        motion = self._motion(state, tag)
+        if motion is None or state.previous_latent.shape != z.shape:
+            return z
+        grid, confidence = sampling_grid(motion, (z.shape[-1], z.shape[-2]), self.device)
+        return propagate(z, state.previous_latent, grid, confidence, blend)
+
+    def _finish(self, done: list[tuple[Stream, Tag, torch.Tensor]]) -> None:
+        """Decode the finished frames (one batch) and output them."""
+        if not done:
+            return
+        latents = []
+        for s, tag, z in done:
+            state = s.state
+            if not state.plan.prior_at_start:
+                z = self._prior(state, tag, z, state.settings.temporal.flow_blend)
+            state.previous_latent = z
+            latents.append(z)
+        images = self.pipe.autoencoder.decode(torch.cat(latents))  # (B, 3, h, w)
+        blended = []
+        for (s, tag, _), image in zip(done, images.split(1)):
+            state = s.state
+            temporal = state.settings.temporal
+            motion = self._motion(state, tag) if temporal.flow and temporal.output_blend > 0 else None
+            if motion is not None and state.previous_image is not None and state.previous_image.shape == image.shape:
+                grid, confidence = sampling_grid(motion, (image.shape[-1], image.shape[-2]), self.device)
+                image = propagate(image, state.previous_image, grid, confidence, temporal.output_blend)
+            state.previous_image, state.previous_tag = image, tag
+            blended.append(image)
+        # The one host sync per call: the frames go back to the host for their sinks.
+        rgb = torch.cat(blended).clamp(0, 1).mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        self.frames += len(done)
+        for (s, tag, _), array in zip(done, rgb):
+            self._emit(s, tag, array)
+
+    def _repeat(self, s: Stream, tag: Tag) -> None:
+        """A frame the similarity filter skipped gets the output of the newest frame the model took."""
+        newest = s.state.newest
+        if newest.emitted:
+            self._emit(s, tag, s.state.last_output)
+        else:
+            newest.repeats.append(tag)
+
+    def _emit(self, s: Stream, tag: Tag, rgb: np.ndarray) -> None:
+        """Hand one output frame (and the skipped frames that repeat it) to the stream's sink."""
+        W, H = tag.size
+        if rgb.shape[:2] != (H, W):
+            rgb = cv2.resize(rgb, (W, H), interpolation=cv2.INTER_LINEAR)
+        rgb = np.ascontiguousarray(rgb)
+        s.state.last_output = rgb
+        tag.emitted = True
+        for t in [tag] + tag.repeats:
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            if t.time_base is not None:  # arrays come without timestamps
+                frame.pts, frame.time_base = t.pts, t.time_base
+            s.meter.output(t.submitted_at)
+            try:
+                s.on_output(frame)
+            except Exception as e:  # the sink's problem must not stop the engine
+                log.exception("stream %s: output callback failed at pts %s: %s", s.id, t.pts, e)
+                s.meter.errors += 1
+        tag.repeats.clear()

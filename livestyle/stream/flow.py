@@ -1,0 +1,114 @@
+"""Flow-guided propagation: carry the previous output along the motion of the inputs.
+
+Optical flow between two consecutive input frames is estimated on small grey copies
+on the CPU (OpenCV's DIS, Kroeger et al. 2016, "Fast Optical Flow using Dense Inverse
+Search"), so the device never waits for it. The previous output (a latent, or the
+decoded image) is warped along that flow to where its content sits in the current
+frame, and blended in by a confidence map:
+
+    confidence = forward-backward agreement * photometric agreement * in view
+
+- forward-backward (Sundaram et al. 2010): following the backward flow and then the
+  forward flow should come back to the start; where it does not (occlusions, flow
+  failures) the previous output is not trusted;
+- photometric: the warped previous grey frame should look like the current one
+  (catches scene cuts and lighting jumps);
+- in view: content that entered the frame has no past.
+
+So static regions stay put and moving ones follow the motion, while anything new is
+taken from the current frame alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FLOW_SHORT_SIDE = 128  # flow resolution: the short side of the grey copies, in pixels
+FB_TOLERANCE = 1.0  # forward-backward disagreement (small-grid pixels) at which trust falls to 1/e
+PHOTO_TOLERANCE = 24.0  # grey-level difference (0-255) at which trust falls to 1/e
+
+
+def small_grey(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (H,W,3) RGB -> uint8 (h,w) grey at size = (w, h)."""
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    return cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+
+
+def flow_size(width: int, height: int) -> tuple[int, int]:
+    """(w, h) of the grey copies for a processing size: the short side at most FLOW_SHORT_SIDE."""
+    scale = min(1.0, FLOW_SHORT_SIDE / min(width, height))
+    return max(8, round(width * scale)), max(8, round(height * scale))
+
+
+@dataclass(frozen=True)
+class Motion:
+    """Where each pixel of the current frame was in the previous one, and how sure we are.
+
+    back: (h, w, 2) float32, flow from the current grey frame to the previous one, in
+        small-grid pixels (x, y): pixel p of the current frame was at p + back[p].
+    confidence: (h, w) float32 in [0, 1].
+    """
+
+    back: np.ndarray
+    confidence: np.ndarray
+
+
+class FlowEstimator:
+    """DIS optical flow with a forward-backward check, on small grey frames (CPU)."""
+
+    def __init__(self, preset: int = cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST):
+        # One DIS object per stream: it is not safe to share between threads.
+        self.dis = cv2.DISOpticalFlow_create(preset)
+
+    def motion(self, previous: np.ndarray, current: np.ndarray) -> Motion:
+        """previous, current: uint8 (h, w) grey frames of the same size."""
+        previous, current = np.ascontiguousarray(previous), np.ascontiguousarray(current)
+        back = self.dis.calc(current, previous, None)  # (h, w, 2): current -> previous
+        forward = self.dis.calc(previous, current, None)  # (h, w, 2): previous -> current
+        h, w = current.shape
+        ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+        map_x, map_y = xs + back[..., 0], ys + back[..., 1]
+        # forward flow read where each pixel came from; it should point back to the pixel
+        forward_there = cv2.remap(forward, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        disagreement = np.linalg.norm(back + forward_there, axis=-1)
+        previous_there = cv2.remap(previous, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        photo = np.abs(previous_there.astype(np.float32) - current.astype(np.float32))
+        in_view = (map_x >= 0) & (map_x <= w - 1) & (map_y >= 0) & (map_y <= h - 1)
+        confidence = np.exp(-(disagreement / FB_TOLERANCE) ** 2 - (photo / PHOTO_TOLERANCE) ** 2) * in_view
+        return Motion(back, confidence.astype(np.float32))
+
+
+def sampling_grid(motion: Motion, size: tuple[int, int], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The motion resampled to size = (w, h): a grid_sample grid (1, h, w, 2) in [-1, 1]
+    (align_corners=True) and the confidence (1, 1, h, w), both on `device`."""
+    w, h = size
+    fh, fw = motion.confidence.shape
+    back = cv2.resize(motion.back, (w, h), interpolation=cv2.INTER_AREA if w < fw else cv2.INTER_LINEAR)
+    back = back * np.array([w / fw, h / fh], dtype=np.float32)  # small-grid pixels -> target pixels
+    confidence = cv2.resize(motion.confidence, (w, h), interpolation=cv2.INTER_AREA if w < fw else cv2.INTER_LINEAR)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    grid = np.stack([(xs + back[..., 0]) * (2 / max(w - 1, 1)) - 1,
+                     (ys + back[..., 1]) * (2 / max(h - 1, 1)) - 1], axis=-1)  # (h, w, 2)
+    # Small host arrays: the copies overlap with device work (non_blocking) and never sync.
+    grid = torch.from_numpy(grid)[None].to(device, non_blocking=True)
+    confidence = torch.from_numpy(np.ascontiguousarray(confidence))[None, None].to(device, non_blocking=True)
+    return grid, confidence
+
+
+def propagate(current: torch.Tensor, previous: torch.Tensor, grid: torch.Tensor, confidence: torch.Tensor,
+              blend: float) -> torch.Tensor:
+    """Blend `previous`, warped along `grid`, into `current` where `confidence` trusts it.
+
+    current, previous: (1, C, h, w) latents or images of the same size; grid (1, h, w, 2),
+    confidence (1, 1, h, w) from `sampling_grid`; blend in [0, 1): the previous output's
+    share where the flow is fully trusted. Returns (1, C, h, w) in current's dtype.
+    """
+    warped = F.grid_sample(previous.float(), grid.float(), mode="bilinear", padding_mode="border",
+                           align_corners=True)
+    weight = blend * confidence.float()
+    return (current.float() + weight * (warped - current.float())).to(current.dtype)

@@ -1,0 +1,136 @@
+"""One stream's state: everything about it the engine keeps between frames, in one object.
+
+    x          (S, C, h, w)  the stream batch: slot k holds a frame at denoising step k
+                             (slot 0 is filled by the frame entering on each call)
+    reference  (S, C, h, w)  each slot's reference latent for residual CFG
+    tags       S x Tag|None  host-side facts of each slot's frame (pts, timing, grey copy)
+    noise      (S, C, h, w)  the stream's fixed noise, by seed: noise[0] starts a frame,
+                             renoise[k] re-noises after step k
+    cache      TemporalCache (S rows, one per denoising slot) or None
+    previous   the last output frame's latent, image and tag (flow-guided propagation)
+
+Device buffers are allocated once, from the settings, and replaced only when a live
+update changes their shapes. Nothing here is shared with another stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+from livestyle.config import StreamSettings
+from livestyle.models.temporal import TemporalCache
+from livestyle.models.unet import UNet
+from livestyle.stream.flow import FlowEstimator, Motion
+from livestyle.stream.guidance import NoGuidance
+from livestyle.stream.plan import Plan
+from livestyle.stream.samplers import guidance_scale_embedding
+from livestyle.stream.similarity import SimilarityFilter
+
+
+@dataclass(eq=False)
+class Tag:
+    """A frame on its way through the engine (host side only).
+
+    size: the input frame's (width, height), the output's size; grey: its small grey
+    copy (flow, similarity). emit: False for the stand-in copies that prime or drain
+    the stream batch. repeats: later frames the similarity filter skipped, which get
+    this frame's output with their own timestamps.
+    """
+
+    pts: int | None
+    time_base: Fraction | None
+    size: tuple[int, int]
+    submitted_at: float
+    grey: np.ndarray
+    emit: bool = True
+    emitted: bool = False
+    repeats: list[Tag] = field(default_factory=list)
+    motion: Motion | None = None  # from the previous output frame, computed once when needed
+
+    def echo(self) -> Tag:
+        return Tag(self.pts, self.time_base, self.size, self.submitted_at, self.grey, emit=False)
+
+
+def layout(settings: StreamSettings, steps: int) -> tuple:
+    """The settings that fix the shapes of a stream's buffers: changing one means new buffers."""
+    return (settings.size, steps, settings.stream_batch, settings.temporal.attention_frames, settings.guidance,
+            settings.seed)
+
+
+class StreamState:
+    def __init__(self, settings: StreamSettings, plan: Plan, guidance: NoGuidance, cond: torch.Tensor,
+                 uncond: torch.Tensor | None, unet: UNet, latent_channels: int, device: torch.device,
+                 dtype: torch.dtype):
+        w, h = settings.size
+        S = plan.steps
+        self.settings, self.plan, self.guidance = settings, plan, guidance
+        self.cond, self.uncond = cond, uncond
+        self.layout = layout(settings, S)
+        shape = (S, latent_channels, h // 8, w // 8)
+        self.x = torch.zeros(shape, device=device, dtype=dtype)
+        self.reference = torch.zeros(shape, device=device, dtype=dtype)
+        self.tags: list[Tag | None] = [None] * S
+        generator = torch.Generator().manual_seed(settings.seed)  # CPU draws: the same noise on every device
+        self.noise = torch.randn(shape, generator=generator).to(device, dtype)
+        self.renoise = torch.cat([self.noise[1:], self.noise[:1]])  # row k re-noises towards step k + 1
+        self.steps_index = torch.arange(S, device=device)
+        frames = settings.temporal.attention_frames
+        self.cache = TemporalCache.for_unet(unet, S, shape[-2:], frames, device, dtype) if frames else None
+        self.timestep_cond = None
+        if unet.config.time_cond_proj_dim:  # full LCM checkpoints take the guidance scale as an input
+            w_embed = torch.tensor([settings.guidance_scale - 1.0])
+            self.timestep_cond = guidance_scale_embedding(w_embed, unet.config.time_cond_proj_dim).to(device, dtype)
+        self.flow = FlowEstimator()
+        self.similar = self._similarity_filter(settings)
+        # The last output frame: flow-guided propagation warps these along the motion.
+        self.previous_latent: torch.Tensor | None = None  # (1, C, h, w)
+        self.previous_image: torch.Tensor | None = None  # (1, 3, H, W) in [0, 1]
+        self.previous_tag: Tag | None = None
+        self.last_output: np.ndarray | None = None  # uint8 (H, W, 3) as emitted, for skipped frames
+        self.newest: Tag | None = None  # the newest frame the model took
+        self.last_z0: torch.Tensor | None = None  # its input latent, to drain the stream batch
+
+    @staticmethod
+    def _similarity_filter(settings: StreamSettings) -> SimilarityFilter | None:
+        threshold = settings.temporal.similarity
+        return SimilarityFilter(threshold, settings.seed) if threshold > 0 else None
+
+    @property
+    def steps(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def primed(self) -> bool:
+        """Every stream-batch slot past 0 holds a frame: one batched call finishes a frame."""
+        return all(t is not None for t in self.tags[1:])
+
+    @property
+    def in_flight(self) -> bool:
+        """Frames still owed an output."""
+        return any(t is not None and t.emit and not t.emitted for t in self.tags[1:])
+
+    def retune(self, settings: StreamSettings, plan: Plan, guidance: NoGuidance, cond: torch.Tensor,
+               uncond: torch.Tensor | None) -> None:
+        """A live update that keeps the buffers' shapes: new coefficients, contexts, switches."""
+        if settings.temporal.similarity != self.settings.temporal.similarity:
+            self.similar = self._similarity_filter(settings)
+        self.settings, self.plan, self.guidance, self.cond, self.uncond = settings, plan, guidance, cond, uncond
+
+    def carry_over(self, old: StreamState) -> None:
+        """Keep the previous output across a rebuild of the same size, so the look does not jump."""
+        if old.settings.size == self.settings.size:
+            self.previous_latent, self.previous_image = old.previous_latent, old.previous_image
+            self.previous_tag, self.last_output, self.newest = old.previous_tag, old.last_output, old.newest
+
+    def reset(self) -> None:
+        """Forget the past (a scene cut): temporal cache, propagation, similarity; in-flight
+        frames stay and are finished."""
+        if self.cache is not None:
+            self.cache.reset()
+        self.previous_latent = self.previous_image = self.previous_tag = None
+        if self.similar is not None:
+            self.similar.reset()
