@@ -1,5 +1,10 @@
 """The `livestyle` command. The only place that sets process-wide state (logging, torch flags).
 
+    livestyle run INPUT [-o OUTPUT] [--preset NAME|FILE] ...   restyle a camera, file, stream or folder
+    livestyle presets [show NAME]                              the presets, or one of them
+    livestyle info                                             versions, devices, where things are looked for
+    livestyle inspect PATH                                     what a checkpoint holds
+
 Errors meant for the user (LivestyleError) are printed as one line on stderr with a
 non-zero exit status and no traceback.
 """
@@ -7,9 +12,14 @@ non-zero exit status and no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import importlib.metadata
 import logging
+import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 from livestyle import __version__
@@ -17,6 +27,10 @@ from livestyle.config import DEFAULT_PRESET
 from livestyle.errors import LivestyleError
 
 log = logging.getLogger("livestyle")
+
+TEST_SECONDS = 4.0  # the length of the test: clip unless --seconds says otherwise
+FILE_BACKLOG = 8  # frames the file encoder may fall behind before the reader waits
+LIVE_SINKS = ("vcam", "window")
 
 
 def _torch_dtype(name: str):
@@ -30,24 +44,83 @@ def _count(module) -> str:
     return f"{n / 1e6:.1f}M parameters" if n >= 1e5 else f"{n} parameters"
 
 
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+# -- info, presets, inspect -----------------------------------------------------------------
+
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    print(f"livestyle {__version__}")
-    print(f"python    {platform.python_version()} ({platform.platform()})")
-    print(f"torch     {torch.__version__}")
-    try:
-        import triton
+    from livestyle.capture.camera import camera_help
+    from livestyle.capture.window import display_problem
+    from livestyle.config import BUILTIN_PRESETS, model_names, models_dir, preset_files, user_preset_dir
+    from livestyle.models.demo import DEMO_MODEL
 
-        triton_line = f"triton    {triton.__version__}"
-    except ImportError:
-        triton_line = "triton    not installed"
-    print(triton_line)
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            print(f"device    cuda:{i} {torch.cuda.get_device_name(i)}")
+    opencv = next((v for v in map(_version, ("opencv-python", "opencv-python-headless", "opencv-contrib-python"))
+                   if v != "not installed"), "not installed")
+    print(f"livestyle    {__version__}")
+    print(f"python       {platform.python_version()} ({platform.platform()})")
+    print(f"torch        {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else ""))
+    for name, dist in (("triton", "triton"), ("av", "av"), ("aiortc", "aiortc"), ("aiohttp", "aiohttp"),
+                       ("pyvirtualcam", "pyvirtualcam"), ("numpy", "numpy")):
+        print(f"{name:12} {_version(dist)}")
+    print(f"opencv       {opencv}")
+    print(f"devices      cpu ({os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads)")
+    cuda = torch.cuda.is_available()
+    for i in range(torch.cuda.device_count() if cuda else 0):
+        props = torch.cuda.get_device_properties(i)
+        print(f"             cuda:{i} {props.name}, {props.total_memory / 2**30:.0f} GiB")
+    triton = _version("triton")
+    if cuda and triton != "not installed":
+        print(f"kernels      Triton {triton} on cuda (torch reference on cpu)")
+    elif cuda:
+        print("kernels      reference (torch) — triton is not installed")
     else:
-        print("device    cpu only (no CUDA device)")
+        print("kernels      reference (torch) — no CUDA")
+    user_dir = user_preset_dir()
+    files = preset_files()
+    print(f"presets      {BUILTIN_PRESETS} (built-in)")
+    print(f"             {user_dir} (user{'' if user_dir.is_dir() else ', not created yet'}); "
+          f"{len(files)} presets: {', '.join(files)}")
+    source = "$LIVESTYLE_MODELS" if os.environ.get("LIVESTYLE_MODELS") else "default; set LIVESTYLE_MODELS to move it"
+    names = model_names()
+    print(f"models       {models_dir()} ({source}): {', '.join(names) if names else 'none'}")
+    print(f"demo model   {DEMO_MODEL}" + ("" if (DEMO_MODEL / "model_index.json").is_file() else " (missing!)"))
+    print(f"cameras      {camera_help()}")
+    vcam = _version("pyvirtualcam")
+    print("vcam         " + (f"pyvirtualcam {vcam}" if vcam != "not installed"
+                              else 'not installed (pip install "livestyle[vcam]")'))
+    print(f"window       {display_problem() or 'available'}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    """List the presets (built-in, then user ones), or print one with `show NAME`."""
+    from livestyle.config import PresetError, find_preset, load_preset, preset_files, preset_origin
+
+    if args.action == "show":
+        preset = find_preset(args.name)  # checks it, and names the file if it is broken
+        path = Path(args.name) if args.name.endswith(".toml") or os.sep in args.name else preset_files()[args.name]
+        print(f"# {preset.name} ({preset_origin(path)}: {path})")
+        print(path.read_text(encoding="utf-8").rstrip())
+        return 0
+    rows = []
+    for name, path in preset_files().items():
+        try:
+            preset = load_preset(path)
+        except PresetError as e:
+            rows.append((name, preset_origin(path), "-", f"(broken: {e})"))
+            continue
+        look = f"style {preset.style}" if preset.style else f"prompt {preset.prompt!r}"
+        rows.append((name, preset_origin(path), preset.model, f"{look}; {preset.description}"))
+    width = max(len(r[0]) for r in rows)
+    for name, origin, model, text in rows:
+        print(f"{name:{width}}  {origin:8}  {model:6}  {text}")
     return 0
 
 
@@ -85,63 +158,340 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- run ------------------------------------------------------------------------------------
+
+def _output_target(args: argparse.Namespace, preset_name: str) -> tuple[str, str | None]:
+    """(kind, where) for -o: ("file", path), ("images", pattern), ("vcam", device or None) or
+    ("window", None). Without -o: a camera previews in a window, test: writes livestyle-demo.mp4,
+    anything else writes NAME.PRESET.mp4 next to the input (URLs: in the current folder)."""
+    from livestyle.capture.folder import is_sequence_pattern
+    from livestyle.capture.sources import camera_index, is_url
+
+    out, spec = args.output, args.input
+    if out is None:
+        if spec.startswith("test:"):
+            out = "livestyle-demo.mp4"
+        elif camera_index(spec) is not None:
+            out = "window"
+        elif is_url(spec):
+            out = f"{Path(spec.split('?')[0]).stem or 'stream'}.{preset_name}.mp4"
+        elif any(c in spec for c in "*?["):  # a glob: beside the folder it looks in
+            out = str(Path(spec).parent / f"images.{preset_name}.mp4")
+        else:  # a file, or a folder of images: beside it
+            path = Path(spec.rstrip("/\\"))
+            out = str(path.with_name(f"{path.stem if path.is_file() else path.name}.{preset_name}.mp4"))
+    if out == "window":
+        return "window", None
+    if out == "vcam" or out.startswith("vcam:"):
+        return "vcam", out[5:] or None
+    if not is_url(spec) and Path(spec).exists() and Path(out).resolve() == Path(spec).resolve():
+        raise LivestyleError(f"{out}: the output would overwrite the input")
+    return ("images" if is_sequence_pattern(out) else "file"), out
+
+
+def _open_sink(kind: str, where: str | None, source, args: argparse.Namespace):
+    info = source.info
+    if kind == "file":
+        from livestyle.capture.sinks import FileSink, VideoEncoding
+
+        encoding = VideoEncoding(codec=args.codec, crf=args.crf, bitrate=args.bitrate, preset=args.encoder_preset)
+        audio = None if args.no_audio else getattr(source, "audio", None)
+        return FileSink(where, info.size, info.time_base, info.rate, encoding, audio)
+    if kind == "images":
+        from livestyle.capture.folder import ImageSequenceSink
+
+        return ImageSequenceSink(where, info.size)
+    if kind == "vcam":
+        from livestyle.capture.vcam import VirtualCameraSink
+
+        return VirtualCameraSink(info.size, info.rate, where)
+    from livestyle.capture.window import WindowSink
+
+    return WindowSink(info.size, side_by_side=args.side_by_side)
+
+
+def _device(args: argparse.Namespace):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no device found"
+        raise LivestyleError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, {build})")
+    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    return device, _torch_dtype(dtype)
+
+
+def _settings(args: argparse.Namespace, preset, size: tuple[int, int]):
+    """The stream's settings: the preset's look, then each flag given on top."""
+    from livestyle.config import StreamSettings, TemporalSettings
+
+    on = preset.temporal if args.temporal is None else args.temporal
+    temporal = TemporalSettings() if on else TemporalSettings.off()
+    finer = {"attention_frames": args.cache_frames, "flow": args.flow, "flow_blend": args.flow_blend,
+             "output_blend": args.output_blend, "similarity": args.skip_similar}
+    temporal = dataclasses.replace(temporal, **{k: v for k, v in finer.items() if v is not None})
+    changes = {"style": args.style, "prompt": args.prompt, "negative": args.negative, "strength": args.strength,
+               "steps": args.steps, "seed": args.seed, "guidance": args.guidance,
+               "guidance_scale": args.guidance_scale, "timesteps": args.timesteps}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if args.no_stream_batch:
+        changes["stream_batch"] = False
+    return StreamSettings.from_preset(preset, size, temporal=temporal, **changes)
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """On stderr, when it is a terminal: a progress bar for files (frames, fps, ETA) or a
+    live status line for cameras and streams (fps in and out, latency, dropped frames)."""
+
+    def __init__(self, total: int | None, live: bool, out=None, every: float = 0.25):
+        self.total, self.live, self.out, self.every = total, live, out or sys.stderr, every
+        self.enabled = self.out.isatty()
+        self.start = time.monotonic()
+        self.shown = 0.0
+
+    def line(self, done: int, stats, dropped: int) -> str:
+        elapsed = time.monotonic() - self.start
+        if self.live:
+            return (f"in {stats.fps_in:5.1f} fps  out {stats.fps_out:5.1f} fps  latency {stats.latency_ms:4.0f} ms  "
+                    f"dropped {dropped}  frames {done}  (Ctrl-C to stop)")
+        fps = done / elapsed if elapsed > 0 else 0.0
+        if not self.total:
+            return f"{done} frames  {fps:5.1f} fps  {_clock(elapsed)}"
+        share = min(done / self.total, 1.0)
+        bar = "=" * int(24 * share) + ">" * (share < 1) + " " * (24 - int(24 * share) - (share < 1))
+        eta = _clock((self.total - done) / fps) if fps > 0 else "?"
+        return f"{100 * share:3.0f}% [{bar}] {done}/{self.total} frames  {fps:5.1f} fps  ETA {eta}"
+
+    def update(self, done: int, stats, dropped: int) -> None:
+        now = time.monotonic()
+        if self.enabled and now - self.shown >= self.every:
+            self.shown = now
+            self.out.write("\r" + self.line(done, stats, dropped) + "\x1b[K")
+            self.out.flush()
+
+    def finish(self) -> None:
+        if self.enabled and self.shown:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def _pump(reader, stream, writer, window, progress: Progress) -> bool:
+    """Wait for the run to end, keeping the window and the progress line alive (main thread).
+
+    Returns False when it was stopped early: Ctrl-C, or the preview window closed.
+    Everything read so far is still restyled and written.
+    """
+    finished = True
+    try:
+        while not reader.join(0.01 if window is not None else 0.1):
+            if window is not None and not window.pump():
+                reader.stop()
+                finished = False
+            if writer.error is not None:
+                reader.stop()
+            stats = stream.stats()
+            progress.update(writer.written, stats, stats.dropped + writer.dropped)
+        stream.flush()
+    except KeyboardInterrupt:
+        from livestyle.capture.files import OPEN_TIMEOUT_S
+
+        finished = False
+        reader.stop()
+        reader.join(OPEN_TIMEOUT_S + 2)  # a network read in hand ends within its timeout
+        stream.flush(timeout=10.0)
+    progress.finish()
+    return finished
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Restyle INPUT into OUTPUT with a preset; prints what was done and the frame rate reached."""
+    import torch
+
+    from livestyle.capture.sources import open_source
+    from livestyle.capture.threads import Reader, RealTime, Writer
+    from livestyle.config import find_model, find_preset, processing_size
+    from livestyle.models import load_pipeline
+    from livestyle.models.demo import load_demo
+    from livestyle.stream.engine import Engine
+
+    preset = find_preset(args.preset)
+    model = args.model or preset.model
+    model_path = None if model == "demo" else find_model(model)  # a missing model fails before anything opens
+    device, dtype = _device(args)
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(open_source(args.input, args.input_size, args.fps,
+                                                 args.seconds or TEST_SECONDS))
+        info = source.info
+        # The look is checked before anything is written; the size is settled once the model is known.
+        settings = _settings(args, preset, args.size or processing_size(*info.size, min(256, *info.size)))
+        kind, where = _output_target(args, preset.name)
+        sink = _open_sink(kind, where, source, args)
+        writer = Writer(sink, latest_only=kind in LIVE_SINKS)
+        stack.callback(writer.close)  # last out: the file is finished whatever happens after this
+        # The engine's worker loads the model: all torch work stays on one thread (see Engine).
+        def load():
+            return load_demo(device, dtype) if model_path is None else load_pipeline(model_path, device, dtype)
+
+        engine = stack.enter_context(Engine(load, device=device, dtype=dtype))
+        pipe = engine.pipe
+        short_side = min(256 if pipe.family == "demo" else 512, *info.size)  # small inputs are not upscaled
+        settings = settings.replace(size=args.size or processing_size(*info.size, short_side))
+        if pipe.family != "demo" and not settings.prompt:
+            raise LivestyleError(f"preset {preset.name}: an SD checkpoint needs a prompt "
+                                 '(pass --prompt "..." or use a preset with prompt = "...")')
+        # A file played to a window or virtual camera runs at its own speed, like a player.
+        live = info.live or kind in LIVE_SINKS
+        stream = engine.open_stream(settings, on_output=writer.put, live=live)
+        stack.callback(stream.close)
+        window = sink if kind == "window" else None
+        pace = RealTime() if kind in LIVE_SINKS and not info.live else None
+
+        def wait_for_encoder(frame):  # files: every frame is kept, so the reader waits for a slow encoder
+            writer.wait_for_room(FILE_BACKLOG)
+
+        w, h = settings.size
+
+        def on_frame(frame):
+            if window is not None:
+                window.remember_input(frame)
+            # Down to the processing size here, in one pass with the colour conversion, so the
+            # engine's worker neither converts nor scales; the sinks scale back to the input size.
+            stream.submit(frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA"))
+
+        audio = kind == "file" and getattr(sink, "audio_out", None) is not None
+        items = source.read(audio=True) if audio else iter(source)
+        seconds = args.seconds if not args.input.startswith("test:") else None
+        total = info.frames
+        if seconds and info.rate:
+            total = min(total or 10**9, round(seconds * info.rate))
+        progress = Progress(total, live=info.live)
+        reader = Reader(items, on_frame, writer.put_audio if audio else None, seconds,
+                        pace if kind in LIVE_SINKS else wait_for_encoder).start()
+        began = time.perf_counter()
+        finished = _pump(reader, stream, writer, window, progress)
+        elapsed = time.perf_counter() - began
+        stats, load = stream.stats(), engine.stats()["load"]
+        if reader.error is not None:
+            raise reader.error
+    # Here the stream, the engine and the writer are closed: the output is complete.
+    target = {"vcam": f"virtual camera {getattr(sink, 'device', '')}".rstrip(), "window": "the window"}.get(kind, where)
+    audio_note = f", audio {'copied' if sink.audio_copy else 're-encoded'}" if audio else ""
+    print(f"restyled {writer.written} frames ({info.size[0]}x{info.size[1]}) -> {target} with "
+          f"{_describe(preset.name, pipe.family, device, settings)}{audio_note}")
+    dropped = stats.dropped + writer.dropped
+    losses = (f"; {dropped} frames dropped" if dropped else "") + (f"; {stats.errors} failed" if stats.errors else "")
+    print(f"{writer.written / elapsed:.1f} fps overall; U-Net {stats.model_ms:.1f} ms/frame, engine busy "
+          f"{100 * load:.0f}% of the last 2 s, {torch.get_num_threads()} threads{losses}")
+    if not finished and kind not in LIVE_SINKS and not info.live:  # Ctrl-C is how a camera recording ends
+        print(f"livestyle: stopped early; {where} holds the {writer.written} frames done", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _describe(preset: str, family: str, device: str, settings) -> str:
+    """The look and the model in a few words, for the summary line."""
+    w, h = settings.size
+    t = settings.temporal
+    temporal = ", ".join(([f"cache {t.attention_frames} frames"] if t.attention_frames else [])
+                         + (["flow"] if t.flow else []) + ([f"skip similar {t.similarity}"] if t.similarity else []))
+    return (f"preset {preset}: {family} model on {device} at {w}x{h}, strength {settings.strength}, "
+            f"{settings.steps} step{'s' * (settings.steps > 1)}, temporal {temporal or 'off'}")
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"size {text!r} is not WxH, e.g. 256x256") from None
-    if w <= 0 or h <= 0 or w % 8 or h % 8:
-        raise argparse.ArgumentTypeError(f"size {text}: width and height must be positive multiples of 8")
+    if w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"size {text}: width and height must be positive")
     return w, h
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Restyle INPUT into OUTPUT with a preset; prints the frame rate reached."""
-    import time
+def _processing_size(text: str) -> tuple[int, int]:
+    w, h = _size(text)
+    if w % 8 or h % 8:
+        raise argparse.ArgumentTypeError(f"size {text}: width and height must be multiples of 8")
+    return w, h
 
-    import torch
 
-    from livestyle.capture.sinks import FileSink
-    from livestyle.capture.sources import open_source
-    from livestyle.config import find_preset
-    from livestyle.errors import LivestyleError
-    from livestyle.frame import from_tensor, to_tensor
-    from livestyle.models.demo import load_demo
-    from livestyle.models.loading import load_pipeline
-    from livestyle.models.temporal import TemporalCache
-    from livestyle.stream.restyle import restyle
+def _timesteps(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"timesteps {text!r}: comma-separated integers, e.g. 999,749") from None
 
-    preset = find_preset(args.preset)
-    if preset.model != "demo":
-        raise LivestyleError(f"preset {preset.name}: only the embedded demo model runs yet (model = {preset.model!r})")
-    strength = preset.strength if args.strength is None else args.strength
-    steps = preset.steps if args.steps is None else args.steps
-    temporal = preset.temporal if args.temporal is None else args.temporal
-    if not 0 <= strength <= 1:
-        raise LivestyleError(f"--strength {strength}: must be between 0 and 1")
-    source = open_source(args.input, args.size, args.fps, args.seconds)
-    output = Path(args.output or "livestyle-demo.mp4")
-    pipe = load_pipeline(args.model) if args.model else load_demo()
-    if pipe.styles is None:
-        raise LivestyleError(f"{args.model}: only demo-format models (a style bank, no text encoder) run yet")
-    context = pipe.styles.context(preset.style)
-    w, h = args.size
-    cache = TemporalCache.for_unet(pipe.unet, 1, (h // 8, w // 8), args.cache_frames) if temporal else None
-    model_seconds = 0.0
-    start = time.perf_counter()
-    with FileSink(output, args.size, source.time_base, args.fps) as sink:
-        for frame in source:
-            began = time.perf_counter()
-            images = restyle(pipe, to_tensor(frame), context, strength, steps, cache)
-            model_seconds += time.perf_counter() - began
-            sink.write(from_tensor(images, [frame])[0])
-    total = time.perf_counter() - start
-    n = sink.frames
-    print(f"restyled {n} frames at {w}x{h} with preset {preset.name} (strength {strength}, {steps} step"
-          f"{'s' if steps > 1 else ''}, temporal {'on' if temporal else 'off'}) -> {output}")
-    print(f"{n / total:.1f} fps overall, {n / model_seconds:.1f} fps model "
-          f"(encode + denoise + decode {1e3 * model_seconds / n:.1f} ms/frame, {torch.get_num_threads()} threads)")
-    return 0
+
+def _bitrate(text: str) -> int:
+    scale = {"k": 10**3, "m": 10**6}.get(text[-1:].lower(), 1)
+    try:
+        return round(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bitrate {text!r}: bits per second, e.g. 4M or 800k") from None
+
+
+def _add_run(sub) -> None:
+    run = sub.add_parser(
+        "run", help="restyle a camera, file, stream or image folder into a file, vcam or window",
+        description="Restyle INPUT into OUTPUT with a preset. INPUT: a video file (any format FFmpeg reads), "
+                    "a URL (rtsp://, http(s)://, srt://), cam:N or /dev/videoN, a folder or glob of images, "
+                    "or test:[NAME] (a camera gliding over a shipped image). OUTPUT: a video file "
+                    "(.mp4 .mkv .mov .webm), numbered images (frames/%%05d.png), vcam[:DEVICE] or window.")
+    run.add_argument("input", help="file, URL, cam:N, folder, glob or test:[NAME]")
+    run.add_argument("-o", "--output", help="file, frames/%%05d.png, vcam or window (default: a file input "
+                     "writes NAME.PRESET.mp4 beside it, a camera opens a window, test: writes livestyle-demo.mp4)")
+    look = run.add_argument_group("the look")
+    look.add_argument("--preset", default=DEFAULT_PRESET, help=f"preset name or .toml file (default: {DEFAULT_PRESET})")
+    look.add_argument("--model", help="model folder or .safetensors file, a name under $LIVESTYLE_MODELS, "
+                      "or demo (default: the preset's)")
+    look.add_argument("--style", help="demo model style, or weighted styles \"a:0.7, b:0.3\" (default: the preset's)")
+    look.add_argument("--prompt", help="prompt for SD checkpoints (default: the preset's)")
+    look.add_argument("--negative", help="negative prompt (default: the preset's)")
+    look.add_argument("--strength", type=float, help="0 = the input, 1 = the full restyle (default: the preset's)")
+    look.add_argument("--steps", type=int, help="denoising steps, 1 to 4 (default: the preset's)")
+    look.add_argument("--timesteps", type=_timesteps, help="explicit timesteps for SD, e.g. 999,749 (replaces "
+                      "--strength and --steps)")
+    look.add_argument("--seed", type=int, help="the stream's fixed noise (default: the preset's)")
+    look.add_argument("--guidance", choices=("none", "full", "self", "initialize"),
+                      help="classifier-free guidance variant (default: none)")
+    look.add_argument("--guidance-scale", type=float, help="guidance strength, > 1 to have an effect")
+    temporal = run.add_argument_group("temporal consistency")
+    temporal.add_argument("--temporal", action=argparse.BooleanOptionalAction, default=None,
+                          help="all temporal parts on or off (default: the preset's)")
+    temporal.add_argument("--cache-frames", type=int, help="past frames in the cached self-attention, 0 = off")
+    temporal.add_argument("--flow", action=argparse.BooleanOptionalAction, default=None,
+                          help="flow-guided latent propagation")
+    temporal.add_argument("--flow-blend", type=float, help="share of the warped previous latent, in [0, 1)")
+    temporal.add_argument("--output-blend", type=float,
+                          help="share of the warped previous output image, in [0, 1); 0 = latents only")
+    temporal.add_argument("--skip-similar", type=float, metavar="T",
+                          help="skip frames more similar than T to the previous one (0.98 is typical; 0 = off)")
+    temporal.add_argument("--no-stream-batch", action="store_true",
+                          help="run each frame's steps one after another (no steps - 1 frames of latency)")
+    media = run.add_argument_group("input and output")
+    media.add_argument("--size", type=_processing_size, help="processing WxH, multiples of 8 (default: the "
+                       "input's aspect with the short side at 256 for the demo model, 512 for SD)")
+    media.add_argument("--input-size", type=_size, help="WxH to ask of a camera, or of test: (default 256x256)")
+    media.add_argument("--fps", type=float, help="frame rate to ask of a camera; the rate of test: and image "
+                       "folders (default 24)")
+    media.add_argument("--seconds", "-t", type=float, help="stop after this much input (test: is 4 s long)")
+    media.add_argument("--codec", help="video encoder (default libx264; libvpx-vp9 for .webm)")
+    media.add_argument("--crf", type=int, default=18, help="encoder quality, lower is better (default 18)")
+    media.add_argument("--bitrate", type=_bitrate, help="video bitrate instead of --crf, e.g. 6M")
+    media.add_argument("--encoder-preset", default="veryfast", help="x264/x265 speed preset (default veryfast; "
+                       "superfast halves the encoding time at 1080p for a larger file)")
+    media.add_argument("--no-audio", action="store_true", help="leave the input's audio out")
+    media.add_argument("--side-by-side", action="store_true", help="window: the input left of the output")
+    device = run.add_argument_group("device")
+    device.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    device.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on cuda, fp32 on cpu")
+    run.set_defaults(func=cmd_run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,23 +500,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    info = sub.add_parser("info", help="versions and devices")
+    info = sub.add_parser("info", help="versions, devices, and where presets and models are looked for")
     info.set_defaults(func=cmd_info)
 
-    run = sub.add_parser("run", help="restyle a video source into a file")
-    run.add_argument("input", help="test: or test:NAME (a camera moving over a shipped image)")
-    run.add_argument("-o", "--output", help="output video file (default: livestyle-demo.mp4)")
-    run.add_argument("--preset", default=DEFAULT_PRESET, help=f"preset name or .toml file (default: {DEFAULT_PRESET})")
-    run.add_argument("--model", help="a demo-format model folder (default: the embedded demo model)")
-    run.add_argument("--strength", type=float, help="0 = the input, 1 = the full style (default: the preset's)")
-    run.add_argument("--steps", type=int, choices=(1, 2, 3, 4), help="denoising steps (default: the preset's)")
-    run.add_argument("--size", type=_size, default=(256, 256), help="WxH of the synthetic source (default 256x256)")
-    run.add_argument("--fps", type=int, default=24)
-    run.add_argument("--seconds", type=float, default=4.0, help="length of the synthetic clip")
-    run.add_argument("--temporal", action=argparse.BooleanOptionalAction, default=None,
-                     help="temporal cached attention over past frames (default: the preset's)")
-    run.add_argument("--cache-frames", type=int, default=2, help="past frames the temporal cache keeps")
-    run.set_defaults(func=cmd_run)
+    _add_run(sub)
+
+    presets = sub.add_parser("presets", help="list the presets (built-in and ~/.config/livestyle/presets)")
+    actions = presets.add_subparsers(dest="action")
+    show = actions.add_parser("show", help="print one preset")
+    show.add_argument("name", help="preset name or .toml file")
+    presets.set_defaults(func=cmd_presets)
 
     inspect = sub.add_parser("inspect", help="load a checkpoint and say what it holds")
     inspect.add_argument("path", help="diffusers folder, single-file .safetensors, VAE or TAESD file")
@@ -175,6 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--lora-scale", type=float, default=1.0)
     inspect.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     inspect.set_defaults(func=cmd_inspect)
+
+    from livestyle.server.command import register as register_serve  # imports no aiohttp/aiortc/torch
+
+    register_serve(sub)
     return parser
 
 
@@ -183,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # OpenCV's own warnings (a camera probe) would bury our one-line errors
+        import cv2
+
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     try:
         return args.func(args)
     except LivestyleError as e:

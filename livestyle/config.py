@@ -108,3 +108,171 @@ def find_preset(name_or_path: str) -> Preset:
     if name_or_path not in files:
         raise PresetError(f"unknown preset {name_or_path!r} (known: {', '.join(files) or 'none'})")
     return load_preset(files[name_or_path])
+
+
+def preset_origin(path: Path) -> str:
+    """"built-in", "user" or the file's folder: where a preset file comes from."""
+    if path.parent == BUILTIN_PRESETS:
+        return "built-in"
+    if path.parent == user_preset_dir():
+        return "user"
+    return str(path.parent)
+
+
+# -- Models ---------------------------------------------------------------------------------
+
+MODEL_SUFFIXES = (".safetensors",)
+
+
+def models_dir() -> Path:
+    """Where models are looked for by name: $LIVESTYLE_MODELS, else the XDG data folder
+    ($XDG_DATA_HOME or ~/.local/share)/livestyle/models."""
+    if os.environ.get("LIVESTYLE_MODELS"):
+        return Path(os.environ["LIVESTYLE_MODELS"]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "livestyle" / "models"
+
+
+def model_names() -> list[str]:
+    """The models under models_dir(): folders and single .safetensors files, by name."""
+    folder = models_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(p.name if p.is_dir() else p.stem for p in folder.iterdir()
+                  if p.is_dir() or p.suffix in MODEL_SUFFIXES)
+
+
+def find_model(name_or_path: str) -> Path:
+    """A checkpoint by path (a folder or a .safetensors file), or by name under models_dir().
+
+    "demo" (the embedded model) is not looked up here: the caller loads it directly.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    folder = models_dir()
+    if os.sep not in name_or_path and "/" not in name_or_path:
+        for candidate in (folder / name_or_path, folder / f"{name_or_path}.safetensors"):
+            if candidate.exists():
+                return candidate
+    names = model_names()
+    known = f"found there: {', '.join(names)}" if names else "nothing there" if folder.is_dir() else "no such folder"
+    raise LivestyleError(f"model {name_or_path!r}: no such file or folder, nor a model of that name in "
+                         f"{folder} ({known}; set LIVESTYLE_MODELS to look elsewhere)")
+
+
+# -- Stream settings -----------------------------------------------------------------------
+
+GUIDANCE = ("none", "full", "self", "initialize")
+
+
+class SettingsError(LivestyleError):
+    """A stream setting out of range; the message names the field and what is allowed."""
+
+
+@dataclass(frozen=True)
+class TemporalSettings:
+    """The temporal parts of a stream, each switchable so its effect can be measured.
+
+    attention_frames: past frames in the U-Net's cached self-attention (StreamV2V's
+        feature bank), 0 = off.
+    flow: flow-guided latent propagation (warp the previous output latent along the
+        optical flow of the inputs, blend it in where a forward-backward check trusts it).
+    flow_blend: the share of the warped previous output latent where the flow is fully
+        trusted, in [0, 1).
+    output_blend: the same for the decoded previous output image (the autoencoder's own
+        flicker is only reachable there), in [0, 1); 0 = latents only.
+    similarity: the similarity filter's threshold (cosine similarity of small copies of
+        consecutive inputs, StreamDiffusion uses 0.98); 0 = off.
+    """
+
+    attention_frames: int = 2
+    flow: bool = True
+    flow_blend: float = 0.5
+    output_blend: float = 0.5
+    similarity: float = 0.0
+
+    @classmethod
+    def off(cls) -> TemporalSettings:
+        return cls(attention_frames=0, flow=False, similarity=0.0)
+
+    def __post_init__(self):
+        if not 0 <= self.attention_frames <= 8:
+            raise SettingsError(f"attention_frames = {self.attention_frames}: must be 0 to 8")
+        if not 0.0 <= self.flow_blend < 1.0:
+            raise SettingsError(f"flow_blend = {self.flow_blend}: must be in [0, 1)")
+        if not 0.0 <= self.output_blend < 1.0:
+            raise SettingsError(f"output_blend = {self.output_blend}: must be in [0, 1)")
+        if not 0.0 <= self.similarity < 1.0:
+            raise SettingsError(f"similarity = {self.similarity}: must be in [0, 1) (0 = off)")
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """Everything one stream's output depends on; replaced whole on a live update.
+
+    size: the processing (width, height), positive multiples of 8; frames of any size
+        are resized to it and the output back to each input frame's size.
+    style: the demo model's style (a name, or weighted names "a:0.7, b:0.3").
+    prompt / negative: text for SD checkpoints (the demo model reads a negative as a style).
+    strength: 0 returns the input, 1 the full restyle (img2img strength).
+    steps: denoising steps per frame, 1 to 4.
+    timesteps: an explicit timestep list (StreamDiffusion's t_index_list, SD only),
+        e.g. (999, 749); when given it replaces strength and steps.
+    seed: the stream's fixed noise.
+    guidance: "none", "full" (CFG with the negative), "self" or "initialize" (StreamDiffusion's
+        residual CFG); guidance_scale > 1 to have an effect.
+    stream_batch: run the steps of consecutive frames as one batched U-Net call (adds
+        steps - 1 frames of latency, one U-Net call per frame instead of `steps`).
+    """
+
+    size: tuple[int, int] = (256, 256)
+    style: str = DEFAULT_PRESET
+    prompt: str = ""
+    negative: str = ""
+    strength: float = 1.0
+    steps: int = 1
+    timesteps: tuple[int, ...] = ()
+    seed: int = 0
+    guidance: str = "none"
+    guidance_scale: float = 1.0
+    stream_batch: bool = True
+    temporal: TemporalSettings = TemporalSettings()
+
+    def __post_init__(self):
+        w, h = self.size
+        if w <= 0 or h <= 0 or w % 8 or h % 8:
+            raise SettingsError(f"size = {w}x{h}: width and height must be positive multiples of 8")
+        if not 0.0 <= self.strength <= 1.0:
+            raise SettingsError(f"strength = {self.strength}: must be between 0 and 1")
+        if not 1 <= self.steps <= 4:
+            raise SettingsError(f"steps = {self.steps}: must be 1 to 4")
+        if len(self.timesteps) > 4 or any(not 0 <= t < 1000 for t in self.timesteps) \
+                or list(self.timesteps) != sorted(self.timesteps, reverse=True):
+            raise SettingsError(f"timesteps = {self.timesteps}: 1 to 4 decreasing values in [0, 1000)")
+        if self.guidance not in GUIDANCE:
+            raise SettingsError(f"guidance = {self.guidance!r}: must be one of {', '.join(GUIDANCE)}")
+        if self.guidance_scale < 0:
+            raise SettingsError(f"guidance_scale = {self.guidance_scale}: must be >= 0")
+
+    @classmethod
+    def from_preset(cls, preset: Preset, size: tuple[int, int] = (256, 256), **changes) -> StreamSettings:
+        """A preset's look at a processing size; `changes` override single fields."""
+        base = cls(size=size, style=preset.style or DEFAULT_PRESET, prompt=preset.prompt,
+                   negative=preset.negative, strength=preset.strength, steps=preset.steps, seed=preset.seed,
+                   temporal=TemporalSettings() if preset.temporal else TemporalSettings.off())
+        return base.replace(**changes)
+
+    def replace(self, **changes) -> StreamSettings:
+        """A copy with some fields changed, checked; an unknown field is an error."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise SettingsError(f"unknown stream setting {sorted(unknown)[0]!r}")
+        return dataclasses.replace(self, **changes)
+
+
+def processing_size(width: int, height: int, short_side: int = 256) -> tuple[int, int]:
+    """A processing size for (width, height) input: the short side at `short_side`, the
+    aspect ratio kept, both rounded to multiples of 8."""
+    scale = short_side / min(width, height)
+    return max(8, round(width * scale / 8) * 8), max(8, round(height * scale / 8) * 8)

@@ -2,7 +2,11 @@
 
 import pytest
 
-from livestyle.config import DEFAULT_PRESET, PresetError, find_preset, load_preset, preset_files
+from livestyle.config import (
+    BUILTIN_PRESETS, DEFAULT_PRESET, PresetError, find_model, find_preset, load_preset, model_names, models_dir,
+    preset_files, preset_origin, user_preset_dir,
+)
+from livestyle.errors import LivestyleError
 
 
 def test_builtin_presets_load():
@@ -43,3 +47,35 @@ def test_user_preset_dir_and_unknown_name(tmp_path, monkeypatch):
     assert find_preset("mine").strength == 0.4
     with pytest.raises(PresetError, match="unknown preset 'nope' \\(known: .*mine"):
         find_preset("nope")
+
+
+def test_models_by_path_or_by_name_under_livestyle_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIVESTYLE_MODELS", str(tmp_path / "models"))
+    (tmp_path / "models" / "sd-turbo").mkdir(parents=True)
+    (tmp_path / "models" / "dreamshaper.safetensors").write_bytes(b"")
+    (tmp_path / "models" / "notes.txt").write_text("")
+    elsewhere = tmp_path / "other.safetensors"
+    elsewhere.write_bytes(b"")
+    assert models_dir() == tmp_path / "models" and model_names() == ["dreamshaper", "sd-turbo"]
+    assert find_model("sd-turbo") == tmp_path / "models" / "sd-turbo"
+    assert find_model("dreamshaper") == tmp_path / "models" / "dreamshaper.safetensors"
+    assert find_model(str(elsewhere)) == elsewhere
+    with pytest.raises(LivestyleError, match=r"model 'nope': no such file or folder, nor a model of that name in "
+                                             r".*models \(found there: dreamshaper, sd-turbo; set LIVESTYLE_MODELS"):
+        find_model("nope")
+
+
+def test_models_dir_defaults_to_xdg_data(tmp_path, monkeypatch):
+    monkeypatch.delenv("LIVESTYLE_MODELS", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert models_dir() == tmp_path / "livestyle" / "models"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert models_dir() == tmp_path / ".local" / "share" / "livestyle" / "models"
+
+
+def test_preset_origin(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert preset_origin(BUILTIN_PRESETS / "ink-sketch.toml") == "built-in"
+    assert preset_origin(user_preset_dir() / "mine.toml") == "user"
+    assert preset_origin(tmp_path / "x" / "look.toml") == str(tmp_path / "x")

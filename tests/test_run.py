@@ -1,8 +1,10 @@
 """The main job end to end: `livestyle run test: -o out.mp4` with the embedded demo model."""
 
+import os
 import subprocess
 import sys
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -46,9 +48,13 @@ def test_file_sink_writes_every_frame_with_its_timing(tmp_path):
     assert [round(float(f.pts * f.time_base) * 12) for f in decoded] == list(range(10))
 
 
-def _run(*args):
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, cwd=ROOT):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # livestyle importable from any folder
     return subprocess.run([sys.executable, "-m", "livestyle.cli", "run", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
 
 
 @pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").is_file(), reason="the demo model is not built")
@@ -66,12 +72,12 @@ def test_run_restyles_the_sample_clip(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("test:", "--preset", "nope"), "unknown preset 'nope'"),
-    (("clip.mp4",), "only the synthetic source test:"),
+    (("clip.mp4",), "clip.mp4: no such file"),
     (("test:nothing",), "test:nothing: no such shipped image"),
-    (("test:", "--strength", "3"), "--strength 3.0: must be between 0 and 1"),
+    (("test:", "--strength", "3"), "strength = 3.0: must be between 0 and 1"),
 ])
-def test_run_bad_input_is_one_line(args, message):
-    result = _run(*args)
+def test_run_bad_input_is_one_line(tmp_path, args, message):
+    result = _run(*args, cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
