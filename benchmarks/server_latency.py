@@ -1,0 +1,140 @@
+"""End-to-end latency and frame rate of `livestyle serve` with 1, 2 and 4 sessions.
+
+    python benchmarks/server_latency.py [--sessions 1 2 4] [--seconds 10] [--size 320x240]
+        [--short-side 256] [--device cpu] [--codec video/VP8]
+
+The server (the embedded demo model on the engine) runs in its own process, as
+`livestyle serve` would; this process runs N aiortc clients on loopback that each send
+a synthetic 30 fps camera (a camera gliding over a shipped photo) to /offer and
+receive the restyled video back.
+
+Latency is per frame: the server gives each restyled frame the pts of the frame it
+restyles, so a client pairs the time it handed a frame to its encoder (its capture
+time) with the time the restyled frame came out of its decoder (client.pair_frames). That covers encode,
+loopback network, the server's decode, the model, the server's encode, and the
+client's decode. fps is restyled frames received per second per session. Medians over
+every frame of every session after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def serve(port: int, short_side: int, device: str, max_sessions: int) -> None:
+    """The server process: the demo model, the engine, the app on 127.0.0.1:port."""
+    import torch
+
+    from livestyle.models.demo import load_demo
+    from livestyle.server.app import App, ServerSettings
+    from livestyle.server.app import serve as run
+    from livestyle.stream.engine import Engine
+
+    with Engine(lambda: load_demo(device), device=device) as engine:
+        settings = ServerSettings(port=port, short_side=short_side, max_sessions=max_sessions)
+        print(f"serving with torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+        asyncio.run(run(App(engine, settings), lambda url: print(f"ready {url}", flush=True)))
+
+
+async def measure(url: str, sessions: int, seconds: float, warmup: float, size: tuple[int, int],
+                  codec: str | None) -> dict:
+    import aiohttp
+
+    from livestyle.capture.sources import SyntheticSource
+    from livestyle.server.client import CameraClient, SyntheticTrack, pair_frames
+
+    frames = [f.to_ndarray(format="rgb24") for f in SyntheticSource("coffee", size, fps=30, frames=60)]
+    clients = [CameraClient(url, SyntheticTrack(frames, 30), codec=codec) for _ in range(sessions)]
+    await asyncio.gather(*(c.connect() for c in clients))
+    await asyncio.sleep(warmup)
+    start = time.monotonic()
+    counts = [c.receiver.frames for c in clients]
+    await asyncio.sleep(seconds)
+    end = time.monotonic()
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/stats") as response:
+        stats = await response.json()
+    latencies, fps, unmatched = [], [], 0
+    for client, count in zip(clients, counts):
+        fps.append((client.receiver.frames - count) / (end - start))
+        pairs = pair_frames(client.track.sent, client.receiver.received)
+        unmatched += len(client.receiver.received) - len(pairs)
+        latencies += [received - sent for sent, received in pairs if start <= sent and received <= end]
+    await asyncio.gather(*(c.close() for c in clients))
+    server = stats["sessions"]
+    return {
+        "sessions": sessions,
+        "fps": statistics.median(fps),
+        "latency_ms": 1e3 * statistics.median(latencies),
+        "latency_p90_ms": 1e3 * statistics.quantiles(latencies, n=10)[-1],
+        "server_ms": statistics.median(s["latency_ms"] for s in server if s["latency_ms"] is not None),
+        "model_ms": statistics.median(s["model_ms"] for s in server if s["model_ms"] is not None),
+        "dropped": sum(s["dropped"] for s in server) / max(1, sum(s["frames_received"] for s in server)),
+        "load": stats["engine"]["load"],
+        "frames": len(latencies),
+        "unmatched": unmatched,
+        "processing": server[0]["settings"]["size"] if server else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured time per session count")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--size", default="320x240", help="the clients' camera size, WxH")
+    parser.add_argument("--short-side", type=int, default=256, help="the server's processing short side")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--codec", choices=("video/VP8", "video/H264"), help="default: aiortc's choice (VP8)")
+    parser.add_argument("--port", type=int, default=8793)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the server process
+    args = parser.parse_args(argv)
+    if args.serve:
+        serve(args.port, args.short_side, args.device, max(args.sessions))
+        return 0
+
+    size = tuple(int(v) for v in args.size.split("x"))
+    command = [sys.executable, __file__, "--serve", "--port", str(args.port), "--short-side", str(args.short_side),
+               "--device", args.device, "--sessions", *map(str, args.sessions)]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        for line in server.stdout:
+            print(f"server: {line.strip()}")
+            if line.startswith("ready "):
+                url = line.split()[1]
+                break
+        else:
+            raise SystemExit("the server did not start")
+        print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, clients send {args.size} at 30 fps"
+              f"{', ' + args.codec if args.codec else ''}; {args.seconds:g} s measured after {args.warmup:g} s")
+        print("| sessions | processing | fps per session | latency median (ms) | latency p90 (ms) | server ms "
+              "| model ms | dropped | engine load |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for n in args.sessions:
+            r = asyncio.run(measure(url, n, args.seconds, args.warmup, size, args.codec))
+            w, h = r["processing"]
+            print(f"| {n} | {w}x{h} | {r['fps']:.1f} | {r['latency_ms']:.0f} | {r['latency_p90_ms']:.0f} "
+                  f"| {r['server_ms']:.0f} | {r['model_ms']:.0f} | {100 * r['dropped']:.0f}% | {r['load']:.2f} |",
+                  flush=True)
+            if r["unmatched"]:
+                print(f"  warning: {r['unmatched']} received frames could not be matched to a sent frame")
+            time.sleep(1.0)  # let the server free the sessions
+    finally:
+        server.terminate()
+        server.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
