@@ -428,7 +428,7 @@ class Engine:
                 by_context.setdefault(rows.state.cond.shape[1], []).append((s, run, rows))
             requests = {}
             for batch in by_context.values():
-                outs = self._call([rows for _, _, rows in batch])
+                outs = self._call([rows for _, _, rows in batch], [s.meter for s, _, _ in batch])
                 for (s, run, rows), out in zip(batch, outs):
                     try:
                         requests[id(run)] = (s, run, run.send(out))
@@ -436,7 +436,7 @@ class Engine:
                         finished.append((s, stop.value))
         return finished
 
-    def _call(self, batch: list[Rows]) -> list[torch.Tensor]:
+    def _call(self, batch: list[Rows], meters: list[StreamMeter]) -> list[torch.Tensor]:
         """One U-Net call over several streams' rows (with their guidance rows); returns
         each stream's guided outputs."""
         xs, ts, contexts, conds, parts, sizes = [], [], [], [], [], []
@@ -462,17 +462,13 @@ class Engine:
         x = torch.cat(xs)
         out = self.pipe.unet(x, torch.cat(ts), torch.cat(contexts), temporal=temporal,
                              timestep_cond=torch.cat(conds) if len(conds) == len(batch) else None)
-        self.timer.stop(started, self._meters(batch))
+        self.timer.stop(started, meters)
         self.batches += 1
         guided = []
         for rows, chunk in zip(batch, out.split(sizes)):
             guided.append(rows.state.guidance.combine(rows.state.plan, rows.x, chunk, rows.index,
                                                       rows.reference, rows.fresh))
         return guided
-
-    def _meters(self, batch: list[Rows]) -> list[StreamMeter]:
-        owners = {id(s.state): s.meter for s in self.streams}
-        return [owners[id(rows.state)] for rows in batch if id(rows.state) in owners]
 
     # -- Temporal propagation and output ----------------------------------------------
 

@@ -49,7 +49,7 @@ class Tag:
     emit: bool = True
     emitted: bool = False
     repeats: list[Tag] = field(default_factory=list)
-    motion: Motion | None = None  # from the previous output frame, computed once when needed
+    motion: tuple[Tag, Motion] | None = None  # (previous output frame, motion from it), computed once
 
     def echo(self) -> Tag:
         return Tag(self.pts, self.time_base, self.size, self.submitted_at, self.grey, emit=False)
