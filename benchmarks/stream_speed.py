@@ -3,7 +3,8 @@
     python benchmarks/stream_speed.py                 # the demo model on the CPU
     python benchmarks/stream_speed.py --sd-turbo      # + SD-Turbo's architecture at 512x512 (CUDA only)
 
-For each configuration a synthetic camera clip goes through `Engine`:
+For each configuration a synthetic camera clip goes through `Engine`, in `--rounds`
+round-robin rounds (medians):
 - throughput: a file stream (every frame restyled), frames per second over the run,
   after a warm-up;
 - live: the same clip paced at a camera's rate (`--live-fps`, or 80% of the measured
@@ -18,6 +19,7 @@ downloaded here. They need CUDA; without it they are printed as "not measured".
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +43,8 @@ def demo_configs(size: int) -> dict[str, StreamSettings]:
     return {
         "1 step, temporal off": base,
         "1 step, + cached attention": base.replace(temporal=TemporalSettings(flow=False)),
+        "1 step, + cached attention and feature fusion": base.replace(
+            temporal=TemporalSettings(flow=False, fusion=0.8)),
         "1 step, + flow-guided latents and output": base.replace(temporal=TemporalSettings(attention_frames=0)),
         "1 step, all temporal parts": base.replace(temporal=TemporalSettings()),
         "2 steps, per frame": base.replace(steps=2, stream_batch=False),
@@ -113,16 +117,25 @@ def live(engine: Engine, settings: StreamSettings, clip: list, fps: float) -> tu
 
 
 def table(title: str, engine: Engine, configs: dict[str, StreamSettings], size: int, n: int,
-          live_fps: float) -> None:
+          live_fps: float, rounds: int) -> None:
+    """Each configuration `rounds` times, round-robin (so a slow spell of a shared machine
+    hits every configuration alike); medians, with the throughput's range."""
     clip = frames(size, n)
-    print(f"\n{title}")
-    print("| configuration | throughput fps | live: input fps | latency ms (median) | latency frames | dropped |")
+    runs: dict[str, list] = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, settings in configs.items():
+            fps = throughput(engine, settings, clip, warmup=min(8, n // 4))
+            pace = min(live_fps, 0.8 * fps)
+            runs[name].append((fps, pace) + live(engine, settings, clip, pace))
+    print(f"\n{title}, median of {rounds} rounds")
+    print("| configuration | throughput fps [min-max] | live: input fps | latency ms (median) | latency frames "
+          "| dropped |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for name, settings in configs.items():
-        fps = throughput(engine, settings, clip, warmup=min(8, n // 4))
-        pace = min(live_fps, 0.8 * fps)
-        latency, _, dropped, lag = live(engine, settings, clip, pace)
-        print(f"| {name} | {fps:.1f} | {pace:.1f} | {latency:.0f} | {lag} | {dropped}/{len(clip)} |", flush=True)
+    for name, results in runs.items():
+        fps = sorted(r[0] for r in results)
+        pace, latency, dropped = (statistics.median(r[i] for r in results) for i in (1, 2, 4))
+        print(f"| {name} | {statistics.median(fps):.1f} [{fps[0]:.1f}-{fps[-1]:.1f}] | {pace:.1f} | {latency:.0f} | "
+              f"{results[0][5]} | {dropped:.0f}/{len(clip)} |", flush=True)
 
 
 def many_streams(engine: Engine, settings: StreamSettings, size: int, n: int, counts=(1, 2, 4)) -> None:
@@ -157,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--live-fps", type=float, default=30.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each configuration (medians)")
     parser.add_argument("--sd-turbo", action="store_true", help="also SD-Turbo's architecture at 512x512 (CUDA)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -165,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"livestyle engine, torch {torch.__version__}, {name}")
     with Engine(lambda: load_demo(device), device) as engine:
         table(f"demo model, {args.size}x{args.size}, {device}", engine, demo_configs(args.size), args.size,
-              args.frames, args.live_fps)
+              args.frames, args.live_fps, args.rounds)
         many_streams(engine, StreamSettings(size=(args.size, args.size)), args.size, args.frames // 2)
     if args.sd_turbo:
         if device != "cuda":
@@ -174,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype = torch.float16
             with Engine(lambda: sd_turbo_pipeline(device, dtype), device, dtype) as engine:
                 table("SD-Turbo architecture (random weights), 512x512, fp16, cuda", engine, sd_configs(), 512,
-                      args.frames, args.live_fps)
+                      args.frames, args.live_fps, args.rounds)
     return 0
 
 

@@ -35,6 +35,7 @@ NOISE = 0.01  # per-pixel sensor noise (std, on [0,1]), as training/evaluate_dem
 CONFIGS = {
     "all off": TemporalSettings.off(),
     "cached attention (2 frames)": TemporalSettings(attention_frames=2, flow=False),
+    "cached attention + feature fusion (0.8)": TemporalSettings(attention_frames=2, fusion=0.8, flow=False),
     "flow-guided latents": TemporalSettings(attention_frames=0, flow=True, output_blend=0.0),
     "flow-guided output": TemporalSettings(attention_frames=0, flow=True, flow_blend=0.0),
     "all on (default)": TemporalSettings(),

@@ -227,8 +227,8 @@ def _settings(args: argparse.Namespace, preset, size: tuple[int, int]):
 
     on = preset.temporal if args.temporal is None else args.temporal
     temporal = TemporalSettings() if on else TemporalSettings.off()
-    finer = {"attention_frames": args.cache_frames, "flow": args.flow, "flow_blend": args.flow_blend,
-             "output_blend": args.output_blend, "similarity": args.skip_similar}
+    finer = {"attention_frames": args.cache_frames, "fusion": args.fusion, "flow": args.flow,
+             "flow_blend": args.flow_blend, "output_blend": args.output_blend, "similarity": args.skip_similar}
     temporal = dataclasses.replace(temporal, **{k: v for k, v in finer.items() if v is not None})
     changes = {"style": args.style, "prompt": args.prompt, "negative": args.negative, "strength": args.strength,
                "steps": args.steps, "seed": args.seed, "guidance": args.guidance,
@@ -465,6 +465,8 @@ def _add_run(sub) -> None:
     temporal.add_argument("--temporal", action=argparse.BooleanOptionalAction, default=None,
                           help="all temporal parts on or off (default: the preset's)")
     temporal.add_argument("--cache-frames", type=int, help="past frames in the cached self-attention, 0 = off")
+    temporal.add_argument("--fusion", type=float,
+                          help="feature fusion strength in [0, 1) over the cached frames (StreamV2V uses 0.8), 0 = off")
     temporal.add_argument("--flow", action=argparse.BooleanOptionalAction, default=None,
                           help="flow-guided latent propagation")
     temporal.add_argument("--flow-blend", type=float, help="share of the warped previous latent, in [0, 1)")

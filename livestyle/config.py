@@ -176,6 +176,8 @@ class TemporalSettings:
 
     attention_frames: past frames in the U-Net's cached self-attention (StreamV2V's
         feature bank), 0 = off.
+    fusion: StreamV2V's feature fusion strength in [0, 1) (it uses 0.8): attention outputs
+        pulled toward their nearest banked ones; 0 = off. Needs attention_frames.
     flow: flow-guided latent propagation (warp the previous output latent along the
         optical flow of the inputs, blend it in where a forward-backward check trusts it).
     flow_blend: the share of the warped previous output latent where the flow is fully
@@ -187,6 +189,7 @@ class TemporalSettings:
     """
 
     attention_frames: int = 2
+    fusion: float = 0.0
     flow: bool = True
     flow_blend: float = 0.5
     output_blend: float = 0.5
@@ -199,6 +202,8 @@ class TemporalSettings:
     def __post_init__(self):
         if not 0 <= self.attention_frames <= 8:
             raise SettingsError(f"attention_frames = {self.attention_frames}: must be 0 to 8")
+        if not 0.0 <= self.fusion < 1.0:
+            raise SettingsError(f"fusion = {self.fusion}: must be in [0, 1) (0 = off)")
         if not 0.0 <= self.flow_blend < 1.0:
             raise SettingsError(f"flow_blend = {self.flow_blend}: must be in [0, 1)")
         if not 0.0 <= self.output_blend < 1.0:

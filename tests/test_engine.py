@@ -404,3 +404,15 @@ def test_a_model_that_fails_to_load_raises_in_the_callers_thread():
 
     with pytest.raises(CheckpointError, match="truncated"):
         Engine(broken)
+
+
+def test_feature_fusion_is_a_temporal_switch(demo):
+    frames = clip(5)
+    base = TemporalSettings(flow=False)
+    plain = arrays(run(demo, StreamSettings(size=(64, 48), temporal=base), frames))
+    fused = arrays(run(demo, StreamSettings(size=(64, 48), temporal=TemporalSettings(flow=False, fusion=0.8)),
+                       frames))
+    assert np.abs(fused[0] - plain[0]).max() <= 1  # nothing banked for the first frame
+    assert np.abs(fused - plain).max() >= 1 and fused.shape == plain.shape
+    with pytest.raises(SettingsError, match="fusion"):
+        TemporalSettings(fusion=1.0)

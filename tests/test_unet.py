@@ -348,3 +348,33 @@ def test_rows_view_and_temporal_batch_equal_separate_caches(tiny_unet):
     assert pair.filled.tolist() == [True, True] and pair.keys[0][1].abs().sum() == 0  # row 1 never written
     with pytest.raises(ValueError, match="one frame count"):
         TemporalBatch([(first, 1), (TemporalCache.for_unet(tiny_unet, batch=1, latent_hw=HW, frames=3), 1)])
+
+
+def test_feature_fusion_pulls_tokens_to_their_nearest_banked_output():
+    cache = TemporalCache([(3, 4)], batch=1, frames=2, fusion=0.5)
+    first = torch.tensor([[[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]]])  # (1, 3, 4)
+    assert torch.equal(cache.fuse(0, first), first)  # nothing banked yet: unchanged
+    cache.advance()
+    current = torch.tensor([[[0, 2.0, 0, 0],        # same direction as banked token 1: fused
+                             [0, 0, 0, 1.0],        # like nothing banked: kept
+                             [0.1, 0, 1.0, 0]]])    # cosine 0.995 with token 2: fused
+    fused = cache.fuse(0, current)
+    assert torch.allclose(fused[0, 0], torch.tensor([0, 1.5, 0, 0]))
+    assert torch.equal(fused[0, 1], current[0, 1])
+    assert torch.allclose(fused[0, 2], torch.tensor([0.05, 0, 1.0, 0]))
+    cache.reset()
+    assert torch.equal(cache.fuse(0, current), current)  # reset: nothing to fuse with
+    big = TemporalCache([(2048, 4)], batch=1, frames=1, fusion=0.5)
+    assert big.outputs == [None]  # fine layers are not fused
+
+
+@torch.no_grad()
+def test_feature_fusion_in_the_unet(tiny_unet):
+    (xa, t, c), (xb, _, _) = frames(tiny_unet, 2, seed=13)
+    plain = TemporalCache.for_unet(tiny_unet, batch=2, latent_hw=HW, frames=2)
+    fused = TemporalCache.for_unet(tiny_unet, batch=2, latent_hw=HW, frames=2, fusion=0.8)
+    for cache in (plain, fused):
+        tiny_unet(xa, t, c, temporal=cache)
+        cache.advance()
+    # the same frame again: every token's nearest banked output is itself, so nothing moves
+    assert (tiny_unet(xa, t, c, temporal=fused) - tiny_unet(xa, t, c, temporal=plain)).abs().max() <= 1e-4

@@ -18,6 +18,13 @@ a CUDA graph. Batch rows are independent: row b only ever sees row b's past.
 
 Per frame: U-Net forward (each layer calls `extend_and_store`), then `advance()`.
 
+Optional feature fusion (StreamV2V's "dynamic feature fusion"): with `fusion` > 0 the
+cache also banks each layer's attention output, and `fuse` pulls every output token
+toward its most similar banked output token (cosine similarity above FUSION_THRESHOLD),
+by `fusion`. Only layers of at most FUSION_MAX_TOKENS tokens take part: the low
+resolutions, as StreamV2V fuses in the mid and first up blocks (the similarity matrix
+grows with tokens squared).
+
 `rows(start, stop)` is a view of some batch rows (one denoising slot of a stream run
 step by step); `TemporalBatch` joins the caches of several streams, and rows that keep
 no bank (a guidance row), into one object for one batched U-Net call.
@@ -28,30 +35,44 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from livestyle.models.unet import UNet
+
+
+FUSION_THRESHOLD = 0.98  # StreamV2V's: only a near-identical banked token is fused
+FUSION_MAX_TOKENS = 1024  # layers with more tokens (finer than 32x32) are not fused
 
 
 class TemporalCache:
     """Preallocated ring buffers of self-attention keys/values for the last `frames` frames."""
 
     def __init__(self, shapes: list[tuple[int, int]], batch: int, frames: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
-        """shapes: (tokens, channels) per self-attention layer, indexed like Attention.layer_index."""
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 fusion: float = 0.0):
+        """shapes: (tokens, channels) per self-attention layer, indexed like Attention.layer_index.
+        fusion: feature fusion strength in [0, 1); 0 banks no outputs."""
         if frames < 1:
             raise ValueError(f"TemporalCache needs at least 1 frame, got {frames}")
+        if not 0.0 <= fusion < 1.0:
+            raise ValueError(f"TemporalCache fusion must be in [0, 1), got {fusion}")
         self.frames = frames
         self.keys = [torch.zeros(batch, frames, L, C, device=device, dtype=dtype) for L, C in shapes]
         self.values = [torch.zeros(batch, frames, L, C, device=device, dtype=dtype) for L, C in shapes]
+        self.fusion = fusion
+        # outputs[i] (B, N, L, C) for the fused layers, None for the others
+        self.outputs = [torch.zeros(batch, frames, L, C, device=device, dtype=dtype)
+                        if fusion and L <= FUSION_MAX_TOKENS else None for L, C in shapes]
         self.filled = torch.zeros(frames, dtype=torch.bool, device=device)
         self.write_index = torch.zeros(1, dtype=torch.long, device=device)
 
     @classmethod
     def for_unet(cls, unet: UNet, batch: int, latent_hw: tuple[int, int], frames: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> TemporalCache:
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 fusion: float = 0.0) -> TemporalCache:
         """A cache for `unet` run on (batch, C, h, w) latents with latent_hw = (h, w)."""
-        return cls(unet.self_attention_shapes(latent_hw), batch, frames, device, dtype)
+        return cls(unet.self_attention_shapes(latent_hw), batch, frames, device, dtype, fusion)
 
     def extend_and_store(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Keys/values of the current frame followed by the bank's; then bank the current ones.
@@ -77,6 +98,25 @@ class TemporalCache:
         bank_v.index_copy_(1, self.write_index, v.detach()[:, None].to(bank_v.dtype))
         return k_all, v_all, mask
 
+    def fuse(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """The attention output of layer `layer` for the current frame, (B, L, C), with each
+        token moved by `fusion` toward its nearest banked output token where their cosine
+        similarity exceeds FUSION_THRESHOLD; then the output (as computed) is banked.
+        Layers without an output bank return `out` unchanged."""
+        bank = self.outputs[layer]
+        if bank is None:
+            return out
+        B, N, L, C = bank.shape
+        past = bank.view(B, N * L, C).to(out.dtype)
+        sim = F.normalize(out, dim=-1) @ F.normalize(past, dim=-1).transpose(1, 2)  # (B, L, N*L)
+        valid = self.filled[:, None].expand(N, L).reshape(N * L)  # (N*L,)
+        sim = sim.masked_fill(~valid, -2.0)  # never-written slots are never nearest
+        best, index = sim.max(dim=-1)  # (B, L)
+        nearest = past.gather(1, index[..., None].expand(B, L, C))  # (B, L, C)
+        weight = self.fusion * (best > FUSION_THRESHOLD).to(out.dtype)[..., None]  # (B, L, 1)
+        bank.index_copy_(1, self.write_index, out.detach()[:, None].to(bank.dtype))
+        return out + weight * (nearest - out)
+
     def rows(self, start: int, stop: int) -> TemporalCache:
         """A cache over batch rows [start, stop) that shares this one's buffers and ring
         position: writes through it land here; `advance()` on either moves both."""
@@ -84,6 +124,8 @@ class TemporalCache:
         view.frames = self.frames
         view.keys = [k[start:stop] for k in self.keys]
         view.values = [v[start:stop] for v in self.values]
+        view.fusion = self.fusion
+        view.outputs = [o[start:stop] if o is not None else None for o in self.outputs]
         view.filled, view.write_index = self.filled, self.write_index
         return view
 
@@ -141,3 +183,12 @@ class TemporalBatch:
             raise ValueError(f"TemporalBatch covers {start} rows, the U-Net batch has {B}")
         mask = torch.cat(masks)[:, None, None]  # (B, 1, 1, L + N*L): broadcasts over heads and queries
         return torch.cat(ks), torch.cat(vs), mask
+
+    def fuse(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """As TemporalCache.fuse, part by part; rows with no bank are left as they are."""
+        pieces, start = [], 0
+        for cache, n in self.parts:
+            piece = out[start:start + n]
+            start += n
+            pieces.append(piece if cache is None else cache.fuse(layer, piece))
+        return torch.cat(pieces)

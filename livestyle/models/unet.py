@@ -237,8 +237,10 @@ class Attention(nn.Module):
         # (B, *, C) -> (B, heads, *, C / heads)
         q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, L, C / heads)
-        out = out.transpose(1, 2).reshape(B, L, C)
-        return self.to_out[0](out)
+        out = self.to_out[0](out.transpose(1, 2).reshape(B, L, C))
+        if temporal is not None:
+            out = temporal.fuse(self.layer_index, out)  # optional feature fusion (temporal.py)
+        return out
 
 
 class GEGLU(nn.Module):

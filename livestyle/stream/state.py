@@ -57,8 +57,8 @@ class Tag:
 
 def layout(settings: StreamSettings, steps: int) -> tuple:
     """The settings that fix the shapes of a stream's buffers: changing one means new buffers."""
-    return (settings.size, steps, settings.stream_batch, settings.temporal.attention_frames, settings.guidance,
-            settings.seed)
+    return (settings.size, steps, settings.stream_batch, settings.temporal.attention_frames,
+            settings.temporal.fusion, settings.guidance, settings.seed)
 
 
 class StreamState:
@@ -79,7 +79,8 @@ class StreamState:
         self.renoise = torch.cat([self.noise[1:], self.noise[:1]])  # row k re-noises towards step k + 1
         self.steps_index = torch.arange(S, device=device)
         frames = settings.temporal.attention_frames
-        self.cache = TemporalCache.for_unet(unet, S, shape[-2:], frames, device, dtype) if frames else None
+        self.cache = (TemporalCache.for_unet(unet, S, shape[-2:], frames, device, dtype, settings.temporal.fusion)
+                      if frames else None)
         self.timestep_cond = None
         if unet.config.time_cond_proj_dim:  # full LCM checkpoints take the guidance scale as an input
             w_embed = torch.tensor([settings.guidance_scale - 1.0])
