@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sd-turbo", action="store_true", help="also SD-Turbo's architecture at 512x512 (CUDA)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    cv2.setNumThreads(1)  # as the livestyle command does (cli.main)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {args.threads} threads"
     print(f"livestyle engine, torch {torch.__version__}, {name}")

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    cv2.setNumThreads(1)  # as the livestyle command does (cli.main)
     data = clips(args.size, args.clips, args.frames)
     print(f"{len(data)} clips of {args.frames} frames at {args.size}x{args.size} ({', '.join(HELD_OUT)}), "
           f"noise {NOISE}, styles {args.styles}, {args.threads} threads")

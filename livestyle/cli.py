@@ -532,10 +532,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # OpenCV's own warnings (a camera probe) would bury our one-line errors
-        import cv2
+    import cv2
 
+    if not args.verbose:  # OpenCV's own warnings (a camera probe) would bury our one-line errors
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    # OpenCV's own thread pool (the engine's flow and resizes are small calls) competes
+    # with torch's on the engine thread: on 2 cores one OpenCV thread made the engine
+    # 10-15% faster (benchmarks/stream_speed.py does the same).
+    cv2.setNumThreads(1)
     try:
         return args.func(args)
     except LivestyleError as e:
