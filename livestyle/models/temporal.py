@@ -129,10 +129,6 @@ class TemporalCache:
         view.filled, view.write_index = self.filled, self.write_index
         return view
 
-    @property
-    def batch(self) -> int:
-        return self.keys[0].shape[0] if self.keys else 0
-
     def advance(self) -> None:
         """Mark the slot just written as filled and move on to the next (oldest) slot."""
         self.filled.index_fill_(0, self.write_index, True)

@@ -377,7 +377,7 @@ class Engine:
                 z0 = z0s[id(s)]
                 state.newest, state.last_z0 = tag, z0
                 if state.plan.prior_at_start:
-                    z0 = self._prior(state, tag, z0, state.settings.temporal.flow_blend)
+                    z0 = self._prior(state, tag, z0)
             runs.append((s, self._denoise(state, z0, tag)))
         finished = self._drive(runs)
         self._finish([(s, tag, den) for s, (tag, den) in finished if tag.emit])
@@ -482,9 +482,10 @@ class Engine:
             tag.motion = (previous, state.flow.motion(previous.grey, tag.grey))
         return tag.motion[1]
 
-    def _prior(self, state: StreamState, tag: Tag, z: torch.Tensor, blend: float) -> torch.Tensor:
+    def _prior(self, state: StreamState, tag: Tag, z: torch.Tensor) -> torch.Tensor:
         """z with the previous output latent blended in along the motion (flow-guided latents)."""
         temporal = state.settings.temporal
+        blend = temporal.flow_blend
         if not temporal.flow or blend == 0 or state.previous_latent is None:
             return z
         motion = self._motion(state, tag)
@@ -501,7 +502,7 @@ class Engine:
         for s, tag, z in done:
             state = s.state
             if not state.plan.prior_at_start:
-                z = self._prior(state, tag, z, state.settings.temporal.flow_blend)
+                z = self._prior(state, tag, z)
             state.previous_latent = z
             latents.append(z)
         images = self.pipe.autoencoder.decode(torch.cat(latents))  # (B, 3, h, w)
