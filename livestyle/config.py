@@ -9,6 +9,7 @@ when read: an unknown key or a bad value names the file, the key and what is all
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,17 @@ DEFAULT_PRESET = "starry-night"
 
 class PresetError(LivestyleError):
     """A preset file that cannot be used as written."""
+
+
+MAX_PRESET_BYTES = 64 * 1024  # a preset is a few lines; this refuses a wrong path (a video, a log) quickly
+MAX_TEXT = 2000  # characters in a style, prompt or description: CLIP reads 77 tokens, a message quotes it
+SEED_RANGE = 2**63  # torch.Generator.manual_seed takes a signed 64-bit seed
+
+
+def shown(value, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters, so an error line stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def user_preset_dir() -> Path:
@@ -69,9 +81,13 @@ def parse_preset(data: dict, source: str, name: str) -> Preset:
         if kind is float and type(value) is int:
             value = float(value)
         if type(value) is not kind:  # exact: TOML's true is not an int here
-            raise PresetError(f"{source}: {key} = {value!r} is not a {kind.__name__}")
+            raise PresetError(f"{source}: {key} = {shown(value)} is not a {kind.__name__}")
+        if kind is str and len(value) > MAX_TEXT:
+            raise PresetError(f"{source}: {key} is {len(value)} characters long (at most {MAX_TEXT})")
         values[key] = value
     preset = Preset(**values)
+    if not 0 <= preset.seed < SEED_RANGE:
+        raise PresetError(f"{source}: seed = {preset.seed} is outside 0 to 2**63 - 1")
     if not 0.0 <= preset.strength <= 1.0:
         raise PresetError(f"{source}: strength = {preset.strength} is outside 0 to 1")
     if not 1 <= preset.steps <= 4:
@@ -85,11 +101,18 @@ def load_preset(path: str | Path) -> Preset:
     """Read and check one preset file."""
     path = Path(path)
     try:
+        if not path.is_file():  # a folder, a device or a FIFO would be read forever or fail oddly
+            raise FileNotFoundError(path)
+        if path.stat().st_size > MAX_PRESET_BYTES:
+            raise PresetError(f"{path}: {path.stat().st_size} bytes is too large for a preset "
+                              f"(at most {MAX_PRESET_BYTES})")
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PresetError(f"{path}: no such preset file") from None
+    except PermissionError:
+        raise PresetError(f"{path}: cannot read this preset file (permission denied)") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise PresetError(f"{path}: not valid TOML ({e})") from None
+        raise PresetError(f"{path}: not valid TOML ({str(e).splitlines()[0][:200]})") from None
     return parse_preset(data, str(path), path.stem)
 
 
@@ -106,7 +129,7 @@ def find_preset(name_or_path: str) -> Preset:
         return load_preset(name_or_path)
     files = preset_files()
     if name_or_path not in files:
-        raise PresetError(f"unknown preset {name_or_path!r} (known: {', '.join(files) or 'none'})")
+        raise PresetError(f"unknown preset {shown(name_or_path)} (known: {', '.join(files) or 'none'})")
     return load_preset(files[name_or_path])
 
 
@@ -164,10 +187,64 @@ def find_model(name_or_path: str) -> Path:
 # -- Stream settings -----------------------------------------------------------------------
 
 GUIDANCE = ("none", "full", "self", "initialize")
+MIN_SIDE = 16  # processing sides: the optical flow and the U-Net's downsampling need this much
+MAX_SIDE = 4096  # and at most this: 4096x4096 is 16x SD's 1024 px training; memory is checked per device
+MAX_GUIDANCE_SCALE = 50.0  # CFG beyond this only saturates (diffusers' examples stay under 20)
 
 
 class SettingsError(LivestyleError):
     """A stream setting out of range; the message names the field and what is allowed."""
+
+
+def style_blend(text: str) -> str | dict[str, float]:
+    """"starry-night" -> the name; "a:0.7, b:0.3" -> {"a": 0.7, "b": 0.3} (a blend).
+
+    Raises SettingsError for what no model takes: an empty name, a weight that is not a
+    finite number >= 0, or weights that sum to 0 (whether the names exist is the model's
+    to say).
+    """
+    if ":" not in text:
+        if not text.strip():
+            raise SettingsError("style: empty (a style name, or weighted names \"a:0.7, b:0.3\")")
+        return text.strip()
+    blend = {}
+    for part in text.split(","):
+        name, _, weight = part.partition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            raise SettingsError(f"style {shown(text)}: {shown(part.strip())} is not NAME:WEIGHT") from None
+        if not name.strip():
+            raise SettingsError(f"style {shown(text)}: {shown(part.strip())} has no style name")
+        if not math.isfinite(value) or value < 0:
+            raise SettingsError(f"style {shown(text)}: the weight of {name.strip()!r} must be a finite number >= 0")
+        blend[name.strip()] = value
+    if sum(blend.values()) <= 0:
+        raise SettingsError(f"style {shown(text)}: the weights must have a positive sum")
+    return blend
+
+
+def _check_types(config) -> None:
+    """Each field of a frozen settings dataclass has its declared kind (values from JSON or
+    TOML arrive as anything): bools are bools, ints are ints (not bools), floats are finite
+    numbers (an int is taken, and stored as a float), tuples hold ints."""
+    for field in dataclasses.fields(config):
+        value, kind = getattr(config, field.name), type(field.default)
+        if kind is float and type(value) is int:
+            object.__setattr__(config, field.name, float(value))  # frozen: set once, in __post_init__
+            value = float(value)
+        if kind is tuple:
+            ok = type(value) is tuple and all(type(v) is int for v in value)
+        else:
+            ok = type(value) is kind or (kind.__module__ == __name__ and isinstance(value, kind))
+        if not ok:
+            raise SettingsError(f"{field.name} = {shown(value)}: must be {_KIND_NAMES.get(kind, kind.__name__)}")
+        if kind is float and not math.isfinite(value):
+            raise SettingsError(f"{field.name} = {value}: must be a finite number")
+
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               tuple: "a tuple of integers"}
 
 
 @dataclass(frozen=True)
@@ -200,6 +277,7 @@ class TemporalSettings:
         return cls(attention_frames=0, flow=False, similarity=0.0)
 
     def __post_init__(self):
+        _check_types(self)
         if not 0 <= self.attention_frames <= 8:
             raise SettingsError(f"attention_frames = {self.attention_frames}: must be 0 to 8")
         if not 0.0 <= self.fusion < 1.0:
@@ -245,9 +323,11 @@ class StreamSettings:
     temporal: TemporalSettings = TemporalSettings()
 
     def __post_init__(self):
+        _check_types(self)
         w, h = self.size
-        if w <= 0 or h <= 0 or w % 8 or h % 8:
-            raise SettingsError(f"size = {w}x{h}: width and height must be positive multiples of 8")
+        if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE) or w % 8 or h % 8:
+            raise SettingsError(f"size = {w}x{h}: width and height must be multiples of 8 from {MIN_SIDE} "
+                                f"to {MAX_SIDE}")
         if not 0.0 <= self.strength <= 1.0:
             raise SettingsError(f"strength = {self.strength}: must be between 0 and 1")
         if not 1 <= self.steps <= 4:
@@ -255,10 +335,16 @@ class StreamSettings:
         if len(self.timesteps) > 4 or any(not 0 <= t < 1000 for t in self.timesteps) \
                 or list(self.timesteps) != sorted(self.timesteps, reverse=True):
             raise SettingsError(f"timesteps = {self.timesteps}: 1 to 4 decreasing values in [0, 1000)")
+        if not 0 <= self.seed < SEED_RANGE:
+            raise SettingsError(f"seed = {self.seed}: must be 0 to 2**63 - 1")
         if self.guidance not in GUIDANCE:
-            raise SettingsError(f"guidance = {self.guidance!r}: must be one of {', '.join(GUIDANCE)}")
-        if self.guidance_scale < 0:
-            raise SettingsError(f"guidance_scale = {self.guidance_scale}: must be >= 0")
+            raise SettingsError(f"guidance = {shown(self.guidance)}: must be one of {', '.join(GUIDANCE)}")
+        if not 0.0 <= self.guidance_scale <= MAX_GUIDANCE_SCALE:
+            raise SettingsError(f"guidance_scale = {self.guidance_scale}: must be 0 to {MAX_GUIDANCE_SCALE}")
+        for name in ("style", "prompt", "negative"):
+            if len(getattr(self, name)) > MAX_TEXT:
+                raise SettingsError(f"{name} is {len(getattr(self, name))} characters long (at most {MAX_TEXT})")
+        style_blend(self.style)  # a blend the style code would refuse is refused here, naming it
 
     @classmethod
     def from_preset(cls, preset: Preset, size: tuple[int, int] = (256, 256), **changes) -> StreamSettings:
@@ -278,6 +364,10 @@ class StreamSettings:
 
 def processing_size(width: int, height: int, short_side: int = 256) -> tuple[int, int]:
     """A processing size for (width, height) input: the short side at `short_side`, the
-    aspect ratio kept, both rounded to multiples of 8."""
-    scale = short_side / min(width, height)
-    return max(8, round(width * scale / 8) * 8), max(8, round(height * scale / 8) * 8)
+    aspect ratio kept, both rounded to multiples of 8 and kept within MIN_SIDE..MAX_SIDE
+    (a very long, thin frame has its long side capped instead)."""
+    scale = min(short_side / min(width, height), MAX_SIDE / max(width, height))
+    def side(n: int) -> int:
+        return min(MAX_SIDE, max(MIN_SIDE, round(n * scale / 8) * 8))
+    return side(width), side(height)
+
