@@ -515,6 +515,9 @@ class Engine:
                 grid, confidence = sampling_grid(motion, (image.shape[-1], image.shape[-2]), self.device)
                 image = propagate(image, state.previous_image, grid, confidence, temporal.output_blend)
             state.previous_image, state.previous_tag = image, tag
+            # Its motion is spent: kept, it would hold the previous tag, which holds its own
+            # previous one, chaining every frame ever output (~0.3 MB each) to the stream.
+            tag.motion = None
             blended.append(image)
         # The one host sync per call: the frames go back to the host for their sinks.
         rgb = torch.cat(blended).clamp(0, 1).mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
