@@ -10,6 +10,8 @@
     POST /whip ...       WHIP ingest and WHEP playback: see whip.py
 
 Every route but the pages needs the bearer token when the server has one (security.py).
+Every refusal is an HTTP status and one line of JSON, {"error": "..."}, logged as one
+line; an offer's SDP is checked before aiortc reads it (sdp.py).
 Media and model work never run on the event loop: frames move between aiortc and the
 engine through latest-frame slots (tracks.py), and engine calls that may take time run
 on the default executor.
@@ -29,12 +31,13 @@ from pathlib import Path
 
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
-from aiortc import sdp as aiortc_sdp
+from aiortc.exceptions import InvalidAccessError, InvalidStateError, OperationError
 
 from livestyle.config import DEFAULT_PRESET, PresetError, StreamSettings, find_preset, preset_files, processing_size
 from livestyle.errors import LivestyleError
 from livestyle.server import security
-from livestyle.server.controls import ControlError, changes_for, parse_message, preset_by_name, settings_dict
+from livestyle.server.controls import ControlError, Controller, preset_by_name, shown
+from livestyle.server.sdp import PARSE_ERRORS, OfferError, check_offer
 from livestyle.server.sessions import Session, Viewer
 from livestyle.server.tracks import drain, install_encoder
 
@@ -46,8 +49,9 @@ STATIC_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\.(?:html|js|css|svg)")
 SESSION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
 WATCH_INTERVAL = 0.5  # seconds between the watchdog's rounds
-# What aiortc's SDP parser raises on malformed input (some of its checks are asserts).
-SDP_ERRORS = (ValueError, KeyError, IndexError, TypeError, AttributeError, AssertionError)
+# What aiortc raises when an offer that passed check_offer still does not suit it.
+SDP_ERRORS = PARSE_ERRORS + (InvalidAccessError, InvalidStateError, OperationError)
+OFFER_KEYS = ("sdp", "type", "preset", "name")
 DEFAULT_INPUT = (640, 480)  # the processing size's aspect until a session's first frame arrives
 
 
@@ -74,7 +78,7 @@ class ServerSettings:
     bitrate: int = 4_000_000
     ice_servers: tuple[str, ...] = ()
     idle_timeout: float = 3.0
-    connect_timeout: float = 15.0
+    connect_timeout: float = 5.0
     max_viewers: int = 4
 
     def __post_init__(self):
@@ -106,25 +110,11 @@ def ice_server(url: str) -> RTCIceServer:
 
 
 class Refused(Exception):
-    """A request the server turns down: an HTTP status and a one-line reason."""
+    """A request the server turns down: an HTTP status, a one-line reason, extra headers."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status = status
-
-
-def check_offer(sdp: str, wants: str) -> None:
-    """Raise Refused(400) unless `sdp` parses and has a video section that can `wants`
-    ("send" to us, or "receive" from us)."""
-    if not sdp.startswith("v=0"):
-        raise Refused(400, "not an SDP offer (it must start with v=0)")
-    try:
-        parsed = aiortc_sdp.SessionDescription.parse(sdp)
-    except SDP_ERRORS as e:
-        raise Refused(400, f"malformed SDP offer ({type(e).__name__}: {e})") from None
-    directions = {"send": ("sendrecv", "sendonly"), "receive": ("sendrecv", "recvonly")}[wants]
-    if not any(m.kind == "video" and m.direction in directions for m in parsed.media):
-        raise Refused(400, f"the offer has no video section that can {wants} video")
+        self.status, self.headers = status, headers or {}
 
 
 class App:
@@ -140,6 +130,7 @@ class App:
         self.preset = find_preset(settings.preset)  # a bad --preset fails before the server starts
         self.ice_servers = [ice_server(url) for url in settings.ice_servers]
         self.sessions: dict[str, Session] = {}
+        self._controllers: dict[str, Controller] = {}  # by session id: camera sessions' control channels
         self._tasks: set[asyncio.Task] = set()
 
     # -- The aiohttp application -----------------------------------------------------------
@@ -162,31 +153,47 @@ class App:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler):
-        """Host check, token, same-origin rule and body size, before any handler runs."""
-        token = self.settings.token
-        if not token and not security.host_allowed(request):
-            return web.json_response({"error": f"Host {request.host!r} is not a loopback name: a server "
-                                               "reached under another name needs --token"}, status=403)
-        cors = security.cors_headers(request, token)
-        public = request.method in ("GET", "HEAD") and (request.path in PAGES or request.path.startswith("/static/"))
+        """Host check, token, same-origin rule and body size, before any handler runs; then
+        every refusal or failure as a status and one line of JSON, logged as one line."""
+        cors = security.cors_headers(request, self.settings.token)
         if request.method == "OPTIONS":  # CORS preflight: browsers send it without credentials
             return web.Response(status=204, headers={**cors, "Accept-Post": "application/sdp"})
-        if not public:
-            if token and not security.token_matches(security.bearer(request), token):
-                response = security.unauthorized()
-                response.headers.update(cors)
-                return response
-            if not token and not security.same_origin(request):
-                return web.json_response({"error": "cross-origin requests need a server with --token"}, status=403)
-        if (request.content_length or 0) > security.MAX_BODY_BYTES:
-            return web.json_response({"error": f"request body over {security.MAX_BODY_BYTES} bytes"}, status=413)
+        what = f"{request.method} {request.path[:80]!r}"  # repr: a path cannot break the log line
         try:
+            self._admit(request)
             response = await handler(request)
-        except web.HTTPException as e:
-            e.headers.update(cors)
-            raise
+        except Refused as e:
+            log.info("%s refused (%d): %s", what, e.status, e)
+            response = web.json_response({"error": str(e)}, status=e.status, headers=e.headers)
+        except web.HTTPException as e:  # aiohttp's own: no such route, method not allowed, body too large
+            if e.status < 400:
+                e.headers.update(cors)
+                raise
+            log.info("%s refused (%d): %s", what, e.status, e.reason)
+            headers = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "www-authenticate")}
+            response = web.json_response({"error": (e.text or e.reason).strip().splitlines()[0]}, status=e.status,
+                                         headers=headers)
+        except Exception as e:  # a bug, not the request: the traceback is for whoever fixes it
+            log.exception("%s failed", what)
+            response = web.json_response({"error": f"internal error ({type(e).__name__})"}, status=500)
         response.headers.update(cors)
         return response
+
+    def _admit(self, request: web.Request) -> None:
+        """Raise Refused unless the request may reach a handler (see security.py)."""
+        token = self.settings.token
+        if not token and not security.host_allowed(request):
+            raise Refused(403, f"Host {shown(request.host)} is not a loopback name: a server reached under "
+                               "another name needs --token")
+        public = request.method in ("GET", "HEAD") and (request.path in PAGES or request.path.startswith("/static/"))
+        if not public:
+            if token and not security.token_matches(security.bearer(request), token):
+                raise Refused(401, "a bearer token is required (Authorization: Bearer ...)",
+                              {"WWW-Authenticate": 'Bearer realm="livestyle"'})
+            if not token and not security.same_origin(request):
+                raise Refused(403, "cross-origin requests need a server with --token")
+        if (request.content_length or 0) > security.MAX_BODY_BYTES:
+            raise Refused(413, f"request body over {security.MAX_BODY_BYTES} bytes")
 
     async def _startup(self, _app) -> None:
         self._spawn(self._watch())
@@ -245,26 +252,31 @@ class App:
         return web.json_response({
             "engine": self.engine.stats(),
             "max_sessions": self.settings.max_sessions,
-            "sessions": [s.stats() for s in self.sessions.values()],
+            "sessions": [self.session_stats(s) for s in self.sessions.values()],
         })
 
     async def offer(self, request: web.Request) -> web.Response:
         """The camera page's offer: video both ways and a `control` data channel."""
         if request.content_type != "application/json":
-            return web.json_response({"error": "send JSON (Content-Type: application/json)"}, status=415)
-        try:
-            data = await request.json()
-        except ValueError:
-            return web.json_response({"error": "the body is not JSON"}, status=400)
+            raise Refused(415, "send JSON (Content-Type: application/json)")
+        try:  # our own decoding: aiohttp's would trust the charset the client names
+            data = security.load_json(await request.read(), security.MAX_BODY_BYTES)
+        except security.InputError as e:
+            raise Refused(400, f"the body: {e}") from None
         if not isinstance(data, dict) or data.get("type") != "offer" or not isinstance(data.get("sdp"), str):
-            return web.json_response({"error": 'expected {"sdp": "...", "type": "offer"}'}, status=400)
-        try:
-            session, answer = await self.open_session("camera", data["sdp"], data.get("preset"), data.get("name"))
-        except Refused as e:
-            return web.json_response({"error": str(e)}, status=e.status)
+            raise Refused(400, 'expected {"sdp": "...", "type": "offer"}')
+        unknown = [k for k in data if k not in OFFER_KEYS]
+        if unknown:
+            raise Refused(400, f"unknown field {shown(unknown[0])} (known: {', '.join(OFFER_KEYS)})")
+        session, answer = await self.open_session("camera", data["sdp"], data.get("preset"), data.get("name"))
         return web.json_response({"sdp": answer, "type": "answer", "session": session.id, "label": session.label})
 
     # -- Sessions ---------------------------------------------------------------------------------
+
+    def session_stats(self, session: Session) -> dict:
+        """A session's figures, with its control channel's message counts (camera sessions)."""
+        controller = self._controllers.get(session.id)
+        return {**session.stats(), "control": dict(controller.counts) if controller is not None else None}
 
     def rtc_configuration(self) -> RTCConfiguration:
         """ICE servers from --ice-server only: with none, no STUN or TURN server is contacted."""
@@ -283,14 +295,12 @@ class App:
         kind: "camera" (sends and receives, control channel) or "whip" (sends only).
         Raises Refused: 400 bad offer or preset, 409 name taken, 413 too large, 503 full.
         """
-        if len(sdp) > security.MAX_SDP_BYTES:
-            raise Refused(413, f"SDP over {security.MAX_SDP_BYTES} bytes")
-        check_offer(sdp, "send")
+        _check_sdp(sdp, "send")
         try:
             preset = self.preset if preset_name in (None, "") else preset_by_name(preset_name)
         except ControlError as e:
             raise Refused(400, str(e)) from None
-        name = name or ""
+        name = "" if name is None else name
         if name and (not isinstance(name, str) or not SESSION_NAME.fullmatch(name)):
             raise Refused(400, "a session name is 1 to 32 characters: a-z, 0-9, '-' and '_'")
         if name and any(s.name == name for s in self.sessions.values()):
@@ -309,7 +319,7 @@ class App:
             try:
                 await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             except SDP_ERRORS as e:
-                raise Refused(400, f"unusable SDP offer ({type(e).__name__}: {e})") from None
+                raise Refused(400, f"unusable SDP offer ({type(e).__name__}: {str(e)[:80]})") from None
             session.transceiver = next(t for t in session.pc.getTransceivers() if t.kind == "video")
             if kind == "camera":
                 session.pc.addTrack(session.own_track())
@@ -350,43 +360,20 @@ class App:
                 return
             session.channel = channel
             session.authorized = not self.settings.token
-
-            @channel.on("message")
-            def on_message(data):
-                session.spawn(self.control(session, data))
+            controller = Controller(session, self.engine.family, tuple(self.engine.styles), self.settings.token,
+                                    functools.partial(send, session),
+                                    lambda: self._spawn(self.close_session(session, "wrong token on the control channel")))
+            self._controllers[session.id] = controller
+            channel.on("message", controller.receive)
 
     async def _ingest(self, session: Session, track) -> None:
         await session.ingest(track)
         await self.close_session(session, "its video ended")
 
-    async def control(self, session: Session, data) -> None:
-        """One `control` message: apply it, reply on the channel."""
-        message: dict = {}
-        try:
-            message = parse_message(data)
-            token = self.settings.token
-            if "token" in message:
-                if token and not security.token_matches(str(message["token"]), token):
-                    self._spawn(self.close_session(session, "wrong token on the control channel"))
-                    raise ControlError("wrong token")
-                session.authorized = True
-            if not session.authorized:
-                raise ControlError('send {"token": "..."} first')
-            changes = changes_for(message, self.engine.family, tuple(self.engine.styles))
-            if changes:
-                await session.update(changes)
-            if message.get("reset") is True:
-                await asyncio.get_running_loop().run_in_executor(None, session.stream.reset)
-            reply = {"ok": True, "settings": settings_dict(session.stream.settings)}
-        except LivestyleError as e:
-            reply = {"error": str(e)}
-        if isinstance(message.get("id"), (int, str)):
-            reply["id"] = message["id"]
-        send(session, reply)
-
     async def close_session(self, session: Session, reason: str) -> None:
         """End a session and free its resources (idempotent)."""
         self.sessions.pop(session.id, None)
+        self._controllers.pop(session.id, None)
         await session.close(reason)
 
     def find_viewer(self, viewer_id: str) -> Viewer | None:
@@ -394,9 +381,7 @@ class App:
 
     async def open_viewer(self, session: Session, sdp: str) -> tuple[Viewer, str]:
         """A WHEP viewer of `session` from its (receive-only) offer; returns it and the answer."""
-        if len(sdp) > security.MAX_SDP_BYTES:
-            raise Refused(413, f"SDP over {security.MAX_SDP_BYTES} bytes")
-        check_offer(sdp, "receive")
+        _check_sdp(sdp, "receive")
         if len(session.viewers) >= self.settings.max_viewers:
             raise Refused(503, f"session {session.label} has {self.settings.max_viewers} viewers already")
         viewer = Viewer(session, RTCPeerConnection(self.rtc_configuration()))
@@ -416,7 +401,7 @@ class App:
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             except SDP_ERRORS as e:
-                raise Refused(400, f"unusable SDP offer ({type(e).__name__}: {e})") from None
+                raise Refused(400, f"unusable SDP offer ({type(e).__name__}: {str(e)[:80]})") from None
             viewer.transceiver = next(t for t in pc.getTransceivers() if t.kind == "video")
             pc.addTrack(viewer.track)
             await pc.setLocalDescription(await pc.createAnswer())
@@ -446,9 +431,17 @@ class App:
                         if reason:
                             self._spawn(viewer.close(reason))
                     if rounds % 2 == 0 and session.authorized:
-                        send(session, {"stats": session.stats()})
+                        send(session, {"stats": self.session_stats(session)})
                 except Exception:  # one session's trouble must not stop the watch over the others
                     log.exception("watching session %s", session.label)
+
+
+def _check_sdp(sdp: str, wants: str) -> None:
+    """check_offer, as the HTTP status to answer: 413 too large, 400 anything else wrong."""
+    try:
+        check_offer(sdp, wants)
+    except OfferError as e:
+        raise Refused(413 if len(sdp) > security.MAX_SDP_BYTES else 400, str(e)) from None
 
 
 def send(session: Session, message: dict) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
+import math
 import re
 from urllib.parse import urlsplit
 
@@ -27,12 +29,17 @@ from livestyle.errors import LivestyleError
 MAX_SDP_BYTES = 64 * 1024  # an SDP offer with every codec and candidate is well under 16 KiB
 MAX_BODY_BYTES = 64 * 1024  # any request body: JSON offers carry one SDP
 MAX_CONTROL_BYTES = 4 * 1024  # one `control` data channel message
+MAX_JSON_DEPTH = 4  # our messages are flat objects; deeper nesting is refused before it is looked at
 MIN_TOKEN_CHARS = 12
 LOOPBACK_NAMES = ("localhost", "localhost.")
 
 
 class SecurityError(LivestyleError):
     """A server configuration that would expose the server."""
+
+
+class InputError(LivestyleError):
+    """A request or message from the network that the server refuses; says why in one line."""
 
 
 def is_loopback(host: str) -> bool:
@@ -56,9 +63,18 @@ def check_bind(host: str, token: str) -> None:
                             "(or $LIVESTYLE_TOKEN); without one, bind 127.0.0.1 and use a tunnel")
 
 
-def token_matches(given: str | None, token: str) -> bool:
-    """Constant-time comparison of a presented token with the server's."""
-    return given is not None and hmac.compare_digest(given.encode(), token.encode())
+def token_matches(given, token: str) -> bool:
+    """Constant-time comparison of a presented token with the server's, as bytes.
+
+    given: a header value (aiohttp keeps bytes that are not UTF-8 as surrogate escapes),
+    a value from a JSON message (any type), or None. Anything but the token is False."""
+    if not isinstance(given, str):
+        return False
+    try:
+        presented = given.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): no token has one
+        return False
+    return hmac.compare_digest(presented, token.encode())
 
 
 def bearer(request: web.Request) -> str | None:
@@ -70,6 +86,50 @@ def bearer(request: web.Request) -> str | None:
 def unauthorized() -> web.Response:
     return web.json_response({"error": "a bearer token is required (Authorization: Bearer ...)"}, status=401,
                              headers={"WWW-Authenticate": 'Bearer realm="livestyle"'})
+
+
+# -- JSON from the network ----------------------------------------------------------------------
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as inf
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
+def _not_a_number(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def load_json(data: str | bytes, max_bytes: int, max_depth: int = MAX_JSON_DEPTH):
+    """Parse JSON text from the network; raises InputError naming what is wrong.
+
+    Refused: more than max_bytes (bytes counted as given; text as UTF-8 would be
+    measured by its length), bytes that are not UTF-8, NaN and Infinity (not JSON, but
+    Python's parser takes them), numbers beyond a float, and values nested deeper than
+    max_depth (a scalar is depth 1, {"a": 1} depth 2): a deep array costs nothing to send
+    and recursion to parse, print or compare."""
+    if len(data) > max_bytes:
+        raise InputError(f"JSON of {len(data)} bytes: at most {max_bytes}")
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"not UTF-8 text (byte {e.start})") from None
+    try:
+        value = json.loads(data, parse_float=_finite, parse_constant=_not_a_number)
+    except RecursionError:
+        raise InputError(f"JSON nested more than {max_depth} deep") from None
+    except ValueError as e:  # JSONDecodeError, a huge integer, NaN, 1e999
+        raise InputError(f"not JSON: {str(e)[:80]}") from None
+    level, depth = [value], 0
+    while level:  # breadth first, without recursion
+        depth += 1
+        if depth > max_depth:
+            raise InputError(f"JSON nested more than {max_depth} deep")
+        level = [v for x in level if isinstance(x, (dict, list)) for v in (x.values() if isinstance(x, dict) else x)]
+    return value
 
 
 # -- CORS -----------------------------------------------------------------------------------

@@ -10,7 +10,8 @@
 KEY is a session's secret id or the name its creator gave it (`?name=obs` on the WHIP
 URL), so an OBS Browser Source on /view?session=obs finds the stream again after OBS
 restarts. Errors: 400 malformed SDP or bad preset, 401 token, 404 no such session or
-resource, 409 name in use, 413 body too large, 415 not application/sdp, 503 full.
+resource, 409 name in use, 413 body too large, 415 not application/sdp, 503 full; the
+body of each is one line of JSON, {"error": "..."} (App._guard writes it).
 The server gathers its candidates before answering (no trickle), and offers ICE
 servers in Link headers only when --ice-server configured some.
 """
@@ -31,23 +32,19 @@ def add_routes(router: web.UrlDispatcher, app: App) -> None:
 
     async def whip(request):
         sdp = await _read_sdp(request)
-        try:
-            session, answer = await app.open_session("whip", sdp, request.query.get("preset"),
-                                                     request.query.get("name"))
-        except Refused as e:
-            return _error(e.status, str(e))
+        session, answer = await app.open_session("whip", sdp, request.query.get("preset"), request.query.get("name"))
         return _created(app, f"/whip/{session.id}", answer)
 
     async def whip_delete(request):
         session = app.sessions.get(request.match_info["id"])  # the secret id only, never a name
         if session is None or session.kind != "whip":
-            return _error(404, "no such WHIP session")
+            raise Refused(404, "no such WHIP session")
         await app.close_session(session, "the sender ended it (DELETE)")
         return web.Response(status=200)
 
     async def whip_patch(request):
         if app.sessions.get(request.match_info["id"]) is None:
-            return _error(404, "no such WHIP session")
+            raise Refused(404, "no such WHIP session")
         return web.Response(status=405, headers={"Allow": "DELETE, OPTIONS"},
                             text="this server supports neither trickle ICE nor ICE restarts\n")
 
@@ -55,18 +52,15 @@ def add_routes(router: web.UrlDispatcher, app: App) -> None:
         key = request.match_info.get("key") or request.query.get("session", "")
         session = app.find(key)
         if session is None:
-            return _error(404, "no such session (yet): check ?session=")
+            raise Refused(404, "no such session (yet): check ?session=")
         sdp = await _read_sdp(request)
-        try:
-            viewer, answer = await app.open_viewer(session, sdp)
-        except Refused as e:
-            return _error(e.status, str(e))
+        viewer, answer = await app.open_viewer(session, sdp)
         return _created(app, f"/whep/{viewer.id}", answer)
 
     async def whep_delete(request):
         viewer = app.find_viewer(request.match_info["key"])
         if viewer is None:
-            return _error(404, "no such WHEP viewer")
+            raise Refused(404, "no such WHEP viewer")
         await viewer.close("the player ended it (DELETE)")
         return web.Response(status=200)
 
@@ -83,16 +77,16 @@ def add_routes(router: web.UrlDispatcher, app: App) -> None:
 
 
 async def _read_sdp(request: web.Request) -> str:
-    """The body as SDP text; raises HTTP errors for the wrong type, size or encoding."""
+    """The body as SDP text; raises Refused for the wrong type, size or encoding."""
     if request.content_type != SDP:
-        raise _http(415, f"send the offer as {SDP}")
+        raise Refused(415, f"send the offer as {SDP}")
     body = await request.read()  # aiohttp refuses bodies over client_max_size with 413
     if len(body) > security.MAX_SDP_BYTES:
-        raise _http(413, f"SDP over {security.MAX_SDP_BYTES} bytes")
+        raise Refused(413, f"SDP over {security.MAX_SDP_BYTES} bytes")
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError:
-        raise _http(400, "the SDP is not UTF-8 text") from None
+        raise Refused(400, "the SDP is not UTF-8 text") from None
 
 
 def _created(app: App, location: str, answer: str) -> web.Response:
@@ -106,14 +100,3 @@ def _created(app: App, location: str, answer: str) -> web.Response:
     if links:
         headers["Link"] = ", ".join(links)
     return web.Response(status=201, body=answer.encode(), content_type=SDP, headers=headers)
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.Response(status=status, text=message + "\n")
-
-
-def _http(status: int, message: str) -> web.HTTPException:
-    error = {400: web.HTTPBadRequest, 413: web.HTTPRequestEntityTooLarge, 415: web.HTTPUnsupportedMediaType}[status]
-    if status == 413:
-        return error(max_size=security.MAX_SDP_BYTES, actual_size=0, text=message + "\n")
-    return error(text=message + "\n")
