@@ -16,9 +16,13 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import logging
+import math
 import os
 import platform
+import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,9 +32,29 @@ from livestyle.errors import LivestyleError
 
 log = logging.getLogger("livestyle")
 
+OPEN_TIMEOUT_S = 10.0  # network sources: the default of --timeout
 TEST_SECONDS = 4.0  # the length of the test: clip unless --seconds says otherwise
 FILE_BACKLOG = 8  # frames the file encoder may fall behind before the reader waits
 LIVE_SINKS = ("vcam", "window")
+MAX_INPUT_SIDE = 8192  # --input-size: 8K is the largest camera or test: frame worth asking for
+MAX_UPSCALE = 2  # an explicit --size may be at most this many times the input on a side
+# Memory a processing pixel costs the demo model's engine at fp32 (activations, latents,
+# flow and frame copies), rounded up from the peak RSS of `livestyle run test:` at equal
+# --input-size and --size on the 2-core CPU: 329, 374, 637 and 1039 MB at 64, 512, 1024
+# and 2048 px square, so 335 B/px between 512 and 1024 and 170 B/px from 64 to 2048.
+BYTES_PER_PIXEL = 400
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: the run stops reading, and what was read is restyled and written."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
 
 
 def _torch_dtype(name: str):
@@ -131,6 +155,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from livestyle.models.checkpoint import classify, read_header
 
     path = Path(args.path)
+    if args.path == "demo" and not path.exists():  # the name `run --model demo` takes
+        from livestyle.models.demo import DEMO_MODEL
+
+        path = DEMO_MODEL
     dtype = _torch_dtype(args.dtype)
     if path.is_file():
         kind, what = classify(read_header(path).keys())
@@ -184,9 +212,63 @@ def _output_target(args: argparse.Namespace, preset_name: str) -> tuple[str, str
         return "window", None
     if out == "vcam" or out.startswith("vcam:"):
         return "vcam", out[5:] or None
-    if not is_url(spec) and Path(spec).exists() and Path(out).resolve() == Path(spec).resolve():
-        raise LivestyleError(f"{out}: the output would overwrite the input")
-    return ("images" if is_sequence_pattern(out) else "file"), out
+    if is_sequence_pattern(out):
+        try:
+            first = out % 1
+        except (TypeError, ValueError):
+            raise LivestyleError(f"-o {out}: a numbered-image pattern holds one %d (e.g. frames/%05d.png) "
+                                 "and no other % field (write %% for a percent sign)") from None
+        _refuse_overwriting_input(spec, [first], out)
+        return "images", out
+    if Path(out).is_dir():
+        raise LivestyleError(f"-o {out}: is a folder; name a file in it (e.g. {Path(out) / 'out.mp4'}) "
+                             "or numbered images (frames/%05d.png)")
+    _refuse_overwriting_input(spec, [out], out)
+    return "file", out
+
+
+def _refuse_overwriting_input(spec: str, outputs: list[str], given: str) -> None:
+    """Refuse an output that is the input, or one of its images, under any name: the same
+    file through a symlink, a hard link or another spelling of the path (st_dev + st_ino)."""
+    from livestyle.capture.folder import list_images
+    from livestyle.capture.sources import is_url
+
+    if is_url(spec) or spec.startswith(("test:", "cam:")):
+        return
+    inputs = list_images(spec) if any(c in spec for c in "*?[") or Path(spec).is_dir() else [Path(spec)]
+    existing = [Path(o) for o in outputs if Path(o).exists()]
+    for out in existing:
+        for path in inputs:
+            try:
+                same = os.path.samefile(out, path)
+            except OSError:
+                continue
+            if same:
+                raise LivestyleError(f"-o {given}: {out} is the input {path} (the same file): writing it "
+                                     "would destroy the input; choose another output")
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create `folder` and any missing parents (as `mkdir -p`); returns the folders made,
+    deepest first, so a run that wrote nothing can take them away again."""
+    made = []
+    while not folder.exists():
+        made.append(folder)
+        folder = folder.parent
+    for path in reversed(made):
+        try:
+            path.mkdir()
+        except OSError as e:
+            raise LivestyleError(f"cannot create the output folder {path} ({e.strerror})") from None
+    return made
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # something was written in it: keep it
+            return
 
 
 def _open_sink(kind: str, where: str | None, source, args: argparse.Namespace):
@@ -217,6 +299,11 @@ def _device(args: argparse.Namespace):
     if device.startswith("cuda") and not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no device found"
         raise LivestyleError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, {build})")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise LivestyleError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise LivestyleError("--device mps: Metal (MPS) is not available here")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     return device, _torch_dtype(dtype)
 
@@ -281,41 +368,87 @@ class Progress:
             self.out.flush()
 
 
-def _pump(reader, stream, writer, window, progress: Progress) -> bool:
+def _pump(reader, stream, writer, window, progress: Progress) -> int | None:
     """Wait for the run to end, keeping the window and the progress line alive (main thread).
 
-    Returns False when it was stopped early: Ctrl-C, or the preview window closed.
-    Everything read so far is still restyled and written.
+    Returns None when the input ran to its end, 0 when the preview window was closed, or
+    the signal that stopped it (SIGINT for Ctrl-C, SIGTERM). Everything read so far is
+    still restyled and written.
     """
-    finished = True
+    stopped = None
     try:
         while not reader.join(0.01 if window is not None else 0.1):
             if window is not None and not window.pump():
                 reader.stop()
-                finished = False
+                stopped = 0
             if writer.error is not None:
                 reader.stop()
             stats = stream.stats()
             progress.update(writer.written, stats, stats.dropped + writer.dropped)
         stream.flush()
-    except KeyboardInterrupt:
-        from livestyle.capture.files import OPEN_TIMEOUT_S
-
-        finished = False
+    except KeyboardInterrupt as e:
+        stopped = getattr(e, "signum", signal.SIGINT)
         reader.stop()
-        reader.join(OPEN_TIMEOUT_S + 2)  # a network read in hand ends within its timeout
+        reader.join(reader.timeout + 2)  # a network read in hand ends within its timeout
         stream.flush(timeout=10.0)
     progress.finish()
-    return finished
+    return stopped
+
+
+def _free_memory(device: str) -> int | None:
+    """Bytes the device can still give, or None where that cannot be told."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    if device == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                fields = dict(line.split(":", 1) for line in f)
+            return int(fields["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            pass
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def _check_size(size: tuple[int, int], explicit: bool, info, device: str, dtype) -> None:
+    """Refuse a processing size the device cannot hold, or one far beyond the input, before
+    anything is allocated. The estimate is the demo model's, measured (BYTES_PER_PIXEL): a
+    floor for the wider SD U-Nets, which fail later with the device's own out-of-memory error."""
+    import torch
+
+    w, h = size
+    iw, ih = info.size
+    if explicit and (w > MAX_UPSCALE * iw or h > MAX_UPSCALE * ih):
+        most = f"{min(w, MAX_UPSCALE * iw // 8 * 8)}x{min(h, MAX_UPSCALE * ih // 8 * 8)}"
+        raise LivestyleError(f"--size {w}x{h}: more than {MAX_UPSCALE}x the input's {iw}x{ih} on a side, which "
+                             f"adds no detail at {w * h / (iw * ih):.0f}x the cost of the input's size "
+                             f"(use --size {most} or smaller" + (", or a larger --input-size)" if
+                                                                  info.name.startswith("test:") else ")"))
+    need = w * h * BYTES_PER_PIXEL // (2 if dtype in (torch.float16, torch.bfloat16) else 1)
+    free = _free_memory(device)
+    if free is not None and need > free:
+        raise LivestyleError(f"--size {w}x{h}: needs at least {need / 2**30:.1f} GiB on {device}, "
+                             f"{free / 2**30:.1f} GiB is free; use a smaller --size")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Restyle INPUT into OUTPUT with a preset; prints what was done and the frame rate reached."""
+    """Restyle INPUT into OUTPUT with a preset; prints what was done and the frame rate reached.
+
+    Exit status: 0 when every frame came out; 1 when any frame failed (the engine's error
+    count, or damaged input that was skipped): the frames that came out are kept and one
+    line says how many failed; 2 for an error that ended the run; 128 + the signal (130
+    for Ctrl-C, 143 for SIGTERM) when a file run was stopped (what was done is kept).
+    """
     import torch
 
     from livestyle.capture.sources import open_source
     from livestyle.capture.threads import Reader, RealTime, Writer
-    from livestyle.config import find_model, find_preset, processing_size
+    from livestyle.config import MIN_SIDE, find_model, find_preset, processing_size
     from livestyle.models import load_pipeline
     from livestyle.models.demo import load_demo
     from livestyle.stream.engine import Engine
@@ -324,73 +457,95 @@ def cmd_run(args: argparse.Namespace) -> int:
     model = args.model or preset.model
     model_path = None if model == "demo" else find_model(model)  # a missing model fails before anything opens
     device, dtype = _device(args)
-    with contextlib.ExitStack() as stack:
-        source = stack.enter_context(open_source(args.input, args.input_size, args.fps,
-                                                 args.seconds or TEST_SECONDS))
-        info = source.info
-        # The look is checked before anything is written; the size is settled once the model is known.
-        settings = _settings(args, preset, args.size or processing_size(*info.size, min(256, *info.size)))
-        kind, where = _output_target(args, preset.name)
-        sink = _open_sink(kind, where, source, args)
-        writer = Writer(sink, latest_only=kind in LIVE_SINKS)
-        stack.callback(writer.close)  # last out: the file is finished whatever happens after this
-        # The engine's worker loads the model: all torch work stays on one thread (see Engine).
-        def load():
-            return load_demo(device, dtype) if model_path is None else load_pipeline(model_path, device, dtype)
+    _settings(args, preset, args.size or (256, 256))  # the look's values, checked before anything opens
+    made: list[Path] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            source = stack.enter_context(open_source(args.input, args.input_size, args.fps,
+                                                     args.seconds or TEST_SECONDS, args.timeout))
+            info = source.info
+            if min(info.size) < MIN_SIDE:
+                raise LivestyleError(f"{args.input}: {info.size[0]}x{info.size[1]} frames are too small to "
+                                     f"restyle (at least {MIN_SIDE} px on a side)")
+            # The look is checked before anything is written; the size is settled once the model is known.
+            short_side = min(256 if model_path is None else 512, *info.size)  # small inputs are not upscaled
+            _check_size(args.size or processing_size(*info.size, short_side), args.size is not None, info,
+                        device, dtype)
+            settings = _settings(args, preset, args.size or processing_size(*info.size, min(256, *info.size)))
+            kind, where = _output_target(args, preset.name)
+            if kind in ("file", "images"):
+                made = _make_folder(Path(where).parent)
+            sink = _open_sink(kind, where, source, args)
+            writer = Writer(sink, latest_only=kind in LIVE_SINKS)
+            stack.callback(writer.close)  # last out: the file is finished whatever happens after this
+            # The engine's worker loads the model: all torch work stays on one thread (see Engine).
+            def load():
+                return load_demo(device, dtype) if model_path is None else load_pipeline(model_path, device, dtype)
 
-        engine = stack.enter_context(Engine(load, device=device, dtype=dtype))
-        pipe = engine.pipe
-        short_side = min(256 if pipe.family == "demo" else 512, *info.size)  # small inputs are not upscaled
-        settings = settings.replace(size=args.size or processing_size(*info.size, short_side))
-        if pipe.family != "demo" and not settings.prompt:
-            raise LivestyleError(f"preset {preset.name}: an SD checkpoint needs a prompt "
-                                 '(pass --prompt "..." or use a preset with prompt = "...")')
-        # A file played to a window or virtual camera runs at its own speed, like a player.
-        live = info.live or kind in LIVE_SINKS
-        stream = engine.open_stream(settings, on_output=writer.put, live=live)
-        stack.callback(stream.close)
-        window = sink if kind == "window" else None
-        pace = RealTime() if kind in LIVE_SINKS and not info.live else None
+            engine = stack.enter_context(Engine(load, device=device, dtype=dtype))
+            pipe = engine.pipe
+            short_side = min(256 if pipe.family == "demo" else 512, *info.size)
+            settings = settings.replace(size=args.size or processing_size(*info.size, short_side))
+            if pipe.family != "demo" and not settings.prompt:
+                raise LivestyleError(f"preset {preset.name}: an SD checkpoint needs a prompt "
+                                     '(pass --prompt "..." or use a preset with prompt = "...")')
+            # A file played to a window or virtual camera runs at its own speed, like a player.
+            live = info.live or kind in LIVE_SINKS
+            stream = engine.open_stream(settings, on_output=writer.put, live=live)
+            stack.callback(stream.close)
+            window = sink if kind == "window" else None
+            pace = RealTime() if kind in LIVE_SINKS and not info.live else None
 
-        def wait_for_encoder(frame):  # files: every frame is kept, so the reader waits for a slow encoder
-            writer.wait_for_room(FILE_BACKLOG)
+            def wait_for_encoder(frame):  # files: every frame is kept, so the reader waits for a slow encoder
+                writer.wait_for_room(FILE_BACKLOG)
 
-        w, h = settings.size
+            w, h = settings.size
 
-        def on_frame(frame):
-            if window is not None:
-                window.remember_input(frame)
-            # Down to the processing size here, in one pass with the colour conversion, so the
-            # engine's worker neither converts nor scales; the sinks scale back to the input size.
-            stream.submit(frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA"))
+            def on_frame(frame):
+                if window is not None:
+                    window.remember_input(frame)
+                # Down to the processing size here, in one pass with the colour conversion, so the
+                # engine's worker neither converts nor scales; the sinks scale back to the input size.
+                stream.submit(frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA"))
 
-        audio = kind == "file" and getattr(sink, "audio_out", None) is not None
-        items = source.read(audio=True) if audio else iter(source)
-        seconds = args.seconds if not args.input.startswith("test:") else None
-        total = info.frames
-        if seconds and info.rate:
-            total = min(total or 10**9, round(seconds * info.rate))
-        progress = Progress(total, live=info.live)
-        reader = Reader(items, on_frame, writer.put_audio if audio else None, seconds,
-                        pace if kind in LIVE_SINKS else wait_for_encoder).start()
-        began = time.perf_counter()
-        finished = _pump(reader, stream, writer, window, progress)
-        elapsed = time.perf_counter() - began
-        stats, load = stream.stats(), engine.stats()["load"]
-        if reader.error is not None:
-            raise reader.error
+            audio = kind == "file" and getattr(sink, "audio_out", None) is not None
+            items = source.read(audio=True) if audio else iter(source)
+            seconds = args.seconds if not args.input.startswith("test:") else None
+            total = info.frames
+            if seconds and info.rate:
+                total = min(total or 10**9, round(seconds * info.rate))
+            progress = Progress(total, live=info.live)
+            reader = Reader(items, on_frame, writer.put_audio if audio else None, seconds,
+                            pace if kind in LIVE_SINKS else wait_for_encoder, timeout=args.timeout).start()
+            began = time.perf_counter()
+            stopped = _pump(reader, stream, writer, window, progress)
+            elapsed = time.perf_counter() - began
+            stats, load = stream.stats(), engine.stats()["load"]
+            if reader.error is not None:
+                raise reader.error
+    finally:
+        _remove_if_empty(made)  # folders made for an output that was not written (kept if anything is in them)
     # Here the stream, the engine and the writer are closed: the output is complete.
     target = {"vcam": f"virtual camera {getattr(sink, 'device', '')}".rstrip(), "window": "the window"}.get(kind, where)
     audio_note = f", audio {'copied' if sink.audio_copy else 're-encoded'}" if audio else ""
     print(f"restyled {writer.written} frames ({info.size[0]}x{info.size[1]}) -> {target} with "
           f"{_describe(preset.name, pipe.family, device, settings)}{audio_note}")
     dropped = stats.dropped + writer.dropped
+    damaged = getattr(source, "damaged", 0)
     losses = (f"; {dropped} frames dropped" if dropped else "") + (f"; {stats.errors} failed" if stats.errors else "")
     print(f"{writer.written / elapsed:.1f} fps overall; U-Net {stats.model_ms:.1f} ms/frame, engine busy "
           f"{100 * load:.0f}% of the last 2 s, {torch.get_num_threads()} threads{losses}")
-    if not finished and kind not in LIVE_SINKS and not info.live:  # Ctrl-C is how a camera recording ends
+    file_run = kind not in LIVE_SINKS and not info.live
+    if stopped and file_run:  # Ctrl-C (or SIGTERM) is how a camera recording ends, not a failure
         print(f"livestyle: stopped early; {where} holds the {writer.written} frames done", file=sys.stderr)
-        return 130
+        return 128 + stopped
+    if stats.errors or damaged:
+        held = f"{target} holds the {writer.written} frames that came out" if writer.written else "nothing was written"
+        parts = ([f"{stats.errors} of {stats.frames_in} frames failed in the model"] if stats.errors else []) + \
+                ([f"{damaged} damaged packets of {args.input} were skipped"] if damaged else [])
+        first = f" (first: {stats.first_error})" if getattr(stats, "first_error", None) else ""
+        print(f"livestyle: error: {'; '.join(parts)}{first}; {held}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -404,21 +559,48 @@ def _describe(preset: str, family: str, device: str, settings) -> str:
             f"{settings.steps} step{'s' * (settings.steps > 1)}, temporal {temporal or 'off'}")
 
 
-def _size(text: str) -> tuple[int, int]:
+def _size(text: str, largest: int = MAX_INPUT_SIDE) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"size {text!r} is not WxH, e.g. 256x256") from None
-    if w <= 0 or h <= 0:
-        raise argparse.ArgumentTypeError(f"size {text}: width and height must be positive")
+    if not (0 < w <= largest and 0 < h <= largest):
+        raise argparse.ArgumentTypeError(f"size {text}: width and height must be 1 to {largest}")
     return w, h
 
 
 def _processing_size(text: str) -> tuple[int, int]:
-    w, h = _size(text)
-    if w % 8 or h % 8:
-        raise argparse.ArgumentTypeError(f"size {text}: width and height must be multiples of 8")
+    from livestyle.config import MAX_SIDE, MIN_SIDE
+
+    w, h = _size(text, largest=10**9)
+    if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE) or w % 8 or h % 8:
+        raise argparse.ArgumentTypeError(f"size {text}: width and height must be multiples of 8 from {MIN_SIDE} "
+                                         f"to {MAX_SIDE}")
     return w, h
+
+
+def _number(text: str, what: str, low: float, high: float, low_open: bool = False) -> float:
+    """A finite float in [low, high] (or (low, high] with low_open), for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} {text!r} is not a number") from None
+    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+        raise argparse.ArgumentTypeError(f"{what} {text}: must be {'more than' if low_open else 'from'} "
+                                         f"{low:g} {'and at most' if low_open else 'to'} {high:g}")
+    return value
+
+
+def _fps(text: str) -> float:
+    return _number(text, "fps", 1, 1000)
+
+
+def _seconds(text: str) -> float:
+    return _number(text, "seconds", 0, 10**7, low_open=True)
+
+
+def _timeout(text: str) -> float:
+    return _number(text, "timeout", 0, 3600, low_open=True)
 
 
 def _timesteps(text: str) -> tuple[int, ...]:
@@ -431,9 +613,18 @@ def _timesteps(text: str) -> tuple[int, ...]:
 def _bitrate(text: str) -> int:
     scale = {"k": 10**3, "m": 10**6}.get(text[-1:].lower(), 1)
     try:
-        return round(float(text[:-1] if scale > 1 else text) * scale)
+        value = float(text[:-1] if scale > 1 else text) * scale
     except ValueError:
         raise argparse.ArgumentTypeError(f"bitrate {text!r}: bits per second, e.g. 4M or 800k") from None
+    if not math.isfinite(value) or not 1000 <= value <= 10**9:
+        raise argparse.ArgumentTypeError(f"bitrate {text}: must be 1k to 1000M bits per second")
+    return round(value)
+
+
+def _device_name(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d{1,2})?|mps", text):
+        raise argparse.ArgumentTypeError(f"device {text!r}: cpu, cuda, cuda:N or mps")
+    return text
 
 
 def _add_run(sub) -> None:
@@ -480,18 +671,21 @@ def _add_run(sub) -> None:
     media.add_argument("--size", type=_processing_size, help="processing WxH, multiples of 8 (default: the "
                        "input's aspect with the short side at 256 for the demo model, 512 for SD)")
     media.add_argument("--input-size", type=_size, help="WxH to ask of a camera, or of test: (default 256x256)")
-    media.add_argument("--fps", type=float, help="frame rate to ask of a camera; the rate of test: and image "
+    media.add_argument("--fps", type=_fps, help="frame rate to ask of a camera; the rate of test: and image "
                        "folders (default 24)")
-    media.add_argument("--seconds", "-t", type=float, help="stop after this much input (test: is 4 s long)")
+    media.add_argument("--seconds", "-t", type=_seconds, help="stop after this much input (test: is 4 s long)")
     media.add_argument("--codec", help="video encoder (default libx264; libvpx-vp9 for .webm)")
     media.add_argument("--crf", type=int, default=18, help="encoder quality, lower is better (default 18)")
     media.add_argument("--bitrate", type=_bitrate, help="video bitrate instead of --crf, e.g. 6M")
     media.add_argument("--encoder-preset", default="veryfast", help="x264/x265 speed preset (default veryfast; "
                        "superfast halves the encoding time at 1080p for a larger file)")
     media.add_argument("--no-audio", action="store_true", help="leave the input's audio out")
+    media.add_argument("--timeout", type=_timeout, default=OPEN_TIMEOUT_S, metavar="S",
+                       help=f"network sources: give up when opening or a read stalls this long "
+                            f"(default {OPEN_TIMEOUT_S:g} s)")
     media.add_argument("--side-by-side", action="store_true", help="window: the input left of the output")
     device = run.add_argument_group("device")
-    device.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    device.add_argument("--device", type=_device_name, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     device.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on cuda, fp32 on cpu")
     run.set_defaults(func=cmd_run)
 
@@ -540,6 +734,10 @@ def main(argv: list[str] | None = None) -> int:
     # with torch's on the engine thread: on 2 cores one OpenCV thread made the engine
     # 10-15% faster (benchmarks/stream_speed.py does the same).
     cv2.setNumThreads(1)
+    # SIGTERM (a service manager, `timeout`, `kill`) ends a run as Ctrl-C does: the output is
+    # finished and playable, and the exit status says which signal (128 + 15 = 143).
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if on_main else None
     try:
         return args.func(args)
     except LivestyleError as e:
@@ -548,9 +746,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # unreadable file, permission denied, disk full: the OS says which
         print(f"livestyle: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except MemoryError:
+        print("livestyle: error: out of memory (try a smaller --size)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
         print("livestyle: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

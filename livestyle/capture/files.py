@@ -21,7 +21,7 @@ from livestyle.errors import LivestyleError
 
 log = logging.getLogger(__name__)
 
-OPEN_TIMEOUT_S = 10.0  # network streams: give up opening or reading after this long
+OPEN_TIMEOUT_S = 10.0  # network streams: give up opening, or a read, after this long (the CLI's --timeout)
 
 
 def _describe_streams(container: av.container.InputContainer) -> str:
@@ -49,13 +49,21 @@ class FileSource:
 
     path: a file path or a URL. live: whether frames come at the source's pace (True for
     rtsp and the like); None decides from the container: no known length means live.
+    timeout: seconds a network stream may take to open, or stall in a read, before it
+    fails (LivestyleError from the iteration: a stalled stream is an error, not an end).
     Opening reads up to the first decodable frame, so a file that FFmpeg cannot read, or
     one without video, fails here with a one-line LivestyleError.
+
+    A damaged file is read past its damage: `damaged` counts the packets that could not
+    be decoded and the read errors that ended it early, for the caller to report.
     """
 
-    def __init__(self, path: str | Path, live: bool | None = None):
+    def __init__(self, path: str | Path, live: bool | None = None, timeout: float = OPEN_TIMEOUT_S):
         self.name = str(path)
+        self.timeout = timeout
+        self.damaged = 0
         is_file = "://" not in self.name
+        self.network = not is_file
         if is_file:
             file = Path(path)
             if not file.exists():
@@ -64,15 +72,19 @@ class FileSource:
                 raise LivestyleError(f"{path}: is a folder with no images in it")
             if file.stat().st_size == 0:
                 raise LivestyleError(f"{path}: the file is empty (0 bytes)")
+            if not file.is_file():  # a FIFO or a device would block or read forever
+                raise LivestyleError(f"{path}: not a regular file")
         options = {"rtsp_transport": "tcp"} if self.name.startswith(("rtsp://", "rtsps://")) else {}
         try:
-            self.container = av.open(self.name, options=options, timeout=OPEN_TIMEOUT_S)
+            # (open, read) timeouts: FFmpeg's interrupt callback gives up on a stalled socket.
+            self.container = av.open(self.name, options=options, timeout=(timeout, timeout))
         except av.error.InvalidDataError:
             raise LivestyleError(f"{path}: not a video file FFmpeg can read (invalid data)") from None
         except av.error.FileNotFoundError:
             raise LivestyleError(f"{path}: no such file or stream") from None
-        except (av.FFmpegError, OSError) as e:
-            raise LivestyleError(f"{path}: cannot open ({e})") from None
+        except (av.FFmpegError, OSError, ValueError) as e:
+            why = f"nothing came within {timeout:g} s" if isinstance(e, av.error.ExitError) else e
+            raise LivestyleError(f"{path}: cannot open ({why})") from None
         try:
             self._open_streams(live)
         except BaseException:
@@ -119,8 +131,12 @@ class FileSource:
                 packet = next(packets)
             except StopIteration:
                 break
-            except av.FFmpegError as e:  # a truncated or damaged file: keep what was read
-                log.warning("%s: stopped reading after %d frames: %s", self.name, count, e)
+            except av.FFmpegError as e:
+                if self.network:  # a stalled or dropped stream: an error the run reports, not an end
+                    why = f"no data for {self.timeout:g} s" if isinstance(e, av.error.ExitError) else e
+                    raise LivestyleError(f"{self.name}: the stream stopped after {count} frames ({why})") from None
+                log.debug("%s: stopped reading after %d frames: %s", self.name, count, e)
+                self.damaged += 1  # a truncated or damaged file: keep what was read, and count it
                 break
             if packet.stream.type == "audio":
                 if packet.dts is not None:  # the demuxer's empty flush packet carries no data
@@ -128,8 +144,9 @@ class FileSource:
                 continue
             try:
                 frames = packet.decode()
-            except av.FFmpegError as e:
-                log.warning("%s: skipped a damaged packet at pts %s: %s", self.name, packet.pts, e)
+            except av.FFmpegError as e:  # counted; the caller reports the total in one line
+                log.debug("%s: skipped a damaged packet at pts %s: %s", self.name, packet.pts, e)
+                self.damaged += 1
                 continue
             for frame in frames:
                 if frame.pts is None:  # raw elementary streams carry no timestamps: count frames

@@ -102,7 +102,12 @@ class ImageSequenceSink:
     def write(self, frame: av.VideoFrame) -> None:
         path = self.pattern % (self.frames + 1)
         w, h = self.size
-        if not cv2.imwrite(path, frame.to_ndarray(width=w, height=h, format="bgr24", interpolation="BICUBIC")):
+        try:
+            ok = cv2.imwrite(path, frame.to_ndarray(width=w, height=h, format="bgr24", interpolation="BICUBIC"))
+        except cv2.error:  # an extension OpenCV has no writer for
+            ok = False
+        if not ok:
+            Path(path).unlink(missing_ok=True)  # a full disk leaves part of an image: no corrupt file stays
             raise LivestyleError(f"{path}: cannot write this image")
         self.frames += 1
 

@@ -9,6 +9,12 @@ or Opus for WebM) when it does not.
 A sink is a context manager: leaving it (normally, on an error or on Ctrl-C) flushes
 the encoder and closes the container, so the file is valid and playable up to the
 last frame written. It is used from one thread (the writer thread, see threads.py).
+
+MP4 and MOV are written fragmented (a fragment a second, the movie header after the
+first one), as OBS's fragmented MP4 and live recorders do: a run that cannot finish its
+file (a full disk, a kill) leaves every fragment written before it playable, where a
+plain MP4 without its closing index plays nothing. Matroska and WebM play without
+their closing index as they are.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ log = logging.getLogger(__name__)
 
 # Codecs whose encoder takes a constant rate factor; others get a bitrate.
 CRF_CODECS = {"libx264": "crf", "libx265": "crf", "libvpx-vp9": "crf", "libsvtav1": "crf", "libaom-av1": "crf"}
+# delay_moov: the header waits for the first fragment, so the edit list that hides the
+# encoder's B-frame delay is right and frame times start where the input's do.
+FRAGMENTED = {"movflags": "frag_keyframe+empty_moov+delay_moov", "frag_duration": "1000000"}
 UPSCALE = "BICUBIC"  # restyled frames at the processing size back to the input size (and the colour conversion)
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
@@ -81,13 +90,18 @@ class FileSink:
         self.path = Path(path)
         if not self.path.parent.is_dir():
             raise LivestyleError(f"{self.path}: folder {self.path.parent} does not exist")
+        options = FRAGMENTED if self.path.suffix.lower() in (".mp4", ".m4v", ".mov") else {}
         try:
-            self.container = av.open(str(self.path), mode="w")
-        except (av.FFmpegError, ValueError) as e:
-            raise LivestyleError(f"{self.path}: cannot write this file ({e})") from None
+            self.container = av.open(str(self.path), mode="w", options=options)
+        except (av.FFmpegError, ValueError, OSError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise LivestyleError(f"{self.path}: cannot write this file ({why})") from None
         try:
-            self._add_video(size, time_base, rate, encoding)
-            self._add_audio(audio)
+            try:
+                self._add_video(size, time_base, rate, encoding)
+                self._add_audio(audio)
+            except (av.FFmpegError, ValueError, TypeError) as e:  # e.g. --codec aac: not a video encoder
+                raise LivestyleError(f"{self.path}: cannot set up the encoder ({e})") from None
         except BaseException:
             self.container.close()
             self.path.unlink(missing_ok=True)
@@ -151,8 +165,10 @@ class FileSink:
             packets = self.stream.encode(frame.reformat(width=w, height=h, format=self.stream.pix_fmt,
                                                          interpolation=UPSCALE))
             self.container.mux(packets)
-        except av.FFmpegError as e:
-            raise LivestyleError(f"{self.path}: encoding frame {self.frames} failed ({e})") from None
+        except (av.FFmpegError, OSError) as e:  # a full disk or a file size limit shows here
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise LivestyleError(f"{self.path}: writing frame {self.frames} failed ({why}); the frames "
+                                 "before it are kept") from None
         self._last_pts = frame.pts
         self.frames += 1
 
@@ -180,10 +196,13 @@ class FileSink:
             if self.audio_out is not None and not self.audio_copy:
                 container.mux(self.audio_out.encode(None))
             container.close()  # writes the index: without it an MP4 does not play
-        except av.FFmpegError as e:  # a full disk, a removed drive
-            with contextlib.suppress(av.FFmpegError):
+        except (av.FFmpegError, OSError) as e:  # a full disk, a removed drive
+            with contextlib.suppress(av.FFmpegError, OSError):
                 container.close()
-            raise LivestyleError(f"{self.path}: could not finish the file ({e})") from None
+            if self.frames == 0:
+                self.path.unlink(missing_ok=True)
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise LivestyleError(f"{self.path}: could not finish the file ({why})") from None
         if self.frames == 0:  # nothing was encoded (an error or Ctrl-C before the first frame)
             log.debug("%s: removed, no frame was written", self.path)
             self.path.unlink(missing_ok=True)

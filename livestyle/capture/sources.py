@@ -128,18 +128,19 @@ def camera_index(spec: str) -> int | str | None:
 
 
 def open_source(spec: str, size: tuple[int, int] | None = None, fps: float | None = None,
-                seconds: float = 4.0):
+                seconds: float = 4.0, timeout: float = 10.0):
     """A source from the command line's INPUT (see the module docstring for the forms).
 
     size: (w, h) asked of a camera, or the frame size of test: (default 256x256).
     fps: the frame rate asked of a camera, or the rate of test: and image folders
         (default 24); files keep their own timing.
     seconds: the length of test: (other sources end on their own, or on Ctrl-C).
+    timeout: network sources give up when opening, or a read, stalls this many seconds.
     Raises LivestyleError naming the problem when the input cannot be read.
     """
     # The other sources are imported here because their modules import SourceInfo from this one.
     if spec.startswith("test:"):
-        rate = round(fps or 24)
+        rate = max(1, round(fps or 24))
         return SyntheticSource(spec[5:] or "coffee", size or (256, 256), rate, max(1, round(seconds * rate)))
     camera = camera_index(spec)
     if camera is not None:
@@ -150,7 +151,11 @@ def open_source(spec: str, size: tuple[int, int] | None = None, fps: float | Non
         from livestyle.capture.files import FileSource
 
         scheme = spec.partition("://")[0].lower()
-        return FileSource(spec, live=True if scheme in LIVE_SCHEMES else None)
+        return FileSource(spec, live=True if scheme in LIVE_SCHEMES else None, timeout=timeout)
+    scheme, sep, _ = spec.partition("://")
+    if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):  # ftp://, file://, javascript:// ...
+        raise LivestyleError(f"{spec[:80]}: {scheme}:// is not a source livestyle reads "
+                             f"(URLs: {', '.join(s + '://' for s in URL_SCHEMES)})")
     if any(c in spec for c in "*?[") or Path(spec).is_dir():
         from livestyle.capture.folder import ImageFolderSource
 

@@ -29,14 +29,16 @@ class Reader:
     seconds: stop after this much input time (from the first frame's pts), like ffmpeg's -t.
     pace: called with each frame before it is handed on, and may block: the file path's
         back-pressure (Writer.wait_for_room) or playing a file in real time (RealTime).
+    timeout: the longest one read of `items` may block (a network source's read timeout),
+        so a caller knows how long a stop can take.
     An exception in the source or a callback ends the reading and is kept in `.error`.
     """
 
     def __init__(self, items: Iterable, on_frame: Callable[[av.VideoFrame], None],
                  on_audio: Callable[[av.Packet], None] | None = None, seconds: float | None = None,
-                 pace: Callable[[av.VideoFrame], None] | None = None):
+                 pace: Callable[[av.VideoFrame], None] | None = None, timeout: float = 10.0):
         self.items, self.on_frame, self.on_audio = items, on_frame, on_audio
-        self.seconds, self.pace = seconds, pace
+        self.seconds, self.pace, self.timeout = seconds, pace, timeout
         self.frames = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
