@@ -98,13 +98,18 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
     infos: dict[str, TensorInfo] = {}
     end = 0
     for name, entry in header.items():
+        shown = name if len(name) <= 80 else f"{name[:80]}..."
         try:
             dtype, shape, (begin, stop) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: not a safetensors file (bad header entry for {name!r})") from None
+            raise CheckpointError(f"{path}: not a safetensors file (bad header entry for {shown!r})") from None
+        # JSON can hold anything here: offsets and sizes are checked as whole numbers before any arithmetic.
+        if not all(_whole(v) for v in (begin, stop, *shape)) or not isinstance(dtype, str) or begin > stop:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({shown!r}: dtype, shape and data_offsets "
+                                  "must be a string and non-negative integers)")
         expected = _DTYPE_BYTES.get(dtype, 0) * _numel(shape)
         if dtype in _DTYPE_BYTES and stop - begin != expected:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({name!r} has the wrong byte size)")
+            raise CheckpointError(f"{path}: corrupt safetensors header ({shown!r} has the wrong byte size)")
         infos[name] = TensorInfo(dtype, shape)
         end = max(end, stop)
     data = size - 8 - n
@@ -114,6 +119,10 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
             f"the file has {data} (an interrupted download?)"
         )
     return infos
+
+
+def _whole(value) -> bool:
+    return type(value) is int and value >= 0
 
 
 def _numel(shape: tuple[int, ...]) -> int:

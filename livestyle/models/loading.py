@@ -20,7 +20,9 @@ then moved to the requested device and dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,11 +134,43 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON table ({{...}}), got {type(data).__name__}")
+    return data
+
+
+def _config(read, cfg: dict, source: Path):  # source: the JSON file, for messages
+    """read(cfg): a model config from a config.json table, its values checked once here.
+
+    A value of the wrong type or range (a string where a number goes, a negative width)
+    is one CheckpointError naming the file, not a traceback from deep in a model's init.
+    """
+    try:
+        config = read(cfg)
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+        raise CheckpointError(f"{source}: a value has the wrong type or range ({str(e)[:200]})") from None
+    for field in dataclasses.fields(config):
+        value, default = getattr(config, field.name), field.default
+        if default is None:
+            ok = value is None or (type(value) is int and value > 0)
+        elif type(default) is tuple:
+            ok = type(value) is tuple and len(value) > 0 and all(
+                type(v) is type(default[0]) and (type(v) is bool or v > 0) for v in value)
+        elif type(default) is float:
+            ok = type(value) in (int, float) and math.isfinite(value)
+        elif type(default) is int:
+            ok = type(value) is int and value >= 0
+        else:
+            ok = type(value) is type(default)
+        if not ok:
+            raise CheckpointError(f"{source}: {field.name} = {str(value)[:60]!s} is not what "
+                                  f"{type(config).__name__} takes (e.g. {default!r})")
+    return config
 
 
 def _read_component(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -155,8 +189,11 @@ def _read_single_file(path: Path) -> dict[str, torch.Tensor]:
 
 def _build(cls, config, state: dict[str, torch.Tensor], source, device, dtype) -> nn.Module:
     """Build `cls(config)` without random init, load `state` strictly, move it to device/dtype."""
-    with torch.device("meta"):
-        module = cls(config)
+    try:
+        with torch.device("meta"):
+            module = cls(config)
+    except (ValueError, RuntimeError, TypeError) as e:  # e.g. groups that do not divide the channels
+        raise CheckpointError(f"{source}: its config does not make a {cls.__name__} ({str(e)[:200]})") from None
     load_into(module, state, source, assign=True)
     meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if meta:  # a buffer the file does not hold; the model must compute it itself
@@ -185,7 +222,8 @@ def load_unet(path: str | Path, device="cpu", dtype=torch.float32,
         cfg, state = _read_component(folder)
         if why := unsupported(state.keys()):
             raise CheckpointError(f"{folder}: this looks like {why}")
-        return _build(UNet, UNetConfig.from_diffusers(cfg), state, folder, device, dtype)
+        config = _config(UNetConfig.from_diffusers, cfg, folder / "config.json")
+        return _build(UNet, config, state, folder, device, dtype)
     state = _read_single_file(path)
     unet_state = strip_prefix(state, _UNET) if any(k.startswith(_UNET) for k in state) else state
     if "input_blocks.0.0.weight" not in unet_state:
@@ -216,10 +254,12 @@ def load_autoencoder(path: str | Path, device="cpu", dtype=torch.float32) -> Aut
         if (path / "config.json").is_file():
             cfg, state = _read_component(path)
             if cfg.get("_class_name") == "LiteAutoencoder":
-                return _build(LiteAutoencoder, LiteAutoencoderConfig.from_diffusers(cfg), state, path, device, dtype)
+                config = _config(LiteAutoencoderConfig.from_diffusers, cfg, path / "config.json")
+                return _build(LiteAutoencoder, config, state, path, device, dtype)
             if cfg.get("_class_name") == "AutoencoderTiny" or any(k.startswith("encoder.layers.") for k in state):
                 return _tiny(*tiny_from_diffusers(state), path, device, dtype)
-            return _build(KLAutoencoder, KLAutoencoderConfig.from_diffusers(cfg), state, path, device, dtype)
+            config = _config(KLAutoencoderConfig.from_diffusers, cfg, path / "config.json")
+            return _build(KLAutoencoder, config, state, path, device, dtype)
         pair = _taesd_pair(path)
         if pair:
             return _tiny(read_safetensors(pair[0]), read_safetensors(pair[1]), path, device, dtype)
@@ -336,7 +376,7 @@ def load_pipeline(path: str | Path, device="cpu", dtype=torch.float32,
         vae = load_autoencoder(autoencoder or path, device, dtype)
         text = load_text_encoder(path, device, dtype)
         sched = path / "scheduler" / "scheduler_config.json"
-        schedule = NoiseSchedule.from_diffusers(_read_json(sched)) if sched.is_file() else NoiseSchedule()
+        schedule = _config(NoiseSchedule.from_diffusers, _read_json(sched), sched) if sched.is_file() else NoiseSchedule()
     else:
         state = _read_single_file(path)
         parts = {p for p in (_UNET, _VAE, _TEXT) if any(k.startswith(p) for k in state)}
@@ -392,7 +432,7 @@ def _load_demo(path: Path, device, dtype, autoencoder, loras) -> Pipeline:
     vae = load_autoencoder(autoencoder or path, device, dtype)
     styles = StyleBank.load(path / "styles" / "styles.safetensors", device, dtype).requires_grad_(False)
     sched = path / "scheduler" / "scheduler_config.json"
-    schedule = (NoiseSchedule.from_diffusers(_read_json(sched)) if sched.is_file()
+    schedule = (_config(NoiseSchedule.from_diffusers, _read_json(sched), sched) if sched.is_file()
                 else NoiseSchedule(prediction_type="flow_velocity"))
     if mismatch := demo_parts_mismatch(unet, vae, styles):
         raise CheckpointError(f"{path}: {mismatch}")
