@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.exceptions import InvalidAccessError, InvalidStateError, OperationError
 
@@ -131,6 +132,7 @@ class App:
         self.ice_servers = [ice_server(url) for url in settings.ice_servers]
         self.sessions: dict[str, Session] = {}
         self._controllers: dict[str, Controller] = {}  # by session id: camera sessions' control channels
+        self.sessions_failed = 0  # sessions ended by a failure of their own (Session.failure)
         self._tasks: set[asyncio.Task] = set()
 
     # -- The aiohttp application -----------------------------------------------------------
@@ -252,6 +254,7 @@ class App:
         return web.json_response({
             "engine": self.engine.stats(),
             "max_sessions": self.settings.max_sessions,
+            "sessions_failed": self.sessions_failed,
             "sessions": [self.session_stats(s) for s in self.sessions.values()],
         })
 
@@ -372,7 +375,8 @@ class App:
 
     async def close_session(self, session: Session, reason: str) -> None:
         """End a session and free its resources (idempotent)."""
-        self.sessions.pop(session.id, None)
+        if self.sessions.pop(session.id, None) is not None and session.failure is not None:
+            self.sessions_failed += 1
         self._controllers.pop(session.id, None)
         await session.close(reason)
 
@@ -451,10 +455,22 @@ def send(session: Session, message: dict) -> None:
         channel.send(json.dumps(message))
 
 
+class _HttpLog(logging.LoggerAdapter):
+    """aiohttp's log for malformed requests (a header over 8190 bytes, a bad request line):
+    it logs them with a traceback, and the text can quote a header. They are the client's
+    errors, so one line naming the error's type, no traceback, no header."""
+
+    def exception(self, msg, *args, exc_info=True, **kwargs):
+        if isinstance(exc_info, HttpProcessingError):
+            self.info("malformed request refused (%d %s)", exc_info.code, type(exc_info).__name__)
+        else:
+            super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
 @contextlib.asynccontextmanager
 async def listening(app: App):
     """The server listening on its settings' host and port (0: any free port); yields its URL."""
-    runner = web.AppRunner(app.web_app(), access_log=None)
+    runner = web.AppRunner(app.web_app(), access_log=None, logger=_HttpLog(log, {}))
     await runner.setup()
     try:
         await web.TCPSite(runner, app.settings.host, app.settings.port).start()

@@ -15,8 +15,9 @@ arrive while an update is being applied are applied together, in order, as one u
 when they can be (the reply to each carries the settings after its batch).
 Replies: {"ok": true, "settings": {...}} or {"error": "one line"}. The server also sends
 {"stats": {...}} about once a second. Beyond RATE messages a second (BURST at once)
-messages are dropped: the first of a run is answered {"error": "too many control
-messages ..."}, the rest go unanswered (replies would cost what the drop saves).
+messages are dropped and answered {"error": "too many control messages ..."}, as long
+as those answers stay within RATE a second too (past that, replies would cost what the
+drop saves, and a dropped message goes unanswered).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 KEYS = ("id", "token", "preset", "style", "prompt", "negative", "strength", "seed", "steps", "temporal", "reset")
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_TEXT = 1000  # characters in a prompt or style
-RATE = 50.0  # control messages a second, sustained: the page's slider sends at most 12.5
-BURST = 100  # control messages at once
+RATE = 20.0  # control messages a second, sustained: the page's slider sends at most 12.5
+BURST = 40  # control messages at once
 
 
 class ControlError(LivestyleError):
@@ -179,8 +180,8 @@ class Controller:
     queued so far, checks each one's changes in order and updates the stream once. So a
     session has at most one update in flight however fast messages come, and a flood
     cannot starve its video. Past the token bucket (RATE a second, BURST at once)
-    messages are dropped, the first of each run with an error reply; `counts` says how
-    many of each.
+    messages are dropped with an error reply while those replies stay within the same
+    rate; `counts` says how many of each.
 
     session: a sessions.Session (its stream, update_lock, authorized flag and tasks);
     family, styles: the engine's; token: the server's ("" = none); send(reply) puts a
@@ -192,7 +193,7 @@ class Controller:
         self.session, self.family, self.styles, self.token = session, family, styles, token
         self.send, self.on_wrong_token = send, on_wrong_token
         self.bucket = TokenBucket(RATE, BURST)
-        self.flooded = False  # the last message was dropped
+        self.notices = TokenBucket(RATE, BURST)  # replies to dropped messages
         self.queued: list[dict] = []
         self.ready = asyncio.Event()
         self.counts = {"received": 0, "applied": 0, "refused": 0, "dropped": 0}
@@ -203,16 +204,14 @@ class Controller:
         self.counts["received"] += 1
         if not self.bucket.take():
             self.counts["dropped"] += 1
-            if not self.flooded:  # one reply per run of drops, to the id of its first message
-                self.flooded = True
+            if self.notices.take():
                 try:
                     message = parse_message(data)
                 except ControlError:
                     message = {}
                 self._reply({"error": f"too many control messages (at most {RATE:g} a second, {BURST} at once): "
-                                      "dropping them"}, message)
+                                      "this one was dropped"}, message)
             return
-        self.flooded = False
         message, error = {}, None
         try:
             message = parse_message(data)

@@ -30,6 +30,7 @@ FMTP = re.compile(r"(\d+) \S.*")
 RTCP_FB = re.compile(r"(\*|\d+) \S.*")
 FINGERPRINT = re.compile(r"(?i:sha-256|sha-384|sha-512) [0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){15,63}")
 SETUP = ("actpass", "active", "passive")
+CODEC_LINES = ("rtpmap", "fmtp", "rtcp-fb")
 ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")
 # Characters str.splitlines() also breaks at (aiortc splits with it): only CRLF or LF may end a line.
 STRAY = re.compile(r"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")
@@ -60,6 +61,9 @@ def check_offer(sdp: str, wants: str) -> aiortc_sdp.SessionDescription:
     if candidates > MAX_CANDIDATES:
         raise OfferError(f"the offer has {candidates} ICE candidates: at most {MAX_CANDIDATES}")
     shared = _attributes(session)
+    for name in CODEC_LINES:
+        if name in shared:
+            raise OfferError(f"a={name} before the first m= line: it belongs in an m= section")
     for number, section in sections:
         _check_section(number, section, shared)
     try:
@@ -132,21 +136,24 @@ def _check_section(number: int, lines: list[str], shared: dict[str, list[str]]) 
         raise OfferError(f"{where} has no a=rtcp-mux (WebRTC multiplexes RTCP)")
     if not all(f.isdigit() and int(f) < 128 for f in formats):
         raise OfferError(f"{where}: the m= line's formats must be RTP payload types 0 to 127")
+    # In order: a format's parameters follow its rtpmap, as every WebRTC stack writes them.
     mapped: set[int] = set()
-    for value in own.get("rtpmap", []):
-        match = RTPMAP.fullmatch(value)
-        if not match or match.group(1) not in formats or int(match.group(3)) == 0:
-            raise OfferError(f"{where}: a=rtpmap:{value[:40]} is not 'TYPE NAME/RATE' for a type of its m= line")
-        if int(match.group(1)) in mapped:
-            raise OfferError(f"{where}: payload type {match.group(1)} has two a=rtpmap lines")
-        mapped.add(int(match.group(1)))
-    for name, pattern in (("fmtp", FMTP), ("rtcp-fb", RTCP_FB)):
-        for value in own.get(name, []):
-            match = pattern.fullmatch(value)
-            if not match:
-                raise OfferError(f"{where}: a={name}:{value[:40]} is not 'TYPE PARAMETERS'")
-            if match.group(1) != "*" and int(match.group(1)) not in mapped:
-                raise OfferError(f"{where}: a={name} for payload type {match.group(1)}, which has no a=rtpmap")
+    for line in lines[1:]:
+        name, _, value = line[2:].partition(":")
+        if not line.startswith("a=") or name not in CODEC_LINES:
+            continue
+        match = {"rtpmap": RTPMAP, "fmtp": FMTP, "rtcp-fb": RTCP_FB}[name].fullmatch(value)
+        if name == "rtpmap":
+            if not match or match.group(1) not in formats or int(match.group(3)) == 0:
+                raise OfferError(f"{where}: a=rtpmap:{value[:40]} is not 'TYPE NAME/RATE' for a type of its m= line")
+            if int(match.group(1)) in mapped:
+                raise OfferError(f"{where}: payload type {match.group(1)} has two a=rtpmap lines")
+            mapped.add(int(match.group(1)))
+        elif not match:
+            raise OfferError(f"{where}: a={name}:{value[:40]} is not 'TYPE PARAMETERS'")
+        elif match.group(1) != "*" and int(match.group(1)) not in mapped:
+            raise OfferError(f"{where}: a={name} for payload type {match.group(1)} comes before its a=rtpmap "
+                             "(or it has none)")
     dynamic = [f for f in formats if int(f) >= 96 and int(f) not in mapped]
     if dynamic:
         raise OfferError(f"{where}: dynamic payload type {dynamic[0]} has no a=rtpmap")
