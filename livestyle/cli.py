@@ -252,6 +252,8 @@ def _make_folder(folder: Path) -> list[Path]:
     """Create `folder` and any missing parents (as `mkdir -p`); returns the folders made,
     deepest first, so a run that wrote nothing can take them away again."""
     made = []
+    if folder.exists() and not folder.is_dir():
+        raise LivestyleError(f"cannot create the output folder {folder}: a file of that name is there")
     while not folder.exists():
         made.append(folder)
         folder = folder.parent
@@ -395,6 +397,34 @@ def _pump(reader, stream, writer, window, progress: Progress) -> int | None:
     return stopped
 
 
+class _HeldBack(logging.Filter):
+    """Holds back the per-frame warnings of the engine and the sinks during a file run, so
+    that a run with failed frames ends in one line that counts them and quotes the first
+    (a live run, watched as it goes, logs each as it happens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        self.first = self.first or record.getMessage()
+        return False
+
+    @contextlib.contextmanager
+    def over(self, *prefixes: str):
+        loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                   if name.startswith(prefixes)]
+        for logger in loggers:
+            logger.addFilter(self)
+        try:
+            yield self
+        finally:
+            for logger in loggers:
+                logger.removeFilter(self)
+
+
 def _free_memory(device: str) -> int | None:
     """Bytes the device can still give, or None where that cannot be told."""
     if device.startswith("cuda"):
@@ -459,6 +489,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     device, dtype = _device(args)
     _settings(args, preset, args.size or (256, 256))  # the look's values, checked before anything opens
     made: list[Path] = []
+    held_back = _HeldBack()
     try:
         with contextlib.ExitStack() as stack:
             source = stack.enter_context(open_source(args.input, args.input_size, args.fps,
@@ -473,6 +504,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                         device, dtype)
             settings = _settings(args, preset, args.size or processing_size(*info.size, min(256, *info.size)))
             kind, where = _output_target(args, preset.name)
+            if kind not in LIVE_SINKS and not info.live and not args.verbose:
+                stack.enter_context(held_back.over("livestyle.stream", "livestyle.capture"))
             if kind in ("file", "images"):
                 made = _make_folder(Path(where).parent)
             sink = _open_sink(kind, where, source, args)
@@ -532,6 +565,8 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{_describe(preset.name, pipe.family, device, settings)}{audio_note}")
     dropped = stats.dropped + writer.dropped
     damaged = getattr(source, "damaged", 0)
+    refused = getattr(sink, "dropped", 0) if kind == "file" else 0
+    audio_lost = getattr(source, "audio_lost", False) and kind == "file" and not args.no_audio
     losses = (f"; {dropped} frames dropped" if dropped else "") + (f"; {stats.errors} failed" if stats.errors else "")
     print(f"{writer.written / elapsed:.1f} fps overall; U-Net {stats.model_ms:.1f} ms/frame, engine busy "
           f"{100 * load:.0f}% of the last 2 s, {torch.get_num_threads()} threads{losses}")
@@ -539,12 +574,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if stopped and file_run:  # Ctrl-C (or SIGTERM) is how a camera recording ends, not a failure
         print(f"livestyle: stopped early; {where} holds the {writer.written} frames done", file=sys.stderr)
         return 128 + stopped
-    if stats.errors or damaged:
-        held = f"{target} holds the {writer.written} frames that came out" if writer.written else "nothing was written"
+    if stats.errors or damaged or refused or audio_lost:
         parts = ([f"{stats.errors} of {stats.frames_in} frames failed in the model"] if stats.errors else []) + \
-                ([f"{damaged} damaged packets of {args.input} were skipped"] if damaged else [])
-        first = f" (first: {stats.first_error})" if getattr(stats, "first_error", None) else ""
-        print(f"livestyle: error: {'; '.join(parts)}{first}; {held}", file=sys.stderr)
+                ([f"{damaged} frames of {args.input} could not be read (damaged or cut short)"] if damaged else []) + \
+                ([f"{refused} frames with a timestamp not after the previous one were left out"] if refused else []) + \
+                ([f"the audio of {args.input} could not be read (damaged header?)"] if audio_lost else [])
+        first = f" (first: {held_back.first[:200]})" if held_back.first else ""
+        kept = f"{target} holds {writer.written} frames" if writer.written else "nothing was written"
+        print(f"livestyle: error: {'; '.join(parts)}{first}; {kept}", file=sys.stderr)
         return 1
     return 0
 

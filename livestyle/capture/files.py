@@ -54,8 +54,9 @@ class FileSource:
     Opening reads up to the first decodable frame, so a file that FFmpeg cannot read, or
     one without video, fails here with a one-line LivestyleError.
 
-    A damaged file is read past its damage: `damaged` counts the packets that could not
-    be decoded and the read errors that ended it early, for the caller to report.
+    A damaged file is read past its damage: `damaged` counts the video packets that could
+    not be decoded, the read errors that ended it early and the frames a container's index
+    lists that never came, for the caller to report.
     """
 
     def __init__(self, path: str | Path, live: bool | None = None, timeout: float = OPEN_TIMEOUT_S):
@@ -96,7 +97,10 @@ class FileSource:
             raise LivestyleError(f"{self.name}: no video stream (it holds: {_describe_streams(self.container)})")
         self.video = self.container.streams.video[0]
         self.video.thread_type = "AUTO"  # frame + slice threads: decoding keeps up with the model
-        self.audio = self.container.streams.audio[0] if self.container.streams.audio else None
+        audio = self.container.streams.audio[0] if self.container.streams.audio else None
+        # A damaged header can leave a stream without a decoder: its audio cannot be copied or re-encoded.
+        self.audio = audio if audio is not None and audio.codec_context is not None else None
+        self.audio_lost = audio is not None and self.audio is None
         self._items = self._demux()
         self._pending: list[av.VideoFrame | av.Packet] = []
         first = self._peek_frame()
@@ -154,6 +158,12 @@ class FileSource:
                     frame.pts = count
                 count += 1
                 yield upright(frame)
+        # MP4 and MOV list every frame in their index: fewer decoded is a cut or damaged file.
+        missing = self.video.frames - count - self.damaged
+        if self.video.frames and missing > 0:
+            log.debug("%s: %d of the %d frames its index lists could not be read", self.name, missing,
+                      self.video.frames)
+            self.damaged += missing
 
     def read(self, audio: bool = False) -> Iterator[av.VideoFrame | av.Packet]:
         """Video frames, and with `audio` the audio stream's packets in between them."""

@@ -58,6 +58,7 @@ class ImageFolderSource:
         h, w = first.shape[:2]
         rate = Fraction(fps).limit_denominator(1001)
         self.info = SourceInfo(spec, (w, h), rate, 1 / rate, len(self.paths))
+        self.damaged = 0  # images skipped as unreadable, for the caller to report
 
     def __iter__(self) -> Iterator[av.VideoFrame]:
         w, h = self.info.size
@@ -65,6 +66,7 @@ class ImageFolderSource:
             bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if bgr is None:
                 log.warning("%s: skipped, not an image OpenCV can read", path)
+                self.damaged += 1
                 continue
             if bgr.shape[:2] != (h, w):
                 log.info("%s: %dx%d resized to %dx%d, the size of the first image", path, bgr.shape[1],

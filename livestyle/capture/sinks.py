@@ -91,7 +91,14 @@ class FileSink:
         if not self.path.parent.is_dir():
             raise LivestyleError(f"{self.path}: folder {self.path.parent} does not exist")
         options = FRAGMENTED if self.path.suffix.lower() in (".mp4", ".m4v", ".mov") else {}
+        existed = self.path.exists()
         try:
+            # FFmpeg opens the file only when it writes the header, after the first frame:
+            # an unwritable place is found now, before a model is loaded, by opening it here.
+            with open(self.path, "ab"):
+                pass
+            if not existed:
+                self.path.unlink()
             self.container = av.open(str(self.path), mode="w", options=options)
         except (av.FFmpegError, ValueError, OSError) as e:
             why = e.strerror if isinstance(e, OSError) and e.strerror else e
@@ -107,6 +114,7 @@ class FileSink:
             self.path.unlink(missing_ok=True)
             raise
         self.frames = 0
+        self.dropped = 0  # frames refused for a timestamp not after the previous one
         self._last_pts: int | None = None
 
     def _add_video(self, size, time_base, rate, encoding: VideoEncoding) -> None:
@@ -157,6 +165,7 @@ class FileSink:
         """Encode one frame (of any size: it is scaled to the sink's); its pts (in the sink's
         time_base) sets its time in the file."""
         if frame.pts is not None and self._last_pts is not None and frame.pts <= self._last_pts:
+            self.dropped += 1
             log.warning("%s: dropped a frame with pts %s, not after the previous one (%s)",
                         self.path, frame.pts, self._last_pts)
             return
@@ -184,6 +193,9 @@ class FileSink:
                 for frame in self.audio_in.decode(packet):
                     self.container.mux(self.audio_out.encode(frame))
         except av.FFmpegError as e:
+            if isinstance(e, OSError) and e.errno is not None:  # the file failed (a full disk), not the packet
+                raise LivestyleError(f"{self.path}: writing audio failed ({e.strerror}); the frames before "
+                                     "it are kept") from None
             log.warning("%s: skipped an audio packet at pts %s (%s)", self.path, packet.pts, e)
 
     def close(self) -> None:

@@ -152,6 +152,8 @@ def _config(read, cfg: dict, source: Path):  # source: the JSON file, for messag
     """
     try:
         config = read(cfg)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
         raise CheckpointError(f"{source}: a value has the wrong type or range ({str(e)[:200]})") from None
     for field in dataclasses.fields(config):
@@ -168,7 +170,7 @@ def _config(read, cfg: dict, source: Path):  # source: the JSON file, for messag
         else:
             ok = type(value) is type(default)
         if not ok:
-            raise CheckpointError(f"{source}: {field.name} = {str(value)[:60]!s} is not what "
+            raise CheckpointError(f"{source}: {field.name} = {repr(value)[:60]} is not what "
                                   f"{type(config).__name__} takes (e.g. {default!r})")
     return config
 
