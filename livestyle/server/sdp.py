@@ -31,6 +31,8 @@ RTCP_FB = re.compile(r"(\*|\d+) \S.*")
 FINGERPRINT = re.compile(r"(?i:sha-256|sha-384|sha-512) [0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){15,63}")
 SETUP = ("actpass", "active", "passive")
 CODEC_LINES = ("rtpmap", "fmtp", "rtcp-fb")
+DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
+MID = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")
 # Characters str.splitlines() also breaks at (aiortc splits with it): only CRLF or LF may end a line.
 STRAY = re.compile(r"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")
@@ -61,11 +63,18 @@ def check_offer(sdp: str, wants: str) -> aiortc_sdp.SessionDescription:
     if candidates > MAX_CANDIDATES:
         raise OfferError(f"the offer has {candidates} ICE candidates: at most {MAX_CANDIDATES}")
     shared = _attributes(session)
-    for name in CODEC_LINES:
+    for name in CODEC_LINES + ("mid",) + DIRECTIONS:
         if name in shared:
             raise OfferError(f"a={name} before the first m= line: it belongs in an m= section")
-    for number, section in sections:
-        _check_section(number, section, shared)
+    mids = [_check_section(number, section, shared) for number, section in sections]
+    if len(set(mids)) != len(mids):
+        raise OfferError("two m= sections have the same a=mid")
+    for group in shared.get("group", []):
+        semantics, *members = group.split(" ")
+        unknown = [m for m in members if m not in mids]
+        if not semantics or not members or unknown:
+            raise OfferError(f"a=group:{group[:40]} names {'no' if not unknown else 'an unknown'} "
+                             f"m= section{f' ({unknown[0][:16]!r})' if unknown else ''}")
     try:
         parsed = aiortc_sdp.SessionDescription.parse(sdp)
     except PARSE_ERRORS as e:  # what the checks above let through and aiortc still cannot read
@@ -104,8 +113,9 @@ def _attributes(lines: list[str]) -> dict[str, list[str]]:
     return found
 
 
-def _check_section(number: int, lines: list[str], shared: dict[str, list[str]]) -> None:
-    """One m= section (starting at line `number`), with the session-level attributes it inherits."""
+def _check_section(number: int, lines: list[str], shared: dict[str, list[str]]) -> str:
+    """One m= section (starting at line `number`), with the session-level attributes it
+    inherits; returns its mid."""
     m = M_LINE.fullmatch(lines[0])
     if not m:
         raise OfferError(f"SDP line {number}: m= line {lines[0][:60]!r} is not 'm=KIND PORT PROTO FORMATS'")
@@ -129,9 +139,14 @@ def _check_section(number: int, lines: list[str], shared: dict[str, list[str]]) 
         values = attrs.get(name, [])
         if len(values) != 1 or not low <= len(values[0]) <= 256 or not ICE_CHARS.fullmatch(values[0]):
             raise OfferError(f"{where} needs one a={name} of {low} to 256 ICE characters")
+    mid = own.get("mid", [])
+    if len(mid) != 1 or not MID.fullmatch(mid[0]):
+        raise OfferError(f"{where} needs one a=mid of 1 to 32 letters, digits, '.', '-' or '_'")
     if kind not in MEDIA:
-        return
+        return mid[0]
 
+    if sum(len(own.get(d, [])) for d in DIRECTIONS) != 1:
+        raise OfferError(f"{where} needs one direction (a=sendrecv, sendonly, recvonly or inactive)")
     if "rtcp-mux" not in own:
         raise OfferError(f"{where} has no a=rtcp-mux (WebRTC multiplexes RTCP)")
     if not all(f.isdigit() and int(f) < 128 for f in formats):
@@ -157,3 +172,4 @@ def _check_section(number: int, lines: list[str], shared: dict[str, list[str]]) 
     dynamic = [f for f in formats if int(f) >= 96 and int(f) not in mapped]
     if dynamic:
         raise OfferError(f"{where}: dynamic payload type {dynamic[0]} has no a=rtpmap")
+    return mid[0]
