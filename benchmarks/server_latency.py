@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 
 
 def serve(port: int, short_side: int, device: str, max_sessions: int) -> None:
-    """The server process: the demo model, the engine, the app on 127.0.0.1:port."""
+    """The server process: the demo model, the engine, the app on 127.0.0.1:port (0: any free port)."""
     import torch
 
     from livestyle.models.demo import load_demo
@@ -46,6 +46,55 @@ def serve(port: int, short_side: int, device: str, max_sessions: int) -> None:
         settings = ServerSettings(port=port, short_side=short_side, max_sessions=max_sessions)
         print(f"serving with torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
         asyncio.run(run(App(engine, settings), lambda url: print(f"ready {url}", flush=True)))
+
+
+class ServerProcess:
+    """`serve` in a process of its own, as `livestyle serve` runs: its memory is its own
+    (rss_mb), and the clients' codecs do not share its interpreter.
+
+        with ServerProcess(short_side=64, max_sessions=8) as server:
+            ... server.url, server.rss_mb() ...
+    """
+
+    def __init__(self, short_side: int = 256, device: str = "cpu", max_sessions: int = 4, port: int = 0,
+                 echo=print):
+        self.command = [sys.executable, __file__, "--serve", "--port", str(port), "--short-side", str(short_side),
+                        "--device", device, "--sessions", str(max_sessions)]
+        self.echo = echo
+        self.process: subprocess.Popen | None = None
+        self.url = ""
+
+    def __enter__(self) -> ServerProcess:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, text=True,
+                                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            for line in self.process.stdout:  # two lines, then nothing: the pipe cannot fill up
+                self.echo(f"server: {line.strip()}")
+                if line.startswith("ready "):
+                    self.url = line.split()[1]
+                    return self
+            raise RuntimeError(f"the server exited ({self.process.wait()}) before it was ready")
+        except BaseException:
+            self.__exit__()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def rss_mb(self) -> float:
+        """The server's resident memory (VmRSS), MiB."""
+        with open(f"/proc/{self.process.pid}/status") as status:
+            kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        return kib / 1024
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 async def measure(url: str, sessions: int, seconds: float, warmup: float, size: tuple[int, int],
@@ -97,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short-side", type=int, default=256, help="the server's processing short side")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--codec", choices=("video/VP8", "video/H264"), help="default: aiortc's choice (VP8)")
-    parser.add_argument("--port", type=int, default=8793)
+    parser.add_argument("--port", type=int, default=0, help="the server's port (default: any free one)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the server process
     args = parser.parse_args(argv)
     if args.serve:
@@ -105,17 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     size = tuple(int(v) for v in args.size.split("x"))
-    command = [sys.executable, __file__, "--serve", "--port", str(args.port), "--short-side", str(args.short_side),
-               "--device", args.device, "--sessions", *map(str, args.sessions)]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        for line in server.stdout:
-            print(f"server: {line.strip()}")
-            if line.startswith("ready "):
-                url = line.split()[1]
-                break
-        else:
-            raise SystemExit("the server did not start")
+    with ServerProcess(args.short_side, args.device, max(args.sessions), args.port) as server:
+        url = server.url
         print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, clients send {args.size} at 30 fps"
               f"{', ' + args.codec if args.codec else ''}; {args.seconds:g} s measured after {args.warmup:g} s")
         print("| sessions | processing | fps per session | latency median (ms) | latency p90 (ms) | server ms "
@@ -130,9 +170,6 @@ def main(argv: list[str] | None = None) -> int:
             if r["unmatched"]:
                 print(f"  warning: {r['unmatched']} received frames could not be matched to a sent frame")
             time.sleep(1.0)  # let the server free the sessions
-    finally:
-        server.terminate()
-        server.wait(10)
     return 0
 
 

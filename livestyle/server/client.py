@@ -106,6 +106,14 @@ class Receiver:
         return self.latest
 
 
+class OfferRefused(RuntimeError):
+    """The server answered an offer with an error: its HTTP status and its reason."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(f"/offer answered {status}: {reason}")
+        self.status, self.reason = status, reason
+
+
 class CameraClient:
     """What the camera page does, in Python: video both ways and a `control` channel."""
 
@@ -116,7 +124,8 @@ class CameraClient:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # loopback: no STUN
         self.receiver = Receiver()
         self.channel = None
-        self.session: str | None = None
+        self.session: str | None = None  # the session's secret id
+        self.label: str | None = None  # its public name in /stats
         self.stats: dict | None = None  # the newest {"stats": ...} the server pushed
         self._replies: dict[int, asyncio.Future] = {}
         self._ids = 0
@@ -150,8 +159,8 @@ class CameraClient:
                 http.post(f"{self.url}/offer", json=body, headers=auth(self.token)) as response:
             answer = await response.json()
             if response.status != 200:
-                raise RuntimeError(f"/offer answered {response.status}: {answer.get('error')}")
-        self.session = answer["session"]
+                raise OfferRefused(response.status, str(answer.get("error")))
+        self.session, self.label = answer["session"], answer.get("label")
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
         await asyncio.wait_for(opened.wait(), 10)
         if self.token and self.authenticate_channel:
@@ -187,27 +196,39 @@ class CameraClient:
             await asyncio.gather(self.receiver.task, return_exceptions=True)
 
 
-def pair_frames(sent: dict[int, float], received: dict[int, float], tolerance: int = 8) -> list[tuple[float, float]]:
+def pair_frames(sent: dict[int, float], received: dict[int, float], tolerance: int = 8,
+                offset: int | None = None) -> list[tuple[float, float]]:
     """(send time, receive time) of each received frame.
 
     A received pts plus an offset is a sent pts (the offset is the pts of the first frame
     to come back when earlier ones were lost or dropped; aiortc's encoders also round a pts down by a tick now and then,
-    hence `tolerance` in 90 kHz ticks). The offset chosen matches the most frames; the
-    result is empty unless it matches at least 90% of them.
+    hence `tolerance` in 90 kHz ticks). The offset chosen matches the most frames (or is
+    `offset`, found once by pts_offset for a long run); the result is empty unless it
+    matches at least 90% of the received frames.
     """
     if not sent or not received:
         return []
     keys = sorted(sent)
+    if offset is None:
+        offset = pts_offset(sent, received, tolerance)
+    pairs = [(sent[s], t) for r, t in received.items() if (s := _match(keys, r + offset, tolerance)) is not None]
+    return pairs if len(pairs) >= 0.9 * len(received) else []
 
-    def match(pts: int) -> int | None:
-        i = bisect.bisect_left(keys, pts - tolerance)
-        return keys[i] if i < len(keys) and keys[i] <= pts + tolerance else None
 
+def pts_offset(sent: dict[int, float], received: dict[int, float], tolerance: int = 8) -> int:
+    """The offset from received to sent pts that matches most of the first ten received frames.
+
+    It stays the same for a connection's life: each side's pts start at its first frame."""
+    keys = sorted(sent)
     first = sorted(received)[:10]
     offsets = {s - r for r in first for s in keys}
-    offset = max(offsets, key=lambda o: sum(match(r + o) is not None for r in first))
-    pairs = [(sent[s], t) for r, t in received.items() if (s := match(r + offset)) is not None]
-    return pairs if len(pairs) >= 0.9 * len(received) else []
+    return max(offsets, key=lambda o: sum(_match(keys, r + o, tolerance) is not None for r in first))
+
+
+def _match(keys: list[int], pts: int, tolerance: int) -> int | None:
+    """The sent pts within `tolerance` of pts, if any (keys sorted)."""
+    i = bisect.bisect_left(keys, pts - tolerance)
+    return keys[i] if i < len(keys) and keys[i] <= pts + tolerance else None
 
 
 def auth(token: str) -> dict:

@@ -65,6 +65,9 @@ class Session:
         self.frames_received = 0
         self.ingesting = False  # its (first) video track is being restyled
         self.closed = False
+        self.failure: str | None = None  # why it failed (a task of its own, the engine): it is closed for that
+        self._seen = (0, 0)  # the engine's errors and frames out at the watchdog's previous round
+        self._failing_since: float | None = None  # every frame out since then failed in the engine
         self._own_slot = None  # the camera page's own outgoing slot
         self._arrivals: OrderedDict[int, float] = OrderedDict()  # input pts -> arrival time
         self._latency_ms: deque[float] = deque(maxlen=90)  # arrival -> restyled frame back, per frame
@@ -75,11 +78,25 @@ class Session:
         return self.stream.id if self.stream is not None else "-"
 
     def spawn(self, coro) -> asyncio.Task:
-        """Run a coroutine for this session; it is cancelled when the session closes."""
+        """Run a coroutine for this session; it is cancelled when the session closes, and
+        it closes the session if it fails (a session missing a task would stay open
+        and output nothing, with nothing to tell the watchdog)."""
         task = self.loop.create_task(coro)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if task.cancelled() or task.exception() is None or self.closed:
+            return
+        error = task.exception()
+        self.failure = f"its task {task.get_coro().__qualname__} failed: {type(error).__name__}: {error}"
+        log.error("session %s (%s): %s", self.label, self.kind, self.failure)
+        log.debug("session %s: the failed task's traceback", self.label, exc_info=error)
+        closing = self.loop.create_task(self.close(self.failure))
+        self.tasks.add(closing)  # held until done, not cancelled by close(): it is the current task there
+        closing.add_done_callback(self.tasks.discard)
 
     def own_track(self) -> RestyledTrack:
         """The outgoing track the camera page receives its restyled video on."""
@@ -142,7 +159,14 @@ class Session:
     # -- State ----------------------------------------------------------------------------------
 
     def expired(self, now: float, idle_timeout: float, connect_timeout: float) -> str | None:
-        """Why this session should end now, or None while it is alive."""
+        """Why this session should end now, or None while it is alive (the watchdog asks
+        every round)."""
+        if self.failure is None and self._engine_failing(now, idle_timeout):
+            self.failure = (f"every frame failed in the engine for {idle_timeout:g} s "
+                            f"({self.stream.stats().errors} errors; the server log says why)")
+            log.error("session %s (%s): %s", self.label, self.kind, self.failure)
+        if self.failure is not None:
+            return self.failure
         state = self.pc.connectionState
         if state in ("failed", "closed"):
             return f"connection {state}"
@@ -151,6 +175,21 @@ class Session:
         if now - self.last_input > idle_timeout:
             return f"no video for {idle_timeout:g} s"
         return None
+
+    def _engine_failing(self, now: float, timeout: float) -> bool:
+        """Every frame the engine gave back for `timeout` seconds failed (the device out of
+        memory at this session's size, say): it outputs the input unrestyled, for ever.
+        One failure among frames that work is the engine's to count, not a reason to end."""
+        if self.stream is None:
+            return False
+        s = self.stream.stats()
+        errors, out = s.errors - self._seen[0], s.frames_out - self._seen[1]
+        self._seen = (s.errors, s.frames_out)
+        if out > 0:  # a frame came out restyled (failed ones are not counted out)
+            self._failing_since = None
+        elif errors > 0 and self._failing_since is None:
+            self._failing_since = now
+        return self._failing_since is not None and now - self._failing_since >= timeout
 
     def stats(self) -> dict:
         """JSON-ready figures: rates over the last ~2 s, latency medians in ms, counts since start."""
