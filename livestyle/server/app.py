@@ -158,12 +158,13 @@ class App:
         """Host check, token, same-origin rule and body size, before any handler runs; then
         every refusal or failure as a status and one line of JSON, logged as one line."""
         cors = security.cors_headers(request, self.settings.token)
-        if request.method == "OPTIONS":  # CORS preflight: browsers send it without credentials
-            return web.Response(status=204, headers={**cors, "Accept-Post": "application/sdp"})
         what = f"{request.method} {request.path[:80]!r}"  # repr: a path cannot break the log line
         try:
             self._admit(request)
-            response = await handler(request)
+            if request.method == "OPTIONS":  # CORS preflight: browsers send it without credentials
+                response = web.Response(status=204, headers={"Accept-Post": "application/sdp"})
+            else:
+                response = await handler(request)
         except Refused as e:
             log.info("%s refused (%d): %s", what, e.status, e)
             response = web.json_response({"error": str(e)}, status=e.status, headers=e.headers)
@@ -187,6 +188,8 @@ class App:
         if not token and not security.host_allowed(request):
             raise Refused(403, f"Host {shown(request.host)} is not a loopback name: a server reached under "
                                "another name needs --token")
+        if request.method == "OPTIONS":
+            return
         public = request.method in ("GET", "HEAD") and (request.path in PAGES or request.path.startswith("/static/"))
         if not public:
             if token and not security.token_matches(security.bearer(request), token):

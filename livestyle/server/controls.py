@@ -219,6 +219,7 @@ class Controller:
             error = e
         if error is None and "token" in message:
             if self.token and not token_matches(message["token"], self.token):
+                self.session.authorized = False  # nothing after it applies while the session closes
                 self.on_wrong_token()
                 error = ControlError("wrong token")
             else:

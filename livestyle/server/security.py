@@ -83,11 +83,6 @@ def bearer(request: web.Request) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def unauthorized() -> web.Response:
-    return web.json_response({"error": "a bearer token is required (Authorization: Bearer ...)"}, status=401,
-                             headers={"WWW-Authenticate": 'Bearer realm="livestyle"'})
-
-
 # -- JSON from the network ----------------------------------------------------------------------
 
 
