@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 CRF_CODECS = {"libx264": "crf", "libx265": "crf", "libvpx-vp9": "crf", "libsvtav1": "crf", "libaom-av1": "crf"}
 # delay_moov: the header waits for the first fragment, so the edit list that hides the
 # encoder's B-frame delay is right and frame times start where the input's do.
-FRAGMENTED = {"movflags": "frag_keyframe+empty_moov+delay_moov", "frag_duration": "1000000"}
+# flush_packets: each fragment goes to the disk when it is complete, not when FFmpeg's 32 kB
+# write buffer fills (minutes of a small video).
+FRAGMENTED = {"movflags": "frag_keyframe+empty_moov+delay_moov", "frag_duration": "1000000", "flush_packets": "1"}
 UPSCALE = "BICUBIC"  # restyled frames at the processing size back to the input size (and the colour conversion)
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
@@ -90,7 +92,7 @@ class FileSink:
         self.path = Path(path)
         if not self.path.parent.is_dir():
             raise LivestyleError(f"{self.path}: folder {self.path.parent} does not exist")
-        options = FRAGMENTED if self.path.suffix.lower() in (".mp4", ".m4v", ".mov") else {}
+        options = FRAGMENTED if self.path.suffix.lower() in (".mp4", ".m4v", ".mov") else {"flush_packets": "1"}
         existed = self.path.exists()
         try:
             # FFmpeg opens the file only when it writes the header, after the first frame:

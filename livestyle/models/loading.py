@@ -378,7 +378,8 @@ def load_pipeline(path: str | Path, device="cpu", dtype=torch.float32,
         vae = load_autoencoder(autoencoder or path, device, dtype)
         text = load_text_encoder(path, device, dtype)
         sched = path / "scheduler" / "scheduler_config.json"
-        schedule = _config(NoiseSchedule.from_diffusers, _read_json(sched), sched) if sched.is_file() else NoiseSchedule()
+        schedule = (_config(NoiseSchedule.from_diffusers, _read_json(sched), sched) if sched.is_file()
+                    else NoiseSchedule())
     else:
         state = _read_single_file(path)
         parts = {p for p in (_UNET, _VAE, _TEXT) if any(k.startswith(p) for k in state)}
