@@ -285,3 +285,32 @@ def _strip_video(source: Path, target: Path) -> None:
             if packet.dts is not None:
                 packet.stream = audio
                 out.mux(packet)
+
+
+def test_outputs_get_their_folders_and_a_failed_run_takes_them_away(tmp_path, capsys):
+    """As ffmpeg users expect, -o out/frames/%03d.png creates out/frames; a run that fails
+    before writing anything leaves no folder of its own behind."""
+    code, _, err = run(capsys, "test:", "--input-size", "64x48", "--seconds", "0.125", "--fps", "24",
+                       "-o", tmp_path / "out" / "frames" / "%03d.png", "--size", "32x32")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out" / "frames").iterdir()) == ["001.png", "002.png", "003.png"]
+    code, _, err = run(capsys, "test:", "--input-size", "64x48", "--style", "no-such-style",
+                       "-o", tmp_path / "new" / "deeper" / "out.mp4", "--size", "32x32")
+    assert code == 2 and "unknown style 'no-such-style'" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_inspect_demo_names_the_embedded_model(capsys):
+    assert cli.main(["inspect", "demo"]) == 0
+    out = capsys.readouterr().out
+    assert "DEMO pipeline" in out and "styles" in out
+
+
+def test_sizes_beyond_the_device_are_refused_before_anything_is_allocated(tmp_path, capsys, monkeypatch):
+    """With (pretend) 1 GiB free, 4096x4096 (6.2 GiB at the measured bytes per pixel) is
+    refused in one line, and nothing is written."""
+    monkeypatch.setattr(cli, "_free_memory", lambda device: 2**30)
+    code, _, err = run(capsys, "test:", "--input-size", "4096x4096", "--size", "4096x4096",
+                       "-o", tmp_path / "out.mp4")
+    assert code == 2 and "--size 4096x4096: needs at least 6.2 GiB on cpu, 1.0 GiB is free" in err
+    assert list(tmp_path.iterdir()) == []
