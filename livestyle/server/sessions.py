@@ -10,6 +10,11 @@ Isolation: a session's id is a random secret, known only to whoever created it (
 a name its creator chose (WHIP `?name=obs`), so that an OBS Browser Source can find it
 again after a restart; whoever knows the name (and the token) can watch it.
 
+Failure: a session one of whose own tasks fails (the submitter, the ingest) or whose
+every frame fails in the engine for the idle timeout (device memory, say) is closed
+with the reason, which is logged once and counted in /stats (`sessions_failed`); the
+other sessions go on.
+
 Everything here runs on the event loop; engine calls that take time (submitting a
 frame converts and resizes it; updating checks settings against the model) run on
 the default executor.
@@ -177,9 +182,10 @@ class Session:
         return None
 
     def _engine_failing(self, now: float, timeout: float) -> bool:
-        """Every frame the engine gave back for `timeout` seconds failed (the device out of
-        memory at this session's size, say): it outputs the input unrestyled, for ever.
-        One failure among frames that work is the engine's to count, not a reason to end."""
+        """No frame came out restyled for `timeout` seconds, and frames failed (the device
+        out of memory at this session's size, say): its peer would get stand-ins for
+        ever. One failure among frames that work is the engine's to count, not a reason
+        to end. (The engine counts a failed frame in `errors`, not in `frames_out`.)"""
         if self.stream is None:
             return False
         s = self.stream.stats()
