@@ -405,11 +405,13 @@ class _HeldBack(logging.Filter):
     def __init__(self):
         super().__init__()
         self.first: str | None = None
+        self.count = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
         self.first = self.first or record.getMessage()
+        self.count += 1
         return False
 
     @contextlib.contextmanager
@@ -583,6 +585,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         kept = f"{target} holds {writer.written} frames" if writer.written else "nothing was written"
         print(f"livestyle: error: {'; '.join(parts)}{first}; {kept}", file=sys.stderr)
         return 1
+    if held_back.first:  # warnings that lost no frame are still said, once
+        more = f" ({held_back.count - 1} more like it; -v shows each)" if held_back.count > 1 else ""
+        print(f"livestyle: warning: {held_back.first[:200]}{more}", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Bad checkpoints give one clear line, from the library and from the CLI."""
 
 import json
+import struct
 import subprocess
 import sys
 
@@ -146,3 +147,26 @@ def test_cli_bad_inputs(tmp_path):
     _assert_one_line_error(_cli("inspect", folder), "without unet/")
 
     _assert_one_line_error(_cli("inspect", tmp_path / "missing.safetensors"), "no such file")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda e: e.update(data_offsets=["0", "32"]), "must be a string and non-negative integers"),
+    (lambda e: e.update(shape="2x4"), "must be a string and non-negative integers"),
+    (lambda e: e.update(data_offsets=[32, 0]), "must be a string and non-negative integers"),
+    (lambda e: e.update(dtype=7), "must be a string and non-negative integers"),
+    (lambda e: e.update(data_offsets=[0, 10**12], shape=[10**12 // 4]), "truncated"),
+])
+def test_header_values_of_the_wrong_type_are_one_line(tmp_path, change, message):
+    """Offsets, shapes and dtypes are JSON: strings, reversed or absurd values are refused
+    by read_header with one line, before any arithmetic on them."""
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.zeros(2, 4)}, str(path))
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    change(header["w"])
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+    with pytest.raises(CheckpointError, match=message) as caught:
+        read_header(path)
+    assert "\n" not in str(caught.value)

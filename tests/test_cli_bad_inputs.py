@@ -189,12 +189,15 @@ def _eight_k(d: Path) -> list[str]:
 
 
 def _folder_of(names: dict[str, bytes]):
+    """A folder of these files; b"" stands for a good 64x48 PNG."""
     def make(d: Path) -> list[str]:
+        import cv2
+
         folder = d / "shots"
         folder.mkdir()
         for name, data in names.items():
-            (folder / name).write_bytes(data)
-        return ["run", str(folder), "-o", str(d / "out.mp4")]
+            (folder / name).write_bytes(data or cv2.imencode(".png", _gradient(64, 48))[1].tobytes())
+        return ["run", str(folder), "-o", str(d / "out.mp4"), *FAST]
     return make
 
 
@@ -356,6 +359,8 @@ CASES: list[Case] = [
     Case("video", "folder of non-images", _folder_of({"a.txt": b"x", "b.md": b"y"}), "no images found"),
     Case("video", "folder whose first image is broken", _folder_of({"1.png": b"not a png"}),
          "not an image OpenCV can read"),
+    Case("video", "folder with a broken image in the middle",
+         _folder_of({"1.png": b"", "2.png": b"junk", "3.png": b""}), "1 frames of"),
     Case("video", "glob matching nothing", lambda d: ["run", str(d / "*.png")], "no images found"),
     Case("video", "ftp:// URL", lambda d: ["run", "ftp://127.0.0.1/clip.mp4"], "not a source livestyle reads"),
     Case("video", "file:// URL", lambda d: ["run", "file:///etc/passwd"], "not a source livestyle reads"),
