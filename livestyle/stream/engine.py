@@ -22,9 +22,16 @@ Per frame, on the worker (DESIGN.md's data path):
 - Many streams: every stream with work is advanced together; rows of streams with
   the same latent size and temporal cache length share one U-Net call.
 - Live updates are applied by the worker between frames; one that changes buffer
-  shapes first finishes the frames in flight with the old settings.
+  shapes first finishes the frames in flight with the old settings. An update that
+  cannot be applied is the stream's alone: it keeps its previous settings, or, with
+  none, fails (submit() raises StreamFailed).
+- Every frame comes out or is counted (StreamStats says how). A frame that fails (the
+  model raised, device memory ran out, the output is not finite) is logged with its
+  pts and goes out in its turn as a stand-in, counted as an error; the frames in
+  flight with it go on. Batched work that fails is retried stream by stream, so one
+  stream's failure never fails another's frames.
 - No host syncs per frame except the one that cannot be avoided: the restyled frame
-  coming back to the host for its sink.
+  coming back to the host for its sink (with a flag saying whether it is finite).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import itertools
 import logging
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -63,6 +71,10 @@ class StreamClosed(LivestyleError):
     """submit() or update() on a stream that was closed."""
 
 
+class StreamFailed(LivestyleError):
+    """submit() on a stream whose settings could not be applied at all (the message says why)."""
+
+
 @dataclass
 class Rows:
     """One stream's rows for a U-Net call: its latents at their steps (a stream-batch
@@ -91,6 +103,7 @@ class Stream:
         self.requested: StreamSettings | None = settings
         self.reset_requested = self.flush_requested = self.closed = False
         self.working = self.owed = False
+        self.failure: str | None = None  # set by the worker when no settings could be applied
         self.state: StreamState | None = None  # the worker's alone
 
     def submit(self, frame: av.VideoFrame | np.ndarray) -> None:
@@ -111,19 +124,26 @@ class Stream:
                 lock.wait()
             if self.closed or not self.engine.running:
                 raise StreamClosed(f"stream {self.id} is closed")
+            if self.failure is not None:
+                raise StreamFailed(self.failure)
             replaced = self.pending is not None
             self.pending = (tag, small)
             self.meter.submitted(replaced)
             lock.notify_all()
 
     def update(self, settings: StreamSettings | None = None, **changes) -> StreamSettings:
-        """Change settings live; checked now (an error names the field), applied from the next frame."""
+        """Change settings live; checked now (an error names the field), applied from the next frame.
+
+        If the worker then cannot apply them (say, device memory for a larger size), the
+        stream keeps its previous settings (`settings` goes back to them) and
+        stats().failed_updates counts it; a failed stream (StreamFailed) tries again."""
         new = (settings or self.settings).replace(**changes)
         self.engine.check(new)
         with self.engine.lock:
             if self.closed:
                 raise StreamClosed(f"stream {self.id} is closed")
             self.settings = self.requested = new
+            self.failure = None
             self.engine.lock.notify_all()
         return new
 
@@ -145,17 +165,27 @@ class Stream:
             return done
 
     def close(self) -> None:
-        """Stop the stream and free its state; frames not output yet are dropped."""
+        """Stop the stream and free its state; frames not output yet are dropped (counted)."""
         with self.engine.lock:
             if self.closed:
                 return
             self.closed = True
-            self.pending = None
             if self in self.engine.streams:
                 self.engine.streams.remove(self)
-            if not self.working:
-                self.state = None
+            self._discard()
             self.engine.lock.notify_all()
+
+    def _discard(self) -> None:
+        """Once closed, with engine.lock held: count the frames that will never be output
+        as dropped and free the state. A stream the worker holds is discarded by the
+        worker when its step ends."""
+        if self.pending is not None:
+            self.meter.discarded(1)
+            self.pending = None
+        if self.working or self.state is None:
+            return
+        self.meter.discarded(sum(1 + len(tag.repeats) for tag in self.state.owed()))
+        self.state = None
 
     def stats(self) -> StreamStats:
         return self.meter.snapshot()
@@ -231,17 +261,21 @@ class Engine:
     def stats(self) -> dict:
         now = time.monotonic()
         with self.lock:
-            while self.busy and now - self.busy[0][1] > 2.0:
-                self.busy.popleft()
+            self._prune_busy(now)
             busy = sum(min(end, now) - max(start, now - 2.0) for start, end in self.busy)
             return {"device": str(self.device), "streams": len(self.streams), "load": round(min(1.0, busy / 2.0), 3),
                     "batches": self.batches, "frames": self.frames}
+
+    def _prune_busy(self, now: float) -> None:
+        while self.busy and now - self.busy[0][1] > 2.0:
+            self.busy.popleft()
 
     def close(self) -> None:
         with self.lock:
             self.running = False
             for stream in self.streams:
                 stream.closed = True
+                stream._discard()
             self.streams.clear()
             self.lock.notify_all()
         if threading.current_thread() is not self.worker:
@@ -285,38 +319,40 @@ class Engine:
             except Exception as e:  # a bug, not a bad frame: say so loudly, keep serving the other streams
                 log.exception("engine step failed: %s", e)
                 for s, *_ in taken:
-                    s.meter.errors += 1
+                    s.meter.failed()
             finally:
                 with self.lock:
-                    self.busy.append((started, time.monotonic()))
+                    now = time.monotonic()
+                    self.busy.append((started, now))
+                    self._prune_busy(now)  # here too: an engine nobody asks for stats must not grow
                     for s, *_ in taken:
                         s.working = False
                         s.owed = s.state is not None and s.state.in_flight
                         if s.closed:
-                            s.state = None
+                            s._discard()
                     self.lock.notify_all()
 
     def _step(self, taken) -> None:
         """Apply settings, then advance every stream that has a frame (or owes frames)."""
         frames = []
         for s, settings, reset, pending in taken:
-            try:
-                if settings is not None:
-                    self._apply(s, settings)
-                if reset:
-                    s.state.reset()
-            except Exception as e:  # the stream keeps its previous settings
-                log.exception("stream %s: could not apply settings: %s", s.id, e)
-                s.meter.errors += 1
+            if settings is not None:
+                self._settle(s, settings)
+            state = s.state
+            if reset and state is not None:
+                state.reset()
             if pending is not None:
                 tag, rgb = pending
-                state = s.state
+                if state is None:  # no settings could be applied (s.failure says why)
+                    log.error("stream %s: frame at pts %s failed: %s", s.id, tag.pts, s.failure)
+                    s.meter.failed()
+                    continue
                 if state.similar is not None and state.newest is not None and state.similar.skip(tag.grey):
                     s.meter.skipped += 1
                     self._repeat(s, tag)
                     continue
                 frames.append((s, tag, rgb))
-            elif s.flush_requested and s.state is not None and s.state.in_flight:
+            elif s.flush_requested and state is not None and state.in_flight:
                 frames.append((s, None, None))  # drain one step of the stream batch
         groups: dict[tuple, list] = {}
         for item in frames:
@@ -326,16 +362,33 @@ class Engine:
         for items in groups.values():
             try:
                 self._advance(items)
-            except Exception as e:  # a bad frame: logged with its pts, the streams go on
-                pts = [tag.pts for _, tag, _ in items if tag is not None]
-                log.exception("frame(s) at pts %s failed: %s", pts, e)
-                for s, tag, rgb in items:
-                    s.meter.errors += 1
-                    s.state.tags = [None] * s.state.steps
-                    if tag is not None:
-                        self._emit(s, tag, s.state.last_output if s.state.last_output is not None else rgb)
+            except Exception as e:  # a bug (failures of frames are handled inside): the streams start over, counted
+                log.exception("engine: a step over streams %s failed: %s", [s.id for s, _, _ in items], e)
+                for s, tag, _ in items:
+                    self._give_up(s, e, tag)
+
+    def _settle(self, s: Stream, settings: StreamSettings) -> None:
+        """Apply a settings change. A failure is this stream's alone: logged, counted, and
+        the stream keeps the settings it had, or fails if it had none."""
+        try:
+            self._apply(s, settings)
+            return
+        except Exception as e:
+            error = e
+        s.meter.failed_updates += 1
+        with self.lock:
+            if s.state is not None and s.requested is None:  # no newer change waiting: say what still runs
+                s.settings = s.state.settings
+            if s.state is None:
+                s.failure = f"stream {s.id} failed: its settings could not be applied ({error})"
+        if s.state is not None:
+            log.error("stream %s: could not apply settings, keeping the previous ones: %s", s.id, error,
+                      exc_info=error)
+        else:
+            log.error("%s", s.failure, exc_info=error)
 
     def _apply(self, s: Stream, settings: StreamSettings) -> None:
+        """Nothing of the stream changes until everything new is built (an error leaves it as it was)."""
         plan = make_plan(self.pipe, settings, self.device)
         guidance = make_guidance(settings.guidance, settings.guidance_scale, plan)
         cond = self.conditioning.positive(settings.style, settings.prompt)
@@ -347,40 +400,94 @@ class Engine:
         if old is not None:
             while old.in_flight:  # finish the frames in flight the old way: none is lost
                 self._advance([(s, None, None)])
-        s.state = StreamState(settings, plan, guidance, cond, uncond, self.pipe.unet,
-                              self.pipe.autoencoder.latent_channels, self.device, self.dtype)
+        state = StreamState(settings, plan, guidance, cond, uncond, self.pipe.unet,
+                            self.pipe.autoencoder.latent_channels, self.device, self.dtype)
         if old is not None:
-            s.state.carry_over(old)
+            state.carry_over(old)
+        s.state = state
         s.meter.latency_frames = plan.steps - 1 if settings.stream_batch else 0
 
     # -- One call's worth of frames ----------------------------------------------------
 
     def _advance(self, items: list[tuple[Stream, Tag | None, np.ndarray | None]]) -> None:
         """items: (stream, tag, processing-size RGB) for a new frame, (stream, None, None)
-        for a drain step. Encodes, denoises and outputs them, batched across streams."""
+        for a drain step, one per stream. Encodes, denoises and outputs them, batched
+        across streams.
+
+        A new frame that fails never enters the stream batch, so the frames in flight go
+        on (see _lose); a drain step that fails gives them up (see _give_up)."""
         fresh = [(s, tag, rgb) for s, tag, rgb in items if tag is not None]
-        z0s = {}
-        if fresh:
-            w, h = fresh[0][0].state.settings.size
-            rgbs = [rgb if rgb.shape[:2] == (h, w) else cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
-                    for _, _, rgb in fresh]
-            images = torch.from_numpy(np.stack(rgbs)).to(self.device, non_blocking=True)  # (B, h, w, 3) uint8
-            images = images.permute(0, 3, 1, 2).to(self.dtype).div_(255)  # (B, 3, h, w) in [0, 1]
-            z = self.pipe.autoencoder.encode(images)
-            z0s = {id(s): z[i:i + 1] for i, (s, _, _) in enumerate(fresh)}
+        latents = dict(zip((id(s) for s, _, _ in fresh), self._encode(fresh)))
         runs = []
         for s, tag, _ in items:
             state = s.state
             if tag is None:  # drain: a stand-in copy of the newest frame pushes the others through
-                tag, z0 = state.newest.echo(), state.last_z0
-            else:
-                z0 = z0s[id(s)]
-                state.newest, state.last_z0 = tag, z0
-                if state.plan.prior_at_start:
-                    z0 = self._prior(state, tag, z0)
-            runs.append((s, self._denoise(state, z0, tag)))
-        finished = self._drive(runs)
-        self._finish([(s, tag, den) for s, (tag, den) in finished if tag.emit])
+                runs.append((s, None, None, self._denoise(state, state.last_z0, state.newest.echo())))
+                continue
+            z0 = latents[id(s)]
+            if isinstance(z0, Exception):
+                self._lose(s, tag, z0)
+                continue
+            try:
+                start = self._prior(state, tag, z0) if state.plan.prior_at_start else z0
+            except Exception as e:
+                self._lose(s, tag, _freed(e))
+                continue
+            runs.append((s, tag, z0, self._denoise(state, start, tag)))
+        finished = []
+        for (s, tag, z0, _), result in zip(runs, self._drive([(s, run) for s, _, _, run in runs])):
+            if isinstance(result, Exception):
+                if tag is None:
+                    self._give_up(s, result)
+                else:
+                    self._lose(s, tag, result)
+                continue
+            if tag is not None:  # the frame is in the stream batch now
+                s.state.newest, s.state.last_z0 = tag, z0
+            done, denoised = result
+            if done.emit:
+                finished.append((s, done, denoised))
+        self._finish(finished)
+
+    def _encode(self, fresh: list[tuple[Stream, Tag, np.ndarray]]) -> list[torch.Tensor | Exception]:
+        """The new frames' (1, C, h, w) latents, encoded in one call (or the error each raised)."""
+        if not fresh:
+            return []
+        w, h = fresh[0][0].state.settings.size
+        rgbs = [rgb if rgb.shape[:2] == (h, w) else cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
+                for _, _, rgb in fresh]
+
+        def encode(batch: list[np.ndarray]) -> list[torch.Tensor]:
+            images = torch.from_numpy(np.stack(batch)).to(self.device, non_blocking=True)  # (B, h, w, 3) uint8
+            images = images.permute(0, 3, 1, 2).to(self.dtype).div_(255)  # (B, 3, h, w) in [0, 1]
+            return list(self.pipe.autoencoder.encode(images).split(1))
+
+        return _isolated(encode, rgbs, "encoding")
+
+    def _lose(self, s: Stream, tag: Tag, error: Exception) -> None:
+        """A new frame failed before it entered the stream batch: logged with its pts,
+        counted, and output as a stand-in in its turn, after the frames in flight."""
+        log.error("stream %s: frame at pts %s failed: %s", s.id, tag.pts, error, exc_info=error)
+        tag.failed = True
+        newest = s.state.newest
+        if newest is not None and not newest.emitted:
+            newest.repeats.append(tag)
+        else:
+            self._emit(s, tag, None)
+
+    def _give_up(self, s: Stream, error: Exception, tag: Tag | None = None) -> None:
+        """The stream batch cannot go on: the frames in flight (oldest first, then `tag`
+        unless it was dealt with) go out as stand-ins, counted as failed; the slots
+        start again empty."""
+        state = s.state
+        if state is None:
+            return
+        owed = state.owed() + ([tag] if tag is not None and not tag.emitted and not tag.failed else [])
+        if owed:
+            log.error("stream %s: frames at pts %s failed: %s", s.id, [t.pts for t in owed], error, exc_info=error)
+        for t in owed:
+            self._emit(s, t, None)
+        state.tags = [None] * state.steps
 
     def _denoise(self, state: StreamState, z0: torch.Tensor, tag: Tag) -> Denoising:
         """One frame through the stream's steps; yields U-Net rows, returns (finished tag, latent).
@@ -416,25 +523,38 @@ class Engine:
             cache.advance()
         return tag, denoised
 
-    def _drive(self, runs: list[tuple[Stream, Denoising]]) -> list[tuple[Stream, tuple[Tag, torch.Tensor]]]:
-        """Run the streams' denoising together: each round, one U-Net call per context length."""
-        finished = []
-        requests = {}
-        for s, run in runs:
-            requests[id(run)] = (s, run, next(run))
+    def _drive(self, runs: list[tuple[Stream, Denoising]]) -> list[tuple[Tag, torch.Tensor] | Exception]:
+        """Run the streams' denoising together: each round, one U-Net call per context
+        length. Returns each run's (finished tag, latent), or the error that ended it; a
+        call that fails is retried stream by stream, so only the failing stream's run ends."""
+        results: list = [None] * len(runs)
+
+        def resume(i: int, out: torch.Tensor | None) -> Rows | None:
+            """Hand run i its U-Net output; its next rows, or None once it has ended."""
+            try:
+                return runs[i][1].send(out)
+            except StopIteration as stop:
+                results[i] = stop.value
+            except Exception as e:
+                results[i] = _freed(e)
+            return None
+
+        requests = {i: rows for i in range(len(runs)) if (rows := resume(i, None)) is not None}
         while requests:
-            by_context: dict[int, list] = {}
-            for s, run, rows in requests.values():
-                by_context.setdefault(rows.state.cond.shape[1], []).append((s, run, rows))
+            by_context: dict[int, list[tuple[int, Rows]]] = {}
+            for i, rows in requests.items():
+                by_context.setdefault(rows.state.cond.shape[1], []).append((i, rows))
             requests = {}
             for batch in by_context.values():
-                outs = self._call([rows for _, _, rows in batch], [s.meter for s, _, _ in batch])
-                for (s, run, rows), out in zip(batch, outs):
-                    try:
-                        requests[id(run)] = (s, run, run.send(out))
-                    except StopIteration as stop:
-                        finished.append((s, stop.value))
-        return finished
+                outs = _isolated(lambda part: self._call([r for _, r in part], [runs[i][0].meter for i, _ in part]),
+                                 batch, "a U-Net call")
+                for (i, _), out in zip(batch, outs):
+                    if isinstance(out, Exception):
+                        runs[i][1].close()
+                        results[i] = out
+                    elif (rows := resume(i, out)) is not None:
+                        requests[i] = rows
+        return results
 
     def _call(self, batch: list[Rows], meters: list[StreamMeter]) -> list[torch.Tensor]:
         """One U-Net call over several streams' rows (with their guidance rows); returns
@@ -495,35 +615,77 @@ class Engine:
         return propagate(z, state.previous_latent, grid, confidence, blend)
 
     def _finish(self, done: list[tuple[Stream, Tag, torch.Tensor]]) -> None:
-        """Decode the finished frames (one batch) and output them."""
-        if not done:
-            return
-        latents = []
+        """Decode the finished frames (one batch) and output them. A frame that fails
+        here, or whose output is not finite, goes out as a stand-in, counted."""
+        ready = []
         for s, tag, z in done:
-            state = s.state
-            if not state.plan.prior_at_start:
-                z = self._prior(state, tag, z)
-            state.previous_latent = z
-            latents.append(z)
-        images = self.pipe.autoencoder.decode(torch.cat(latents))  # (B, 3, h, w)
+            try:
+                if not s.state.plan.prior_at_start:
+                    z = self._prior(s.state, tag, z)
+            except Exception as e:
+                self._fail(s, tag, _freed(e))
+                continue
+            ready.append((s, tag, z))
+        def decode(part: list) -> list[torch.Tensor]:
+            return list(self.pipe.autoencoder.decode(torch.cat([z for _, _, z in part])).split(1))
+
+        decoded = _isolated(decode, ready, "decoding")
         blended = []
-        for (s, tag, _), image in zip(done, images.split(1)):
+        for (s, tag, z), image in zip(ready, decoded):  # image: (1, 3, h, w)
+            if isinstance(image, Exception):
+                self._fail(s, tag, image)
+                continue
             state = s.state
             temporal = state.settings.temporal
-            motion = self._motion(state, tag) if temporal.flow and temporal.output_blend > 0 else None
-            if motion is not None and state.previous_image is not None and state.previous_image.shape == image.shape:
-                grid, confidence = sampling_grid(motion, (image.shape[-1], image.shape[-2]), self.device)
-                image = propagate(image, state.previous_image, grid, confidence, temporal.output_blend)
-            state.previous_image, state.previous_tag = image, tag
+            try:
+                motion = self._motion(state, tag) if temporal.flow and temporal.output_blend > 0 else None
+                previous = state.previous_image
+                if motion is not None and previous is not None and previous.shape == image.shape:
+                    grid, confidence = sampling_grid(motion, (image.shape[-1], image.shape[-2]), self.device)
+                    image = propagate(image, previous, grid, confidence, temporal.output_blend)
+            except Exception as e:
+                self._fail(s, tag, _freed(e))
+                continue
+            state.previous_latent, state.previous_image, state.previous_tag = z, image, tag
             # Its motion is spent: kept, it would hold the previous tag, which holds its own
             # previous one, chaining every frame ever output (~0.3 MB each) to the stream.
             tag.motion = None
-            blended.append(image)
-        # The one host sync per call: the frames go back to the host for their sinks.
-        rgb = torch.cat(blended).clamp(0, 1).mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        self.frames += len(done)
-        for (s, tag, _), array in zip(done, rgb):
-            self._emit(s, tag, array)
+            blended.append((s, tag, image))
+        if not blended:
+            return
+        try:
+            images = torch.cat([image for _, _, image in blended])  # (B, 3, h, w)
+            B, _, h, w = images.shape
+            # A model with NaN weights gives NaN, not an image: each frame's flag rides
+            # along in the same copy, so checking costs no host sync of its own.
+            finite = torch.isfinite(images).flatten(1).all(1, keepdim=True).to(torch.uint8)  # (B, 1)
+            rgb = images.clamp(0, 1).mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).reshape(B, h * w * 3)
+            # The one host sync per call: the frames go back to the host for their sinks.
+            host = torch.cat([rgb, finite], dim=1).cpu().numpy()  # (B, h * w * 3 + 1)
+        except Exception as e:
+            error = _freed(e)
+            for s, tag, _ in blended:
+                self._fail(s, tag, error)
+            return
+        self.frames += len(blended)
+        for (s, tag, _), row in zip(blended, host):
+            if row[-1]:
+                self._emit(s, tag, row[:-1].reshape(h, w, 3))
+            else:
+                self._non_finite(s, tag)
+
+    def _fail(self, s: Stream, tag: Tag, error: Exception) -> None:
+        """A frame at the end of the stream batch failed: out now as a stand-in, counted."""
+        log.error("stream %s: frame at pts %s failed: %s", s.id, tag.pts, error, exc_info=error)
+        self._emit(s, tag, None)
+
+    def _non_finite(self, s: Stream, tag: Tag) -> None:
+        self._emit(s, tag, None, non_finite=True)
+        n = s.meter.non_finite
+        if n == 1 or n % 100 == 0:  # once, then now and then: a broken model would log every frame
+            log.error("stream %s: the output at pts %s is not finite (NaN or inf; %d such frames so far), counted "
+                      "as failed: the model's weights or the style weights may hold NaN", s.id, tag.pts, n)
+        s.state.reset()  # and no NaN flows into later frames through the temporal state
 
     def _repeat(self, s: Stream, tag: Tag) -> None:
         """A frame the similarity filter skipped gets the output of the newest frame the model took."""
@@ -533,22 +695,66 @@ class Engine:
         else:
             newest.repeats.append(tag)
 
-    def _emit(self, s: Stream, tag: Tag, rgb: np.ndarray) -> None:
-        """Hand one output frame (and the skipped frames that repeat it) to the stream's sink."""
+    def _emit(self, s: Stream, tag: Tag, rgb: np.ndarray | None, non_finite: bool = False) -> None:
+        """Hand one output frame (and the frames that repeat it) to the stream's sink.
+
+        rgb None: the frame failed; a stand-in goes out in its place, counted as an
+        error: the last output, else black."""
+        state = s.state
         W, H = tag.size
+        failed = rgb is None
+        if failed:
+            tag.failed = True
+            rgb = state.last_output if state.last_output is not None else np.zeros((H, W, 3), np.uint8)
         if rgb.shape[:2] != (H, W):
             rgb = cv2.resize(rgb, (W, H), interpolation=cv2.INTER_LINEAR)
         rgb = np.ascontiguousarray(rgb)
-        s.state.last_output = rgb
+        if not failed:
+            state.last_output = rgb
         tag.emitted = True
         for t in [tag] + tag.repeats:
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             if t.time_base is not None:  # arrays come without timestamps
                 frame.pts, frame.time_base = t.pts, t.time_base
-            s.meter.output(t.submitted_at)
             try:
                 s.on_output(frame)
             except Exception as e:  # the sink's problem must not stop the engine
                 log.exception("stream %s: output callback failed at pts %s: %s", s.id, t.pts, e)
-                s.meter.errors += 1
+                s.meter.failed()
+                continue
+            if failed or t.failed:
+                s.meter.failed(non_finite)
+            else:
+                s.meter.output(t.submitted_at)
         tag.repeats.clear()
+
+
+def _freed(error: Exception) -> Exception:
+    """The error with the locals of its finished frames cleared: the failed call's tensors
+    (device memory, after running out of it) go now, not when the error is dropped. The
+    traceback's lines stay for the log."""
+    traceback.clear_frames(error.__traceback__)
+    return error
+
+
+def _isolated(call: Callable[[list], list], items: list, what: str) -> list:
+    """call(items) -> one result per item, as one batch; when the batch fails, item by
+    item (one stream's each), so that a failure is only the failing stream's. A failed
+    item gets its error in place of a result."""
+    if not items:
+        return []
+    try:
+        return call(items)
+    except Exception as e:
+        if len(items) == 1:
+            return [_freed(e)]
+        log.warning("%s over %d streams failed (%s: %s); trying them one by one", what, len(items),
+                    type(e).__name__, e)
+        traceback.clear_frames(e.__traceback__)
+    results = []
+    for item in items:
+        try:
+            results += call([item])
+        except Exception as e:
+            results.append(_freed(e))
+    return results

@@ -37,8 +37,11 @@ class Tag:
 
     size: the input frame's (width, height), the output's size; grey: its small grey
     copy (flow, similarity). emit: False for the stand-in copies that prime or drain
-    the stream batch. repeats: later frames the similarity filter skipped, which get
-    this frame's output with their own timestamps.
+    the stream batch. repeats: later frames that get this frame's output with their own
+    timestamps, in order: frames the similarity filter skipped, and frames that failed
+    while this one was in flight (`failed`: counted as errors, not outputs).
+    motion: (previous output frame, motion from it), computed once; dropped once this
+    frame is output, or every frame would keep the one before it alive.
     """
 
     pts: int | None
@@ -48,8 +51,9 @@ class Tag:
     grey: np.ndarray
     emit: bool = True
     emitted: bool = False
+    failed: bool = False
     repeats: list[Tag] = field(default_factory=list)
-    motion: tuple[Tag, Motion] | None = None  # (previous output frame, motion from it), computed once
+    motion: tuple[Tag, Motion] | None = None
 
     def echo(self) -> Tag:
         return Tag(self.pts, self.time_base, self.size, self.submitted_at, self.grey, emit=False)
@@ -109,10 +113,13 @@ class StreamState:
         """Every stream-batch slot past 0 holds a frame: one batched call finishes a frame."""
         return all(t is not None for t in self.tags[1:])
 
+    def owed(self) -> list[Tag]:
+        """The frames in the stream batch still owed an output, oldest first."""
+        return [t for t in reversed(self.tags[1:]) if t is not None and t.emit and not t.emitted]
+
     @property
     def in_flight(self) -> bool:
-        """Frames still owed an output."""
-        return any(t is not None and t.emit and not t.emitted for t in self.tags[1:])
+        return bool(self.owed())
 
     def retune(self, settings: StreamSettings, plan: Plan, guidance: NoGuidance, cond: torch.Tensor,
                uncond: torch.Tensor | None) -> None:

@@ -24,13 +24,29 @@ SAMPLES = 60  # medians over the last 60 values
 class StreamStats:
     """A snapshot. fps over the last ~2 s; model_ms and latency_ms are recent medians
     (model time per frame, and submit() to output wall time); latency_frames is the
-    stream batch's lag in frames."""
+    stream batch's lag in frames.
+
+    Every frame submitted ends up in exactly one of three counts, so once a stream is
+    flushed or closed, frames_in == frames_out + errors + dropped:
+    - frames_out: restyled frames the sink took, with the frames the similarity filter
+      skipped (`skipped` counts those; they repeat the output before them);
+    - errors: frames that failed (each logged with its pts): the model raised, the
+      output was not finite (`non_finite` counts those), or the sink raised. A failed
+      frame still goes to the sink as a stand-in (the last output, else black) so a
+      file keeps its length, but it is not counted out;
+    - dropped: frames replaced while waiting (latest frame wins), or not yet output
+      when the stream was closed.
+    failed_updates: settings changes that could not be applied (logged; the stream kept
+    its previous settings, or failed if it had none).
+    """
 
     frames_in: int
     frames_out: int
     dropped: int
     skipped: int
     errors: int
+    non_finite: int
+    failed_updates: int
     fps_in: float
     fps_out: float
     model_ms: float
@@ -41,9 +57,13 @@ class StreamStats:
         return {k: round(v, 2) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
 
 
-def _rate(stamps: deque, now: float) -> float:
+def _prune(stamps: deque, now: float) -> None:
     while stamps and now - stamps[0] > WINDOW_S:
         stamps.popleft()
+
+
+def _rate(stamps: deque, now: float) -> float:
+    _prune(stamps, now)
     if len(stamps) < 2:
         return 0.0
     return (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-6)
@@ -59,6 +79,7 @@ class StreamMeter:
     def __init__(self):
         self.lock = threading.Lock()
         self.frames_in = self.frames_out = self.dropped = self.skipped = self.errors = 0
+        self.non_finite = self.failed_updates = 0
         self.latency_frames = 0
         self.in_stamps: deque[float] = deque()
         self.out_stamps: deque[float] = deque()
@@ -66,24 +87,39 @@ class StreamMeter:
         self.latency_ms: deque[float] = deque(maxlen=SAMPLES)
 
     def submitted(self, replaced: bool) -> None:
+        now = time.monotonic()
         with self.lock:
             self.frames_in += 1
             self.dropped += replaced
-            self.in_stamps.append(time.monotonic())
+            self.in_stamps.append(now)
+            _prune(self.in_stamps, now)  # here too: a stream nobody asks for stats must not grow
 
     def output(self, submitted_at: float) -> None:
         now = time.monotonic()
         with self.lock:
             self.frames_out += 1
             self.out_stamps.append(now)
+            _prune(self.out_stamps, now)
             self.latency_ms.append(1e3 * (now - submitted_at))
+
+    def failed(self, non_finite: bool = False) -> None:
+        """A frame that failed (its stand-in is not an output)."""
+        with self.lock:
+            self.errors += 1
+            self.non_finite += non_finite
+
+    def discarded(self, frames: int) -> None:
+        """Frames that were waiting or in flight when the stream was closed."""
+        with self.lock:
+            self.dropped += frames
 
     def snapshot(self) -> StreamStats:
         now = time.monotonic()
         with self.lock:
             return StreamStats(self.frames_in, self.frames_out, self.dropped, self.skipped, self.errors,
-                               _rate(self.in_stamps, now), _rate(self.out_stamps, now), _median(self.model_ms),
-                               _median(self.latency_ms), self.latency_frames)
+                               self.non_finite, self.failed_updates, _rate(self.in_stamps, now),
+                               _rate(self.out_stamps, now), _median(self.model_ms), _median(self.latency_ms),
+                               self.latency_frames)
 
 
 class ModelTimer:
