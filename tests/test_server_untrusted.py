@@ -197,7 +197,7 @@ CASES = [
     Case("control", "a token that is a list", "control", '{"token": ["x"]}', token=True, expect="closed"),
     Case("flood", f"{FLOOD} messages at once", "control", '{"strength": 0.5}', expect="dropped",
          mention="too many"),
-    Case("flood", f"{FLOOD} garbage messages at once", "control", "}{" * 100, expect="dropped", mention="too many"),
+    Case("flood", f"{FLOOD} garbage messages at once", "control", "}{", expect="dropped", mention="too many"),
 ]
 
 
@@ -297,9 +297,10 @@ async def run_cases(engine, cases: list[Case], clip) -> dict[str, Outcome]:
     logging.getLogger().addHandler(tracebacks)
     try:
         for token in (False, True):
-            # A long idle timeout: on a loaded machine the flood cases can hold the shared event
-            # loop (client and server in one process) past the default; test_a_flood_... checks that.
-            app = App(engine, ServerSettings(port=0, short_side=64, token=TOKEN if token else "", idle_timeout=10))
+            # A long idle timeout: the corpus is about refusals, and on a machine short of CPU the
+            # flood cases (client and server in one process, sharing one event loop) can stall the
+            # video for seconds; test_a_flood_of_control_messages... measures that stall.
+            app = App(engine, ServerSettings(port=0, short_side=64, token=TOKEN if token else "", idle_timeout=30))
             auth = {"Authorization": f"Bearer {TOKEN}"} if token else {}
             async with listening(app) as url:
                 camera = None
@@ -325,9 +326,10 @@ async def run_cases(engine, cases: list[Case], clip) -> dict[str, Outcome]:
                         except (ValueError, KeyError, TypeError):
                             error = text  # not one line of JSON: the test says so
                     status, _ = await raw_request(url, "GET", "/stats", b"", auth)
+                    for key, session in list(app.sessions.items()):  # an offer that was accepted: not kept
+                        if camera is None or key != camera.client.session:
+                            await app.close_session(session, "case over")
                     outcomes[case.key] = Outcome(result, error, tracebacks.count > before, status == 200)
-                for session in list(app.sessions.values()):  # offers that were accepted: not part of the tally
-                    await app.close_session(session, "test over")
                 if camera is not None:
                     await camera.client.close()
     finally:

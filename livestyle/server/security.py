@@ -1,9 +1,11 @@
-"""Who may talk to the server, and how much: the bind rule, bearer tokens, size limits, CORS.
+"""Who may talk to the server, and how much: the bind rule, bearer tokens, size and JSON
+limits, CORS.
 
 The model: a server on a loopback address trusts the machine it runs on (like a
 development server); one on any other address refuses to start without a token, and
 then every route that is not a static page (the API, WHIP, WHEP) and the `control`
-data channel need it. Tokens are compared in constant time. Pages are static files
+data channel need it. Tokens are compared in constant time, as bytes (a header that is
+not UTF-8 is a wrong token, not an error), and never logged. Pages are static files
 from the package's own folder and carry no secrets: the token reaches them in the URL
 fragment (`/#token=...`), which browsers never send to the server.
 
@@ -11,6 +13,10 @@ Two defences cover the loopback server without a token: requests whose Host head
 not a loopback name are refused (DNS rebinding: a web page whose name resolves to
 127.0.0.1 would otherwise be same-origin with the server), and so are cross-origin
 browser requests (another site's page must not read /stats or offer SDP).
+
+JSON from the network (offers, control messages) is parsed by load_json: sized first,
+then refused if it is not UTF-8, holds NaN or a number beyond a float, or nests deeper
+than our flat messages ever do.
 """
 
 from __future__ import annotations
