@@ -346,16 +346,17 @@ class Progress:
 
     def line(self, done: int, stats, dropped: int) -> str:
         elapsed = time.monotonic() - self.start
+        failed = f"  failed {stats.errors}" if stats.errors else ""
         if self.live:
             return (f"in {stats.fps_in:5.1f} fps  out {stats.fps_out:5.1f} fps  latency {stats.latency_ms:4.0f} ms  "
-                    f"dropped {dropped}  frames {done}  (Ctrl-C to stop)")
+                    f"dropped {dropped}{failed}  frames {done}  (Ctrl-C to stop)")
         fps = done / elapsed if elapsed > 0 else 0.0
         if not self.total:
-            return f"{done} frames  {fps:5.1f} fps  {_clock(elapsed)}"
+            return f"{done} frames  {fps:5.1f} fps  {_clock(elapsed)}{failed}"
         share = min(done / self.total, 1.0)
         bar = "=" * int(24 * share) + ">" * (share < 1) + " " * (24 - int(24 * share) - (share < 1))
         eta = _clock((self.total - done) / fps) if fps > 0 else "?"
-        return f"{100 * share:3.0f}% [{bar}] {done}/{self.total} frames  {fps:5.1f} fps  ETA {eta}"
+        return f"{100 * share:3.0f}% [{bar}] {done}/{self.total} frames  {fps:5.1f} fps  ETA {eta}{failed}"
 
     def update(self, done: int, stats, dropped: int) -> None:
         now = time.monotonic()
@@ -795,8 +796,8 @@ def main(argv: list[str] | None = None) -> int:
         print("livestyle: interrupted", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     finally:
-        if on_main:
-            signal.signal(signal.SIGTERM, previous)
+        if on_main:  # None: the previous handler was not set from Python
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":
