@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import av
+import pytest
 from media_clips import make_clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,16 +114,17 @@ def test_source_that_never_sends_fails_within_its_timeout():
     assert took < 30  # imports (a few s on 2 busy cores) + the 1 s timeout, not FFmpeg's default of never
 
 
-def _serving(body: bytes, stall_after: int, stop: threading.Event):
+def _serving(body: bytes, stop_after: int, stop: threading.Event, hang: bool):
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200)
             self.send_header("Content-Type", "video/mp2t")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body[:stall_after])
+            self.wfile.write(body[:stop_after])
             self.wfile.flush()
-            stop.wait(60)  # a server that hangs mid-file
+            if hang:  # a server that hangs mid-file; else it drops the connection
+                stop.wait(60)
 
         def log_message(self, *args):
             pass
@@ -133,12 +135,14 @@ def _serving(body: bytes, stall_after: int, stop: threading.Event):
     return server
 
 
-def test_http_source_that_stalls_mid_file(tmp_path):
-    """An HTTP server sends half of an MPEG-TS clip and hangs: the read times out after
-    --timeout, the run says after how many frames, exits 2, and the output holds them."""
+@pytest.mark.parametrize("hang, says", [(True, "no data for 1 s"), (False, "Input/output error")])
+def test_http_source_that_stops_mid_file(tmp_path, hang, says):
+    """An HTTP server sends half of an MPEG-TS clip and hangs (or drops the connection): the
+    read times out after --timeout (or fails at once), the run says after how many frames,
+    exits 2, and the output holds them."""
     clip = make_clip(tmp_path / "in.ts", (64, 48), frames=96, audio=None).read_bytes()
     stop = threading.Event()
-    server = _serving(clip, len(clip) // 2, stop)
+    server = _serving(clip, len(clip) // 2, stop, hang)
     out = tmp_path / "out.mp4"
     try:
         began = time.monotonic()
@@ -151,7 +155,7 @@ def test_http_source_that_stalls_mid_file(tmp_path):
         server.shutdown()
     assert process.returncode == 2, stderr
     line = one_error_line(stderr)
-    assert "the stream stopped after" in line and "no data for 1 s" in line, line
+    assert "the stream stopped after" in line and says in line, line
     assert took < 60
     assert not out.exists() or decodable_frames(out) >= 1  # what came out, if anything, plays
 

@@ -137,7 +137,8 @@ class FileSource:
                 break
             except av.FFmpegError as e:
                 if self.network:  # a stalled or dropped stream: an error the run reports, not an end
-                    why = f"no data for {self.timeout:g} s" if isinstance(e, av.error.ExitError) else e
+                    why = (f"no data for {self.timeout:g} s" if isinstance(e, av.error.ExitError)
+                           else e.strerror if isinstance(e, OSError) and e.strerror else e)
                     raise LivestyleError(f"{self.name}: the stream stopped after {count} frames ({why})") from None
                 log.debug("%s: stopped reading after %d frames: %s", self.name, count, e)
                 self.damaged += 1  # a truncated or damaged file: keep what was read, and count it
