@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.server_latency import ServerProcess  # noqa: E402
+from benchmarks.server_latency import ServerProcess, camera_size  # noqa: E402
 
 FAIRNESS = 0.8  # slowest session's fps / fastest's
 
@@ -119,19 +119,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=8, help="concurrent sessions = the server's --max-sessions")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured time")
     parser.add_argument("--warmup", type=float, default=5.0)
-    parser.add_argument("--size", default="128x96", help="the clients' camera size, WxH")
+    parser.add_argument("--size", type=camera_size, default="128x96", help="the clients' camera size, WxH")
     parser.add_argument("--short-side", type=int, default=64, help="the server's processing short side")
     parser.add_argument("--max-latency", type=float, default=2000.0, help="bound on each session's p90 latency, ms")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if args.sessions < 1 or args.seconds <= 0 or args.warmup < 0:
         parser.error("--sessions and --seconds must be positive, --warmup >= 0")
-    size = tuple(int(v) for v in args.size.split("x"))
 
     with ServerProcess(args.short_side, args.device, args.sessions) as server:
         print(f"python {platform.python_version()}, {os.cpu_count()} CPUs; {args.sessions} sessions sending "
-              f"{args.size} at 30 fps, short side {args.short_side}; {args.seconds:g} s after {args.warmup:g} s")
-        result = asyncio.run(load(server.url, args.sessions, args.seconds, args.warmup, size))
+              f"{args.size[0]}x{args.size[1]} at 30 fps, short side {args.short_side}; "
+              f"{args.seconds:g} s after {args.warmup:g} s")
+        result = asyncio.run(load(server.url, args.sessions, args.seconds, args.warmup, args.size))
     w, h = result.processing or (0, 0)
     print(f"processing {w}x{h}; engine load {result.engine['load']:.2f}")
     print("| session | fps | latency median (ms) | latency p90 (ms) | server latency (ms) | dropped | errors |")

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,14 @@ def serve(port: int, short_side: int, device: str, max_sessions: int) -> None:
         settings = ServerSettings(port=port, short_side=short_side, max_sessions=max_sessions)
         print(f"serving with torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
         asyncio.run(run(App(engine, settings), lambda url: print(f"ready {url}", flush=True)))
+
+
+def camera_size(text: str) -> tuple[int, int]:
+    """argparse type: 'WxH' -> (W, H), each 16 to 4096 pixels."""
+    match = re.fullmatch(r"(\d+)x(\d+)", text.strip())
+    if not match or not all(16 <= int(v) <= 4096 for v in match.groups()):
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected WxH, 16 to 4096 pixels a side, e.g. 160x120")
+    return int(match.group(1)), int(match.group(2))
 
 
 class ServerProcess:
@@ -142,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time per session count")
     parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--size", default="320x240", help="the clients' camera size, WxH")
+    parser.add_argument("--size", type=camera_size, default="320x240", help="the clients' camera size, WxH")
     parser.add_argument("--short-side", type=int, default=256, help="the server's processing short side")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--codec", choices=("video/VP8", "video/H264"), help="default: aiortc's choice (VP8)")
@@ -153,16 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.port, args.short_side, args.device, max(args.sessions))
         return 0
 
-    size = tuple(int(v) for v in args.size.split("x"))
     with ServerProcess(args.short_side, args.device, max(args.sessions), args.port) as server:
         url = server.url
-        print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, clients send {args.size} at 30 fps"
+        print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, "
+              f"clients send {args.size[0]}x{args.size[1]} at 30 fps"
               f"{', ' + args.codec if args.codec else ''}; {args.seconds:g} s measured after {args.warmup:g} s")
         print("| sessions | processing | fps per session | latency median (ms) | latency p90 (ms) | server ms "
               "| model ms | dropped | engine load |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for n in args.sessions:
-            r = asyncio.run(measure(url, n, args.seconds, args.warmup, size, args.codec))
+            r = asyncio.run(measure(url, n, args.seconds, args.warmup, args.size, args.codec))
             w, h = r["processing"]
             print(f"| {n} | {w}x{h} | {r['fps']:.1f} | {r['latency_ms']:.0f} | {r['latency_p90_ms']:.0f} "
                   f"| {r['server_ms']:.0f} | {r['model_ms']:.0f} | {100 * r['dropped']:.0f}% | {r['load']:.2f} |",

@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.server_latency import ServerProcess  # noqa: E402
+from benchmarks.server_latency import ServerProcess, camera_size  # noqa: E402
 
 GROWTH_LIMIT = 0.05  # memory growth after the first minute
 RETURN_LIMIT = 0.10  # memory after the sessions close, against before
@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=30.0, help="streaming time (default 30)")
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between samples (default 10)")
     parser.add_argument("--sessions", type=int, default=1)
-    parser.add_argument("--size", default="160x120", help="the clients' camera size, WxH (default 160x120)")
+    parser.add_argument("--size", type=camera_size, default="160x120",
+                        help="the clients' camera size, WxH (default 160x120)")
     parser.add_argument("--short-side", type=int, default=256, help="the server's processing short side")
     parser.add_argument("--settle", type=float, default=60.0, help="seconds of warm-up before growth counts")
     parser.add_argument("--after", type=float, default=20.0, help="seconds to watch memory after the sessions close")
@@ -228,12 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.settle < 60 * args.minutes or args.interval <= 0 or args.sessions < 1 or args.warmup < 0:
         parser.error("--settle must be shorter than the run; --interval and --sessions positive, --warmup >= 0")
-    size = tuple(int(v) for v in args.size.split("x"))
 
     with ServerProcess(args.short_side, args.device, args.sessions) as server:
         print(f"python {platform.python_version()}, {os.cpu_count()} CPUs; {args.sessions} session(s) sending "
-              f"{args.size} at 30 fps for {args.minutes:g} min; short side {args.short_side}")
-        result = asyncio.run(soak(server, args.minutes, args.interval, args.sessions, size, args.after,
+              f"{args.size[0]}x{args.size[1]} at 30 fps for {args.minutes:g} min; short side {args.short_side}")
+        result = asyncio.run(soak(server, args.minutes, args.interval, args.sessions, args.size, args.after,
                                   args.warmup))
     print(f"server: {result.frames} frames received, {result.dropped} dropped, {result.errors} errors")
     checks = verdict(result, args.settle)

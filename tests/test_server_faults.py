@@ -56,7 +56,8 @@ def out_of_memory_at(width: int):
 
     def guarded(x, *args, **kwargs):
         if x.shape[-1] == width:
-            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (simulated, latents {tuple(x.shape)})")
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate 2.00 GiB (simulated, latents {tuple(x.shape)})")
         return forward(x, *args, **kwargs)
 
     pipe.unet.forward = guarded
@@ -117,7 +118,7 @@ async def freed_within(app: App, keep: set[str], limit: float) -> float:
     started = time.monotonic()
     while set(app.sessions) != keep:
         await asyncio.sleep(0.05)
-        assert time.monotonic() - started < limit, [(s.stats(), s.failure, s._failing_since) for s in app.sessions.values()]
+        assert time.monotonic() - started < limit, [(s.stats(), s.failure) for s in app.sessions.values()]
     return time.monotonic() - started
 
 

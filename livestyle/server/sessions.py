@@ -221,6 +221,7 @@ class Session:
             "skipped": s.skipped if s else 0,
             "errors": s.errors if s else 0,
             "send_dropped": self._own_slot.replaced if self._own_slot is not None else 0,
+            "viewers_dropped": sum(v.slot.replaced for v in self.viewers.values()),  # their encoders were behind
             "settings": settings_dict(self.stream.settings) if self.stream is not None else None,
         }
 
