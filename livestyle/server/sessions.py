@@ -143,11 +143,11 @@ class Session:
             except MediaStreamError:
                 return
             size = processing_size(frame.width, frame.height, self.short_side)
-            if size != self.stream.settings.size:  # the peer's resolution changed (or its first frame)
-                await self.update({"size": size})
             try:
+                if size != self.stream.settings.size:  # the peer's resolution changed (or its first frame)
+                    await self.update({"size": size})
                 await loop.run_in_executor(None, self.stream.submit, frame)  # never blocks: live stream
-            except StreamClosed:
+            except StreamClosed:  # the session or the engine is closing: not a failure
                 return
 
     async def update(self, changes: dict) -> None:
