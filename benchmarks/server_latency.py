@@ -131,19 +131,29 @@ async def measure(url: str, sessions: int, seconds: float, warmup: float, size: 
         latencies += [received - sent for sent, received in pairs if start <= sent and received <= end]
     await asyncio.gather(*(c.close() for c in clients))
     server = stats["sessions"]
+    latencies.sort()
     return {
         "sessions": sessions,
         "fps": statistics.median(fps),
-        "latency_ms": 1e3 * statistics.median(latencies),
-        "latency_p90_ms": 1e3 * statistics.quantiles(latencies, n=10)[-1],
-        "server_ms": statistics.median(s["latency_ms"] for s in server if s["latency_ms"] is not None),
-        "model_ms": statistics.median(s["model_ms"] for s in server if s["model_ms"] is not None),
+        "latency_ms": 1e3 * statistics.median(latencies) if latencies else None,
+        "latency_p90_ms": 1e3 * latencies[int(0.9 * (len(latencies) - 1))] if latencies else None,
+        "server_ms": _median([s["latency_ms"] for s in server]),
+        "model_ms": _median([s["model_ms"] for s in server]),
         "dropped": sum(s["dropped"] for s in server) / max(1, sum(s["frames_received"] for s in server)),
         "load": stats["engine"]["load"],
         "frames": len(latencies),
         "unmatched": unmatched,
         "processing": server[0]["settings"]["size"] if server else None,
     }
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.port, args.short_side, args.device, max(args.sessions))
         return 0
 
+    failed = False
     with ServerProcess(args.short_side, args.device, max(args.sessions), args.port) as server:
         url = server.url
         print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, "
@@ -173,13 +184,16 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.sessions:
             r = asyncio.run(measure(url, n, args.seconds, args.warmup, args.size, args.codec))
             w, h = r["processing"]
-            print(f"| {n} | {w}x{h} | {r['fps']:.1f} | {r['latency_ms']:.0f} | {r['latency_p90_ms']:.0f} "
-                  f"| {r['server_ms']:.0f} | {r['model_ms']:.0f} | {100 * r['dropped']:.0f}% | {r['load']:.2f} |",
+            print(f"| {n} | {w}x{h} | {r['fps']:.1f} | {_ms(r['latency_ms'])} | {_ms(r['latency_p90_ms'])} "
+                  f"| {_ms(r['server_ms'])} | {_ms(r['model_ms'])} | {100 * r['dropped']:.0f}% | {r['load']:.2f} |",
                   flush=True)
+            if r["latency_ms"] is None:
+                print(f"  no frame came back within the {args.seconds:g} s measured: no latency (try --seconds)")
+                failed = True
             if r["unmatched"]:
                 print(f"  warning: {r['unmatched']} received frames could not be matched to a sent frame")
             time.sleep(1.0)  # let the server free the sessions
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
