@@ -323,3 +323,15 @@ def test_rate_windows_do_not_grow_when_nobody_reads_them():
     meter.submitted(False)
     meter.output(time.monotonic())
     assert len(meter.in_stamps) == len(meter.out_stamps) == 1
+
+
+def test_style_contexts_are_remembered_up_to_a_bound(pipe):
+    """A server's viewers can send any number of style blends: the cache keeps the last 16."""
+    from livestyle.stream.conditioning import Conditioning
+
+    conditioning = Conditioning(pipe, "cpu", torch.float32)
+    first = conditioning.style("starry-night")
+    for i in range(40):
+        conditioning.style(f"starry-night:1, fauve-red:0.{i + 1:02d}")
+        assert conditioning.style("starry-night") is first  # in use: kept
+    assert len(conditioning._styles) == conditioning.max_entries
