@@ -40,6 +40,7 @@ PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_TEXT = 1000  # characters in a prompt or style
 RATE = 20.0  # control messages a second, sustained: the page's slider sends at most 12.5
 BURST = 40  # control messages at once
+APPLY_INTERVAL = 0.1  # seconds between a session's settings updates: what arrives meanwhile is one update
 
 
 class ControlError(LivestyleError):
@@ -177,9 +178,9 @@ class Controller:
     On the event loop a message costs a JSON parse of at most MAX_CONTROL_BYTES and the
     token check; everything else (the keys, preset files, the settings check against the
     model) runs on the executor, in one call per batch: a task takes every message
-    queued so far, checks each one's changes in order and updates the stream once. So a
-    session has at most one update in flight however fast messages come, and a flood
-    cannot starve its video. Past the token bucket (RATE a second, BURST at once)
+    queued so far, checks each one's changes in order and updates the stream once, at
+    most once per APPLY_INTERVAL. So a session has at most one update in flight however
+    fast messages come, and a flood cannot starve its video. Past the token bucket (RATE a second, BURST at once)
     messages are dropped with an error reply while those replies stay within the same
     rate; `counts` says how many of each.
 
@@ -255,6 +256,8 @@ class Controller:
             for message, reply in zip(batch, replies):
                 self.counts["applied" if "ok" in reply else "refused"] += 1
                 self._reply(reply, message)
+            # Each update makes the engine's worker re-plan the stream before its next frame.
+            await asyncio.sleep(APPLY_INTERVAL)
 
     def _apply(self, batch: list[dict]) -> list[dict]:
         """On the executor: each message's changes, then one stream update (one per
