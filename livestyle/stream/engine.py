@@ -372,20 +372,22 @@ class Engine:
         the stream keeps the settings it had, or fails if it had none."""
         try:
             self._apply(s, settings)
-            return
         except Exception as e:
-            error = e
-        s.meter.failed_updates += 1
-        with self.lock:
-            if s.state is not None and s.requested is None:  # no newer change waiting: say what still runs
-                s.settings = s.state.settings
-            if s.state is None:
-                s.failure = f"stream {s.id} failed: its settings could not be applied ({error})"
-        if s.state is not None:
-            log.error("stream %s: could not apply settings, keeping the previous ones: %s", s.id, error,
-                      exc_info=error)
-        else:
-            log.error("%s", s.failure, exc_info=error)
+            error = _freed(e)  # new buffers that did not fit in device memory go now
+            s.meter.failed_updates += 1
+            kept = s.state is not None
+            why = f"stream {s.id} failed: its settings could not be applied ({error})"
+            with self.lock:
+                if s.requested is None:  # else a newer change is tried next, and says for itself
+                    if kept:
+                        s.settings = s.state.settings  # what the stream still runs
+                    else:
+                        s.failure = why
+            if kept:
+                log.error("stream %s: could not apply settings, keeping the previous ones: %s", s.id, error,
+                          exc_info=error)
+            else:
+                log.error("%s", why, exc_info=error)
 
     def _apply(self, s: Stream, settings: StreamSettings) -> None:
         """Nothing of the stream changes until everything new is built (an error leaves it as it was)."""
