@@ -110,7 +110,8 @@ class Stream:
         """Queue a frame (any size; RGB array or av.VideoFrame with pts/time_base).
 
         live streams: never blocks, replaces a frame still waiting (counted as dropped).
-        file streams: blocks until the worker has taken the previous frame."""
+        file streams: blocks until the worker has taken the previous frame.
+        Raises StreamClosed once closed, StreamFailed while no settings could be applied."""
         rgb = rgb_array(frame)
         H, W = rgb.shape[:2]
         pts, time_base = (frame.pts, frame.time_base) if isinstance(frame, av.VideoFrame) else (None, None)
