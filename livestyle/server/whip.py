@@ -45,8 +45,7 @@ def add_routes(router: web.UrlDispatcher, app: App) -> None:
     async def whip_patch(request):
         if app.sessions.get(request.match_info["id"]) is None:
             raise Refused(404, "no such WHIP session")
-        return web.Response(status=405, headers={"Allow": "DELETE, OPTIONS"},
-                            text="this server supports neither trickle ICE nor ICE restarts\n")
+        raise Refused(405, "this server supports neither trickle ICE nor ICE restarts", {"Allow": "DELETE, OPTIONS"})
 
     async def whep(request):
         key = request.match_info.get("key") or request.query.get("session", "")
