@@ -1,0 +1,160 @@
+"""The Triton kernels against their plain-torch references, over odd shapes and every dtype.
+
+Without CUDA the kernels run in Triton's interpreter on CPU tensors, which needs
+TRITON_INTERPRET=1 before triton is first imported (triton.language's own helpers are
+made for one mode at import). A process that imported triton without it (a whole test
+session: diffusers imports triton) skips this module; test_kernels.py then runs it in a
+child process with the variable set. With CUDA the kernels are compiled and run on the GPU.
+
+Shapes are odd and small: channels not a multiple of the block, H*W odd, batch 1 and 7,
+a group longer than one tile (so the tiles' statistics are merged).
+
+Tolerances: fp32 outputs may differ from torch's by reduction order only (atol = rtol =
+1e-5). Low-precision outputs are judged against the fp32 reference on the same rounded
+inputs: the kernels compute in fp32 and round once at the store. A GPU rounds to nearest
+(half an ulp), Triton's interpreter truncates bf16 (under one ulp); so rtol is one ulp
+relative to the value, 2**-7 in bf16 and 2**-10 in fp16, with a small atol for the fp32
+reduction order near zero.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+from livestyle import kernels
+from livestyle.kernels import reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if "triton" in sys.modules:
+        pytest.skip("triton was imported without TRITON_INTERPRET=1 in this process; "
+                    "test_kernels.py::test_parity_in_triton_s_interpreter runs this file in a child process",
+                    allow_module_level=True)
+    # Nothing imported triton yet: the interpreter can still be chosen for this whole process
+    # (the only Triton code a process without CUDA runs is ours).
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2**-7, 1e-4), torch.float16: (2**-10, 1e-4)}  # rtol, atol
+
+
+@pytest.fixture(scope="module")
+def triton_kernels():
+    """The Triton backend in force for this module."""
+    previous = kernels.backend()
+    kernels.set_backend("triton")
+    yield
+    kernels.set_backend(previous)
+
+
+def close(out, ref, dtype):
+    rtol, atol = TOLERANCE[dtype]
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, rtol=rtol, atol=atol)
+
+
+def rand(*shape, dtype=torch.float32, seed=0):
+    """Standard normal values on DEVICE, rounded to `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+
+
+GROUP_SHAPES = [  # (B, C, H, W, groups)
+    (1, 12, 7, 5, 3),     # 4 channels a group, 35 positions
+    (7, 40, 5, 3, 8),     # batch 7, 5 channels a group
+    (2, 12, 23, 29, 3),   # 2668 elements a group: two tiles of 2048, merged
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", GROUP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_group_norm_silu_with_shift_matches_reference(triton_kernels, shape, channels_last, dtype):
+    B, C, H, W, G = shape
+    x = rand(B, C, H, W, dtype=dtype) * 3 + 1  # a mean and a spread far from 0 and 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight, bias, shift = rand(C, dtype=dtype, seed=1), rand(C, dtype=dtype, seed=2), rand(B, C, dtype=dtype, seed=3)
+    out = kernels.group_norm(x, weight, bias, G, 1e-5, "silu", shift)
+    ref = reference.group_norm(x.float(), weight.float(), bias.float(), G, 1e-5, "silu", shift.float())
+    close(out, ref, dtype)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_group_norm_other_activations_and_no_affine(triton_kernels, activation):
+    x = rand(3, 20, 9, 11)
+    weight, bias = rand(20, seed=1), rand(20, seed=2)
+    for w, b in ((weight, bias), (None, None)):
+        out = kernels.group_norm(x, w, b, 4, 1e-6, activation)
+        torch.testing.assert_close(out, reference.group_norm(x, w, b, 4, 1e-6, activation), rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_of_a_constant_group_is_the_bias(triton_kernels):
+    """Variance 0: rstd = 1/sqrt(eps), no NaN; every output is the bias (two-pass statistics give exactly 0)."""
+    x = torch.full((1, 4, 3, 5), 7.25, device=DEVICE)
+    bias = torch.tensor([1.0, -2.0, 3.0, 0.5], device=DEVICE)
+    out = kernels.group_norm(x, torch.ones(4, device=DEVICE), bias, 2, 1e-5)
+    assert torch.equal(out, bias[None, :, None, None].expand_as(out))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 35, 40), (7, 3, 320), (2, 1, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_layer_norm_matches_reference(triton_kernels, shape, dtype):
+    D = shape[-1]
+    x = rand(*shape, dtype=dtype) * 2 - 3
+    weight, bias = rand(D, dtype=dtype, seed=1), rand(D, dtype=dtype, seed=2)
+    out = kernels.layer_norm(x, weight, bias, 1e-5)
+    close(out, reference.layer_norm(x.float(), weight.float(), bias.float(), 1e-5), dtype)
+    no_affine = kernels.layer_norm(x, None, None, 1e-5)
+    close(no_affine, reference.layer_norm(x.float(), None, None, 1e-5), dtype)
+
+
+def test_layer_norm_reads_a_strided_input(triton_kernels):
+    x = rand(5, 48).t()  # (48, 5), not contiguous
+    torch.testing.assert_close(kernels.layer_norm(x, None, None), reference.layer_norm(x, None, None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 35, 2 * 40), (7, 3, 2 * 1280)], ids=lambda s: "x".join(map(str, s)))
+def test_geglu_matches_reference(triton_kernels, shape, dtype):
+    """D = 1280 (SD's widest) spans two column blocks of 1024."""
+    h = rand(*shape, dtype=dtype) * 2
+    close(kernels.geglu(h), reference.geglu(h.float()), dtype)
+
+
+def test_geglu_gates_with_the_second_half():
+    """diffusers' order: `hidden_states, gate = proj(x).chunk(2, dim=-1)`; gelu(0) = 0 kills a row."""
+    h = torch.cat([torch.ones(1, 3), torch.zeros(1, 3)], dim=-1)  # first half 1, gate 0
+    assert torch.equal(reference.geglu(h), torch.zeros(1, 3))
+
+
+def test_geglu_refuses_an_odd_width(triton_kernels):
+    with pytest.raises(ValueError, match="must be even"):
+        kernels.geglu(rand(2, 7))
+
+
+def test_tiny_unet_with_triton_kernels_matches_torch(triton_kernels):
+    """A whole U-Net (random weights, two levels, temporal cache on) through the kernels vs the reference."""
+    from livestyle.models.temporal import TemporalCache
+    from livestyle.models.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    config = UNetConfig(block_out_channels=(8, 16), layers_per_block=1, attention_levels=(True, False),
+                        num_heads=(2, 2), cross_attention_dim=12, norm_num_groups=4)
+    unet = UNet(config).to(DEVICE).eval()
+    x, t, context = rand(1, 4, 7, 5), torch.tensor([500.0]), rand(1, 3, 12, seed=1)
+    outputs = {}
+    with torch.no_grad():
+        for name in ("torch", "triton"):
+            kernels.set_backend(name)
+            cache = TemporalCache.for_unet(unet, batch=1, latent_hw=(7, 5), frames=2)
+            for frame in range(2):  # the second frame attends to the first through the cache
+                out = unet(x + frame, t, context, cache)
+                cache.advance()
+            outputs[name] = out
+    torch.testing.assert_close(outputs["triton"], outputs["torch"], rtol=1e-4, atol=1e-4)
