@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from livestyle import kernels
 from livestyle.errors import CheckpointError
 from livestyle.models.temporal import TemporalCache
 
@@ -185,6 +186,15 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+def _group_norm(norm: nn.GroupNorm, x, activation=None, shift=None):
+    """activation(norm(x + shift[:, :, None, None])) through the kernel dispatch (livestyle.kernels)."""
+    return kernels.group_norm(x, norm.weight, norm.bias, norm.num_groups, norm.eps, activation, shift)
+
+
+def _layer_norm(norm: nn.LayerNorm, x):
+    return kernels.layer_norm(x, norm.weight, norm.bias, norm.eps)
+
+
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, time embedding added in between, plus a (1x1 conv) skip."""
 
@@ -199,9 +209,9 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x, temb):
         """x (B, C_in, h, w), temb (B, T) -> (B, C_out, h, w)."""
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(_group_norm(self.norm1, x, "silu"))
+        # The time embedding (B, C_out) is added to every position inside the fused norm2.
+        h = self.conv2(_group_norm(self.norm2, h, "silu", shift=self.time_emb_proj(F.silu(temb))))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
 
@@ -251,8 +261,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return kernels.geglu(self.proj(x))  # (..., 2 * d_out) -> first half * gelu(second half), as diffusers
 
 
 class FeedForward(nn.Module):
@@ -281,9 +290,9 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, context, temporal=None):
         """x (B, L, C), context (B, S, D) -> (B, L, C)."""
-        x = x + self.attn1(self.norm1(x), temporal=temporal)
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = x + self.attn1(_layer_norm(self.norm1, x), temporal=temporal)
+        x = x + self.attn2(_layer_norm(self.norm2, x), context)
+        return x + self.ff(_layer_norm(self.norm3, x))
 
 
 class SpatialTransformer(nn.Module):
@@ -304,7 +313,7 @@ class SpatialTransformer(nn.Module):
     def forward(self, x, context, temporal=None):
         """x (B, C, h, w), context (B, S, D) -> (B, C, h, w)."""
         B, C, H, W = x.shape
-        h = self.norm(x)
+        h = _group_norm(self.norm, x)
         if not self.linear:
             h = self.proj_in(h)
         h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, h*w, C)
@@ -496,4 +505,4 @@ class UNet(nn.Module):
             # the skip; for divisible sizes both are the same.
             size = skips[-1].shape[-2:] if skips else None
             x = block(x, emb, context, block_skips, size, temporal)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(_group_norm(self.conv_norm_out, x, "silu"))
