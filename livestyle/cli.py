@@ -99,13 +99,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     for i in range(torch.cuda.device_count() if cuda else 0):
         props = torch.cuda.get_device_properties(i)
         print(f"             cuda:{i} {props.name}, {props.total_memory / 2**30:.0f} GiB")
-    triton = _version("triton")
-    if cuda and triton != "not installed":
-        print(f"kernels      Triton {triton} on cuda (torch reference on cpu)")
-    elif cuda:
-        print("kernels      reference (torch) — triton is not installed")
-    else:
-        print("kernels      reference (torch) — no CUDA")
+    from livestyle import kernels
+
+    try:
+        print(f"kernels      {kernels.describe('cuda' if cuda else 'cpu')}")
+    except LivestyleError as e:  # a bad LIVESTYLE_KERNELS: info is where one looks for it
+        print(f"kernels      {e}")
     user_dir = user_preset_dir()
     files = preset_files()
     print(f"presets      {BUILTIN_PRESETS} (built-in)")
@@ -490,6 +489,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     model = args.model or preset.model
     model_path = None if model == "demo" else find_model(model)  # a missing model fails before anything opens
     device, dtype = _device(args)
+    from livestyle import kernels
+
+    kernels.use(args.kernels, device)  # --kernels triton where it cannot run fails here, not on every frame
     _settings(args, preset, args.size or (256, 256))  # the look's values, checked before anything opens
     made: list[Path] = []
     held_back = _HeldBack()
@@ -730,6 +732,9 @@ def _add_run(sub) -> None:
     device = run.add_argument_group("device")
     device.add_argument("--device", type=_device_name, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     device.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on cuda, fp32 on cpu")
+    device.add_argument("--kernels", choices=("auto", "triton", "torch"),
+                        help="fused kernels: triton, the torch reference, or auto = Triton on cuda "
+                             "(default: $LIVESTYLE_KERNELS, else auto)")
     run.set_defaults(func=cmd_run)
 
 

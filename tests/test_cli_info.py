@@ -26,7 +26,7 @@ def test_info_lists_versions_devices_kernels_and_folders(homes, capsys):
                  "presets", "models", "demo model", "cameras", "vcam", "window"):
         assert any(line.startswith(name + " ") for line in out.splitlines()), name
     kernels = next(line for line in out.splitlines() if line.startswith("kernels"))
-    assert ("Triton" in kernels) if torch.cuda.is_available() else ("reference (torch) — no CUDA" in kernels)
+    assert ("Triton" in kernels) if torch.cuda.is_available() else ("torch reference (no CUDA" in kernels)
     models = next(line for line in out.splitlines() if line.startswith("models"))
     assert str(homes / "models") in models and "$LIVESTYLE_MODELS" in models and "my-turbo, toon" in models
     assert str(homes / "config" / "livestyle" / "presets") in out

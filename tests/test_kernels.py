@@ -76,7 +76,7 @@ def test_triton_on_a_cpu_tensor_outside_the_interpreter_raises(fresh_switch, mon
     kernels.set_backend("triton")
     with pytest.raises(LivestyleError, match="need CUDA tensors, not cpu ones.*TRITON_INTERPRET=1"):
         kernels.group_norm(torch.zeros(1, 4, 2, 2), None, None, 2)
-    with pytest.raises(LivestyleError, match="^--kernels triton: .*need CUDA tensors"):
+    with pytest.raises(LivestyleError, match="^kernel backend triton: .*need CUDA tensors"):
         kernels.check("cpu")
     kernels.check("cuda")  # Triton would run there
 
@@ -107,3 +107,38 @@ def test_a_fresh_process_refuses_triton_on_the_cpu_and_imports_no_triton():
     assert result.returncode == 0, result.stderr
     assert "refused: kernel backend triton: the Triton kernels need CUDA tensors, not cpu ones" in result.stdout
     assert "triton imported: False" in result.stdout
+
+
+def test_cli_refuses_triton_on_the_cpu_in_one_line_before_opening_anything(fresh_switch, monkeypatch, tmp_path,
+                                                                          capsys):
+    from livestyle import cli
+
+    monkeypatch.setattr(kernels, "interpreted", lambda: False)
+    out = tmp_path / "out.mp4"
+    assert cli.main(["run", "test:", "-o", str(out), "--device", "cpu", "--kernels", "triton"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["livestyle: error: --kernels triton: the Triton kernels need CUDA tensors, not cpu ones "
+                   "(set TRITON_INTERPRET=1 to run them in Triton's interpreter on the CPU)"]
+    assert not out.exists()
+    monkeypatch.setenv(kernels.ENV_VAR, "triton")
+    monkeypatch.setattr(kernels, "_backend", None)
+    assert cli.main(["run", "test:", "-o", str(out), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("livestyle: error: LIVESTYLE_KERNELS=triton: the Triton kernels need")
+
+
+def test_info_says_which_kernels_run_here(fresh_switch, monkeypatch, capsys):
+    from livestyle import cli
+
+    monkeypatch.setattr(kernels, "interpreted", lambda: False)
+    assert cli.main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("kernels"))
+    if torch.cuda.is_available() and kernels.triton_installed():
+        assert line == "kernels      Triton on cuda (backend auto): group_norm, layer_norm, geglu"
+    elif kernels.triton_installed():
+        assert line == "kernels      torch reference (no CUDA; backend auto)"
+    else:
+        assert line == "kernels      torch reference (triton is not installed; backend auto)"
+    monkeypatch.setenv(kernels.ENV_VAR, "bogus")
+    monkeypatch.setattr(kernels, "_backend", None)
+    assert cli.main(["info"]) == 0
+    assert "kernels      LIVESTYLE_KERNELS: unknown kernel backend 'bogus'" in capsys.readouterr().out

@@ -90,14 +90,28 @@ def triton_problem(device: torch.device | str) -> str | None:
     return None
 
 
-def check(device: torch.device | str) -> None:
+def use(name: str | None, device: torch.device | str) -> None:
+    """The CLI's `--kernels NAME` (None: LIVESTYLE_KERNELS or auto) for a run on `device`.
+
+    Raises LivestyleError, naming --kernels, for an unknown name or Triton where it cannot run.
+    """
+    if name is not None:
+        set_backend(_checked(name, "--kernels"))
+    check(device, "--kernels triton" if name is not None else None)
+
+
+def check(device: torch.device | str, asked_by: str | None = None) -> None:
     """Raise LivestyleError now if the backend in force asks for Triton and it cannot run on `device`.
 
     The CLI calls this once the device is known, so that `--kernels triton` on a machine
-    that cannot run it fails at start rather than on every frame.
+    that cannot run it fails at start rather than on every frame. `asked_by` names the
+    setting in the message (default: LIVESTYLE_KERNELS=triton or set_backend, whichever set it).
     """
     if backend() == "triton" and (problem := triton_problem(device)) is not None:
-        raise LivestyleError(f"--kernels triton: {problem}")
+        if asked_by is None:
+            from_env = os.environ.get(ENV_VAR, "").strip().lower() == "triton"
+            asked_by = f"{ENV_VAR}=triton" if from_env else "kernel backend triton"
+        raise LivestyleError(f"{asked_by}: {problem}")
 
 
 def describe(device: torch.device | str) -> str:

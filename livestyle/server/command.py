@@ -48,6 +48,9 @@ def register(sub) -> argparse.ArgumentParser:
     serve.add_argument("--model", help="model folder or .safetensors file, a name under $LIVESTYLE_MODELS, "
                                         "or demo (default: the preset's model)")
     serve.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    serve.add_argument("--kernels", choices=("auto", "triton", "torch"),
+                       help="fused kernels: triton, the torch reference, or auto = Triton on cuda "
+                            "(default: $LIVESTYLE_KERNELS, else auto)")
     serve.add_argument("--ice-server", action="append", default=[], metavar="URL",
                        help="STUN/TURN server, e.g. stun:stun.example.org:3478 or "
                             "turn:USER:PASSWORD@turn.example.org:3478 (repeatable; default none)")
@@ -80,6 +83,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LivestyleError(f"--device {device}: torch sees no CUDA device")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    from livestyle import kernels
+
+    kernels.use(args.kernels, device)  # Triton where it cannot run fails now, not on every frame
 
     from livestyle.models.demo import load_demo
     from livestyle.models.loading import load_pipeline
