@@ -158,3 +158,64 @@ def test_tiny_unet_with_triton_kernels_matches_torch(triton_kernels):
                 cache.advance()
             outputs[name] = out
     torch.testing.assert_close(outputs["triton"], outputs["torch"], rtol=1e-4, atol=1e-4)
+
+
+# Attention: p (the softmax weights) is rounded to the input dtype before the product with
+# the values, as in flash attention, so each weight is off by up to half an ulp and the
+# output (a weighted mean of values of size ~1 here) by a few of them: atol = rtol = 2**-9
+# in fp16, 2**-6 in bf16. Triton 3.9's interpreter multiplies bf16 dot operands as their
+# raw uint16 bits (Interpreter.create_dot), so bf16 is checked on CUDA only.
+ATTENTION_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+ATTENTION_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2**-9, torch.bfloat16: 2**-6}
+ATTENTION_CASES = [  # (B, L, C, heads, filled slots)
+    (2, 35, 16, 2, [True, False, True]),  # some slots empty
+    (1, 99, 80, 2, [False, False]),       # nothing banked yet; 99 tokens: two blocks of 64; head width 40
+    (7, 13, 40, 5, [True]),               # batch 7, one full slot
+]
+
+
+@pytest.mark.parametrize("dtype", ATTENTION_DTYPES)
+@pytest.mark.parametrize("case", ATTENTION_CASES,
+                         ids=lambda c: "x".join(map(str, c[:4])) + f"-{sum(c[4])}of{len(c[4])}")
+def test_cached_attention_matches_reference(triton_kernels, case, dtype):
+    B, L, C, heads, filled = case
+    N = len(filled)
+    q, k, v = (rand(B, L, C, dtype=dtype, seed=s) for s in range(3))
+    bank_k, bank_v = (rand(B, N, L, C, dtype=dtype, seed=s) for s in (3, 4))
+    filled = torch.tensor(filled, device=DEVICE)
+    out = kernels.cached_attention(q, k, v, bank_k, bank_v, filled, heads)
+    ref = reference.cached_attention(q.float(), k.float(), v.float(), bank_k.float(), bank_v.float(), filled, heads)
+    tol = ATTENTION_TOLERANCE[dtype]
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+
+
+def test_cached_attention_reads_a_rows_view_of_an_fp32_bank(triton_kernels):
+    """A TemporalCache.rows() view (batch stride of the whole bank) in fp32 under fp16 queries."""
+    B, L, C, N = 3, 10, 32, 2
+    bank_k, bank_v = (rand(B, N, L, C, seed=s) for s in (3, 4))
+    q, k, v = (rand(1, L, C, dtype=torch.float16, seed=s) for s in range(3))
+    filled = torch.tensor([True, True], device=DEVICE)
+    out = kernels.cached_attention(q, k, v, bank_k[1:2], bank_v[1:2], filled, 4)
+    ref = reference.cached_attention(q.float(), k.float(), v.float(), bank_k[1:2].half().float(),
+                                     bank_v[1:2].half().float(), filled, 4)
+    torch.testing.assert_close(out.float(), ref, rtol=2**-9, atol=2**-9)
+
+
+def test_cached_attention_reference_is_what_the_unet_attention_computes():
+    """The oracle: reference.cached_attention on a TemporalCache's bank equals the cache's
+    concatenation and mask through scaled_dot_product_attention (unet.Attention's path)."""
+    from livestyle.models.temporal import TemporalCache
+
+    B, L, C, heads = 2, 6, 8, 2
+    cache = TemporalCache([(L, C)], batch=B, frames=3)
+    for frame in range(2):  # two of three slots filled
+        cache.extend_and_store(0, rand(B, L, C, seed=10 + frame), rand(B, L, C, seed=20 + frame))
+        cache.advance()
+    q, k, v = (rand(B, L, C, seed=s) for s in range(3))
+    bank_k, bank_v, filled = cache.keys[0].clone(), cache.values[0].clone(), cache.filled.clone()
+    k_all, v_all, mask = cache.extend_and_store(0, k, v)
+    split = lambda t: t.view(B, -1, heads, C // heads).transpose(1, 2)  # noqa: E731
+    expected = torch.nn.functional.scaled_dot_product_attention(split(q), split(k_all), split(v_all), attn_mask=mask)
+    expected = expected.transpose(1, 2).reshape(B, L, C)
+    torch.testing.assert_close(reference.cached_attention(q, k, v, bank_k, bank_v, filled, heads), expected)

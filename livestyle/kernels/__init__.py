@@ -1,8 +1,9 @@
 """Fused kernels behind one dispatch point: Triton on CUDA, the plain-torch reference elsewhere.
 
-Each Triton kernel (group_norm_triton.py, layer_norm_triton.py, geglu_triton.py) has a
-reference with the same signature in reference.py; the models call the functions below,
-which pick one.
+Each Triton kernel (group_norm_triton.py, layer_norm_triton.py, geglu_triton.py,
+cached_attention_triton.py) has a reference with the same signature in reference.py; the
+models call the functions below, which pick one. (cached_attention is not called by the
+U-Net yet: TemporalCache still hands it a concatenated bank.)
 The backend is chosen in one place:
 
 - `set_backend("auto" | "triton" | "torch")`, or the environment variable
@@ -123,7 +124,7 @@ def describe(device: torch.device | str) -> str:
     if name == "torch":
         return f"torch reference (backend torch{'' if problem else '; Triton could run here'})"
     if problem is None and (name == "triton" or device.type == "cuda"):
-        return f"Triton on {where} (backend {name}): group_norm, layer_norm, geglu"
+        return f"Triton on {where} (backend {name}): group_norm, layer_norm, geglu; cached_attention (not wired)"
     if name == "triton":
         return f"none: backend triton, but {problem}"
     reason = "no CUDA" if triton_installed() else "triton is not installed"
@@ -147,9 +148,9 @@ def _load_triton():
                 raise LivestyleError("TRITON_INTERPRET=1 was set after triton was imported; "
                                      "set it before the process starts")
         # Not `from livestyle.kernels import group_norm`: that name is the dispatching function.
-        from livestyle.kernels import geglu_triton, group_norm_triton, layer_norm_triton
+        from livestyle.kernels import cached_attention_triton, geglu_triton, group_norm_triton, layer_norm_triton
 
-        _triton_modules = (group_norm_triton, layer_norm_triton, geglu_triton)
+        _triton_modules = (group_norm_triton, layer_norm_triton, geglu_triton, cached_attention_triton)
     return _triton_modules
 
 
@@ -188,3 +189,11 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
     if _use_triton(h):
         return _load_triton()[2].geglu(h)
     return reference.geglu(h)
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bank_k: torch.Tensor, bank_v: torch.Tensor,
+                     filled: torch.Tensor, heads: int) -> torch.Tensor:
+    """The current frame's self-attention over itself and a TemporalCache ring; see reference.cached_attention."""
+    if _use_triton(q):
+        return _load_triton()[3].cached_attention(q, k, v, bank_k, bank_v, filled, heads)
+    return reference.cached_attention(q, k, v, bank_k, bank_v, filled, heads)
