@@ -21,6 +21,7 @@ works (and imports fast) where Triton is not installed.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -67,6 +68,7 @@ def backend() -> str:
     return _backend
 
 
+@functools.cache  # a sys.path search when triton is not imported yet; asked at every CUDA kernel call
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 

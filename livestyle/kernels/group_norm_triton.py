@@ -32,7 +32,7 @@ BLOCK = 2048  # elements of one group per program: a tile of SD-Turbo's level 0 
 @triton.jit
 def _offsets(pid_bg, e, G, CG, HW, stride_b, stride_c, stride_s, CHANNELS_LAST: tl.constexpr):
     """Element e of group (b, g) -> (b, channel, memory offset); e walks the group in memory order."""
-    b = pid_bg // G
+    b = (pid_bg // G).to(tl.int64)  # b * stride_b passes 2**31 for big batches of big frames
     g = pid_bg % G
     if CHANNELS_LAST:  # (position, channel-in-group): the group's CG channels are adjacent in memory
         s = e // CG
