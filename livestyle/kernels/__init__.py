@@ -35,7 +35,7 @@ BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "LIVESTYLE_KERNELS"
 
 _backend: str | None = None  # None until set_backend() or the first use reads LIVESTYLE_KERNELS
-_triton_modules = None  # (group_norm, layer_norm, geglu) Triton modules, imported at first use
+_triton_modules = None  # (group_norm, layer_norm, geglu, cached_attention) Triton modules, imported at first use
 
 
 def _checked(name: str, source: str) -> str:
