@@ -219,3 +219,19 @@ def test_cached_attention_reference_is_what_the_unet_attention_computes():
     expected = torch.nn.functional.scaled_dot_product_attention(split(q), split(k_all), split(v_all), attn_mask=mask)
     expected = expected.transpose(1, 2).reshape(B, L, C)
     torch.testing.assert_close(reference.cached_attention(q, k, v, bank_k, bank_v, filled, heads), expected)
+
+
+def test_taef2_pool_branch_with_triton_kernels_matches_torch(triton_kernels):
+    """TAEF2's pooled Blocks (GroupNorm + ReLU through the kernels) vs the reference, random weights."""
+    from livestyle.models.taesd import TinyAutoencoder
+
+    torch.manual_seed(0)
+    model = TinyAutoencoder(latent_channels=32, encoder_pooled=frozenset({1, 3})).to(DEVICE).eval()
+    image = rand(1, 3, 24, 40).sigmoid()
+    outputs = {}
+    with torch.no_grad():
+        for name in ("torch", "triton"):
+            kernels.set_backend(name)
+            outputs[name] = model.encode(image)
+    kernels.set_backend("triton")
+    torch.testing.assert_close(outputs["triton"], outputs["torch"], rtol=1e-4, atol=1e-4)
