@@ -111,9 +111,12 @@ class Latency:
 
 
 async def soak(server: ServerProcess, minutes: float, interval: float = 10.0, sessions: int = 1,
-               size: tuple[int, int] = (160, 120), after: float = 20.0, warmup: float = 10.0, echo=print) -> Soak:
+               size: tuple[int, int] = (160, 120), after: float = 20.0, warmup: float = 10.0, echo=print,
+               min_frames: int = 0, settle: float = 0.0, max_minutes: float | None = None) -> Soak:
     """Stream `sessions` synthetic cameras to `server` for `minutes`; sample every `interval` s.
-    A warm-up session of `warmup` seconds comes first (0: none)."""
+    A warm-up session of `warmup` seconds comes first (0: none). With `min_frames`, streaming
+    goes on past `minutes` (up to `max_minutes`) until that many frames were restyled after
+    `settle` seconds: on a busy machine a minute may restyle too few frames to show a leak."""
     import aiohttp
 
     from livestyle.capture.sources import SyntheticSource
@@ -138,7 +141,9 @@ async def soak(server: ServerProcess, minutes: float, interval: float = 10.0, se
              "| model ms |")
         echo("| --- | --- | --- | --- | --- | --- | --- |")
         async with aiohttp.ClientSession() as http:
-            while last - start < 60 * minutes - 1e-6:
+            while last - start < 60 * minutes - 1e-6 or (
+                    _restyled_since(result.samples, settle) < min_frames
+                    and last - start < 60 * (max_minutes or minutes) - 1e-6):
                 await asyncio.sleep(start + (len(result.samples) + 1) * interval - time.monotonic())
                 now = time.monotonic()
                 async with http.get(f"{server.url}/stats") as response:
@@ -165,6 +170,12 @@ async def soak(server: ServerProcess, minutes: float, interval: float = 10.0, se
         result.closed.append((round(time.monotonic() - closed), server.rss_mb()))
     echo("after the sessions closed: " + ", ".join(f"{mb:.0f} MiB at {t} s" for t, mb in result.closed))
     return result
+
+
+def _restyled_since(samples: list[Sample], settle: float) -> int:
+    """Frames restyled from the first sample at `settle` seconds or later to the last sample."""
+    settled = next((s for s in samples if s.t >= settle), None)
+    return 0 if settled is None else samples[-1].frames_out - settled.frames_out
 
 
 def _ms(value: float | None) -> str:
