@@ -16,11 +16,9 @@ from hypothesis import strategies as st
 
 from livestyle.config import StreamSettings, find_preset, processing_size
 from livestyle.errors import LivestyleError
-from livestyle.models.demo import load_demo
 from livestyle.server.app import App, ServerSettings
 from livestyle.server.controls import KEYS, ControlError, changes_for, parse_message
 from livestyle.server.sdp import OfferError, check_offer
-from livestyle.stream.engine import Engine
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow])
@@ -108,12 +106,6 @@ class Tracebacks(logging.Handler):
     def emit(self, record):
         if record.exc_info or record.exc_text:
             self.records.append(record)
-
-
-@pytest.fixture(scope="module")
-def engine():
-    with Engine(load_demo) as engine:
-        yield engine
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,12 @@ import numpy as np
 import pytest
 
 from livestyle.capture.sources import SyntheticSource
-from livestyle.models.demo import load_demo
 from livestyle.server.app import App, ServerSettings, listening
 from livestyle.server.client import CameraClient, SyntheticTrack
 from livestyle.server.tracks import H264, VP8, sender_encoder
-from livestyle.stream.engine import Engine
 
 FPS = 30
 TOKEN = "correct-horse-battery"
-
-
-@pytest.fixture(scope="module")
-def engine():
-    with Engine(load_demo) as engine:
-        yield engine
 
 
 @pytest.fixture(scope="module")

@@ -13,20 +13,12 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 
 from livestyle.capture.sources import SyntheticSource
 from livestyle.errors import LivestyleError
-from livestyle.models.demo import load_demo
 from livestyle.server import security
 from livestyle.server.app import App, ServerSettings, check_offer, ice_server, listening
 from livestyle.server.client import SyntheticTrack, whep_play, whip_publish
-from livestyle.stream.engine import Engine
 
 TOKEN = "s3cret-token-for-tests"
 SDP = {"Content-Type": "application/sdp"}
-
-
-@pytest.fixture(scope="module")
-def engine():
-    with Engine(load_demo) as engine:
-        yield engine
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,9 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 
 from livestyle.capture.sources import SyntheticSource
-from livestyle.models.demo import load_demo
 from livestyle.server import security
 from livestyle.server.app import App, ServerSettings, listening
 from livestyle.server.client import CameraClient, SyntheticTrack
-from livestyle.stream.engine import Engine
 
 TOKEN = "untrusted-test-token-0123"
 FLOOD = 3000  # control messages sent at once in the flood test (the issue's burst)
@@ -361,12 +359,6 @@ async def run_cases(engine, cases: list[Case], clip) -> dict[str, Outcome]:
 def run_case(engine, case: Case, clip) -> Outcome:
     """One case on fresh servers (run_cases runs many on the same ones)."""
     return asyncio.run(run_cases(engine, [case], clip))[case.key]
-
-
-@pytest.fixture(scope="module")
-def engine():
-    with Engine(load_demo) as engine:
-        yield engine
 
 
 @pytest.fixture(scope="module")
