@@ -9,23 +9,9 @@ from collections import OrderedDict
 
 import torch
 
-from livestyle.config import SettingsError
+from livestyle.config import SettingsError, style_blend
 from livestyle.models.loading import Pipeline
 from livestyle.models.prompt import PromptCache
-
-
-def parse_style(text: str) -> str | dict[str, float]:
-    """"starry-night" -> the name; "a:0.7, b:0.3" -> {"a": 0.7, "b": 0.3} (a blend)."""
-    if ":" not in text:
-        return text.strip()
-    blend = {}
-    for part in text.split(","):
-        name, _, weight = part.partition(":")
-        try:
-            blend[name.strip()] = float(weight)
-        except ValueError:
-            raise SettingsError(f"style {text!r}: {part.strip()!r} is not NAME:WEIGHT") from None
-    return blend
 
 
 class Conditioning:
@@ -59,7 +45,7 @@ class Conditioning:
             self._styles.move_to_end(text)
             return self._styles[text]
         with torch.inference_mode():
-            context = self.pipe.styles.context(parse_style(text)).to(self.device, self.dtype)
+            context = self.pipe.styles.context(style_blend(text)).to(self.device, self.dtype)
         self._styles[text] = context
         if len(self._styles) > self.max_entries:
             self._styles.popitem(last=False)  # least recently used

@@ -50,12 +50,12 @@ import cv2
 import numpy as np
 import torch
 
-from livestyle.config import StreamSettings
+from livestyle.config import StreamSettings, style_blend
 from livestyle.errors import LivestyleError
 from livestyle.frame import rgb_array
 from livestyle.models.loading import Pipeline
 from livestyle.models.temporal import TemporalBatch, TemporalCache
-from livestyle.stream.conditioning import Conditioning, parse_style
+from livestyle.stream.conditioning import Conditioning
 from livestyle.stream.flow import Motion, flow_size, propagate, sampling_grid, small_grey
 from livestyle.stream.guidance import make_guidance
 from livestyle.stream.plan import make_plan
@@ -253,11 +253,9 @@ class Engine:
             if settings.guidance == "full" and settings.guidance_scale != 1.0 and not settings.negative:
                 raise LivestyleError("guidance = 'full' with the demo model needs a negative style to move away from")
             for text in [settings.style] + ([settings.negative] if settings.negative else []):
-                style = parse_style(text)
+                style = style_blend(text)  # the blend's weights are checked there
                 for name in [style] if isinstance(style, str) else style:
                     self.pipe.styles.index(name)  # raises, naming the known styles
-                if not isinstance(style, str) and sum(style.values()) <= 0:
-                    raise LivestyleError(f"style {text!r}: the weights must have a positive sum")
 
     def stats(self) -> dict:
         now = time.monotonic()
