@@ -10,8 +10,9 @@ Shapes are those of the SD-Turbo U-Net at 512x512 (64x64 latents), one row per l
     layer_norm  x (B, h*w, C), same C and h*w
     geglu       projection output (B, h*w, 2 * 4C) -> (B, h*w, 4C)
     attention   the current frame's self-attention over itself and --cache-frames banked
-                frames, all filled (the reference concatenates and masks, as the U-Net does
-                today): q, k, v (B, h*w, C), 64-channel heads (SD-Turbo's), h = w = 64 .. 8
+                frames, all filled (filled None, as the U-Net hands it once the ring is full:
+                the reference concatenates and runs unmasked): q, k, v (B, h*w, C),
+                64-channel heads (SD-Turbo's), h = w = 64 .. 8
 
 Norms and GEGLU are memory-bound: GB/s counts the bytes an ideal fused kernel moves,
 written out per kernel below (one read of each input, one write of the output; the small
@@ -84,7 +85,7 @@ def cases(batch: int, dtype: torch.dtype, device: str, frames: int = 2):
         def make(C=C, L=L):
             q, k, v = (torch.randn(batch, L, C, device=device, dtype=dtype) for _ in range(3))
             bank_k, bank_v = (torch.randn(batch, frames, L, C, device=device, dtype=dtype) for _ in range(2))
-            return q, k, v, bank_k, bank_v, torch.ones(frames, dtype=torch.bool, device=device), C // 64
+            return q, k, v, bank_k, bank_v, None, C // 64
         rows.append(("attention", f"{batch}x{L}x{C} +{frames} frames", ("flop", 4 * batch * L * L * (1 + frames) * C),
                      reference.cached_attention, kernels.cached_attention, make))
     return rows

@@ -160,6 +160,43 @@ def test_tiny_unet_with_triton_kernels_matches_torch(triton_kernels):
     torch.testing.assert_close(outputs["triton"], outputs["torch"], rtol=1e-4, atol=1e-4)
 
 
+def test_tiny_unet_temporal_cache_through_the_triton_kernel_matches_torch(triton_kernels, monkeypatch):
+    """The U-Net's cached self-attention through the Triton kernel (the ring read in place)
+    against the torch path, while the ring fills (no slot, one of two, both: unmasked), and
+    through a TemporalBatch of a stream's cache and a row with no bank."""
+    from livestyle.models.temporal import TemporalBatch, TemporalCache
+    from livestyle.models.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    config = UNetConfig(block_out_channels=(8, 16), layers_per_block=1, attention_levels=(True, False),
+                        num_heads=(2, 2), cross_attention_dim=12, norm_num_groups=4)
+    unet = UNet(config).to(DEVICE).eval()
+    t, context = torch.tensor([500.0]), rand(2, 3, 12, seed=1)
+    xs = [rand(2, 4, 7, 5, seed=10 + f) for f in range(3)]
+    kernel = kernels._load_triton()[3]
+    calls = []
+    real = kernel.cached_attention
+    monkeypatch.setattr(kernel, "cached_attention", lambda *args: calls.append(args[5]) or real(*args))
+    outputs = {}
+    with torch.no_grad():
+        for name in ("torch", "triton"):
+            kernels.set_backend(name)
+            cache = TemporalCache.for_unet(unet, batch=2, latent_hw=(7, 5), frames=2)
+            stream = TemporalCache.for_unet(unet, batch=1, latent_hw=(7, 5), frames=2)
+            for f, x in enumerate(xs):
+                outputs[name, "cache", f] = unet(x, t, context, cache)
+                outputs[name, "batch", f] = unet(x, t, context, TemporalBatch([(stream, 1), (None, 1)]))
+                cache.advance()
+                stream.advance()
+    kernels.set_backend("triton")
+    layers = len(unet.self_attention_shapes((7, 5)))
+    assert len(calls) == 3 * 3 * layers  # triton only: per frame, one call per layer for the cache, two for the batch
+    # None: both full rings at the third frame, and the row with no bank at every frame
+    assert sum(filled is None for filled in calls) == (2 + 3) * layers
+    for key in [k[1:] for k in outputs if k[0] == "torch"]:
+        torch.testing.assert_close(outputs[("triton", *key)], outputs[("torch", *key)], rtol=1e-4, atol=1e-4)
+
+
 # Attention: p (the softmax weights) is rounded to the input dtype before the product with
 # the values, as in flash attention, so each weight is off by up to half an ulp and the
 # output (a weighted mean of values of size ~1 here) by a few of them: atol = rtol = 2**-9

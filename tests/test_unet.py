@@ -318,6 +318,54 @@ def test_cache_batch_rows_are_independent(tiny_unet):
         assert (tiny_unet(xb[r], t[r], c[r], temporal=alone) - both[r]).abs().max() <= 1e-5
 
 
+@torch.no_grad()
+def test_attention_reads_the_bank_in_place_and_unmasked_once_full(tiny_unet, monkeypatch):
+    """Every self-attention hands kernels.cached_attention the cache's own ring buffers
+    (views of the bank storage, not a concatenation) and its filled flags; once every slot
+    holds a frame it hands None, so the reference runs unmasked. Through a TemporalBatch,
+    each stream's part reads that stream's buffers and a row with no bank gets 0 slots."""
+    from livestyle import kernels
+
+    calls = []
+    real = kernels.cached_attention
+
+    def spy(q, k, v, bank_k, bank_v, filled, heads):
+        calls.append((bank_k.data_ptr(), bank_v.data_ptr(), tuple(bank_k.shape), filled))
+        return real(q, k, v, bank_k, bank_v, filled, heads)
+
+    monkeypatch.setattr(kernels, "cached_attention", spy)
+    (xa, t, c), (xb, _, _), (xc, _, _) = frames(tiny_unet, 3, seed=17)
+    cache = TemporalCache.for_unet(tiny_unet, batch=2, latent_hw=HW, frames=2)
+    stored = [(k.data_ptr(), v.data_ptr(), tuple(k.shape)) for k, v in zip(cache.keys, cache.values)]
+    outputs = []
+    for x in (xa, xb, xc):  # filled: none, one of two, both
+        calls.clear()
+        outputs.append(tiny_unet(x, t, c, temporal=cache))
+        assert [call[:3] for call in calls] == stored  # one call per layer, in layer order, on the buffers
+        assert all((f is None) == (x is xc) for *_, f in calls)
+        assert all(f is cache.filled for *_, f in calls if f is not None)
+        cache.advance()
+
+    # The full ring unmasked gives what the mask of all-True slots gives.
+    oracle = TemporalCache.for_unet(tiny_unet, batch=2, latent_hw=HW, frames=2)
+    for x in (xa, xb):
+        tiny_unet(x, t, c, temporal=oracle)
+        oracle.advance()
+    monkeypatch.setattr(kernels, "cached_attention",
+                        lambda q, k, v, bk, bv, filled, heads: real(q, k, v, bk, bv, oracle.filled, heads))
+    torch.testing.assert_close(tiny_unet(xc, t, c, temporal=oracle), outputs[-1], rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(kernels, "cached_attention", spy)
+
+    first = TemporalCache.for_unet(tiny_unet, batch=1, latent_hw=HW, frames=2)
+    calls.clear()
+    tiny_unet(torch.cat([xa[:1], xa[1:], xa[1:]]), t[:1].expand(3), c[:1].expand(3, -1, -1),
+              temporal=TemporalBatch([(first, 1), (cache.rows(1, 2), 1), (None, 1)]))
+    L, C = tiny_unet.self_attention_shapes(HW)[0]
+    assert calls[0][:3] == (first.keys[0].data_ptr(), first.values[0].data_ptr(), (1, 2, L, C))
+    assert calls[1][:3] == (cache.keys[0][1].data_ptr(), cache.values[0][1].data_ptr(), (1, 2, L, C))
+    assert calls[2][2] == (1, 0, L, C) and calls[2][3] is None  # no bank: itself only
+
+
 def test_cache_refuses_other_latent_size(tiny_unet):
     x, t, c = inputs(tiny_unet.config, (8, 8))
     cache = TemporalCache.for_unet(tiny_unet, batch=2, latent_hw=HW, frames=2)

@@ -2,8 +2,8 @@
 
 Each Triton kernel (group_norm_triton.py, layer_norm_triton.py, geglu_triton.py,
 cached_attention_triton.py) has a reference with the same signature in reference.py; the
-models call the functions below, which pick one. (cached_attention is not called by the
-U-Net yet: TemporalCache still hands it a concatenated bank.)
+models call the functions below, which pick one (unet.Attention hands cached_attention a
+TemporalCache's ring buffers as stored, with the per-slot flags).
 The backend is chosen in one place:
 
 - `set_backend("auto" | "triton" | "torch")`, or the environment variable
@@ -126,7 +126,7 @@ def describe(device: torch.device | str) -> str:
     if name == "torch":
         return f"torch reference (backend torch{'' if problem else '; Triton could run here'})"
     if problem is None and (name == "triton" or device.type == "cuda"):
-        return f"Triton on {where} (backend {name}): group_norm, layer_norm, geglu; cached_attention (not wired)"
+        return f"Triton on {where} (backend {name}): group_norm, layer_norm, geglu, cached_attention"
     if name == "triton":
         return f"none: backend triton, but {problem}"
     reason = "no CUDA" if triton_installed() else "triton is not installed"
@@ -194,7 +194,7 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bank_k: torch.Tensor, bank_v: torch.Tensor,
-                     filled: torch.Tensor, heads: int) -> torch.Tensor:
+                     filled: torch.Tensor | None, heads: int) -> torch.Tensor:
     """The current frame's self-attention over itself and a TemporalCache ring; see reference.cached_attention."""
     if _use_triton(q):
         return _load_triton()[3].cached_attention(q, k, v, bank_k, bank_v, filled, heads)

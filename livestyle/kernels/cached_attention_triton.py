@@ -82,7 +82,7 @@ def _cached_attention_kernel(q_ptr, k_ptr, v_ptr, bk_ptr, bv_ptr, filled_ptr, o_
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bank_k: torch.Tensor, bank_v: torch.Tensor,
-                     filled: torch.Tensor, heads: int) -> torch.Tensor:
+                     filled: torch.Tensor | None, heads: int) -> torch.Tensor:
     """Same contract as reference.cached_attention; the bank is read where it lies (any batch stride)."""
     B, L, C = q.shape
     N = bank_k.shape[1]
@@ -94,6 +94,8 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bank_k: 
     # The head's channels must be adjacent (stride 1) and the banks' (l, c) a dense block per slot.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     bank_k, bank_v = (t if t.stride(-1) == 1 and t.stride(-2) == C else t.contiguous() for t in (bank_k, bank_v))
+    if filled is None:  # every slot filled; at least one element, so the pointer is a real one when N = 0
+        filled = torch.ones(max(N, 1), dtype=torch.bool, device=q.device)
     D = C // heads
     out = torch.empty((B, L, C), device=q.device, dtype=q.dtype)
     block_m = block_n = 64 if L > 32 else 16 if L <= 16 else 32

@@ -51,12 +51,13 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bank_k: torch.Tensor, bank_v: torch.Tensor,
-                     filled: torch.Tensor, heads: int) -> torch.Tensor:
+                     filled: torch.Tensor | None, heads: int) -> torch.Tensor:
     """Self-attention of the current frame over its own keys/values and a ring of past frames'.
 
     q, k, v (B, L, C) of the current frame; bank_k, bank_v (B, N, L, C) a TemporalCache
-    layer's ring (any dtype; cast to k's); filled (N,) bool, the slots that hold a frame
-    (the others are masked out). Multi-head with `heads` heads of C / heads channels,
+    layer's ring (any dtype; cast to k's; N may be 0); filled (N,) bool, the slots that hold
+    a frame (the others are masked out), or None when all do: then no mask is passed, so
+    SDPA may take its flash kernel. Multi-head with `heads` heads of C / heads channels,
     softmax scale 1/sqrt(C / heads). Returns (B, L, C), before the output projection:
     what unet.Attention computes from the TemporalCache's concatenation and mask.
     """
@@ -64,8 +65,10 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bank_k: 
     N = bank_k.shape[1]
     k_all = torch.cat([k, bank_k.reshape(B, N * L, C).to(k.dtype)], dim=1)  # (B, L + N*L, C)
     v_all = torch.cat([v, bank_v.reshape(B, N * L, C).to(v.dtype)], dim=1)
-    valid_past = filled[:, None].expand(N, L).reshape(N * L)  # (N*L,)
-    mask = torch.cat([torch.ones(L, dtype=torch.bool, device=q.device), valid_past])[None]  # (1, L + N*L)
+    mask = None
+    if filled is not None:
+        valid_past = filled[:, None].expand(N, L).reshape(N * L)  # (N*L,)
+        mask = torch.cat([torch.ones(L, dtype=torch.bool, device=q.device), valid_past])[None]  # (1, L + N*L)
     # (B, *, C) -> (B, heads, *, C / heads)
     q, k_all, v_all = (t.view(B, -1, heads, C // heads).transpose(1, 2) for t in (q, k_all, v_all))
     out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, heads, L, C / heads)

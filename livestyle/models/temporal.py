@@ -12,11 +12,15 @@ U-Net, the latent size, the batch size and N (gpt-fast's KV cache is the model):
     filled              (N,) bool         which ring slots hold a frame
     write_index         (1,) int64        the slot the current frame is written to
 
-Slots never written are masked out of the attention rather than cut off, so shapes
-never change, nothing reads back to the host, and the whole step can be captured in
-a CUDA graph. Batch rows are independent: row b only ever sees row b's past.
+Slots never written are skipped by the attention (kernels.cached_attention: a per-slot
+flag, or a mask in the reference) rather than cut off, so shapes never change, nothing
+reads back to the host, and the whole step can be captured in a CUDA graph. Once every
+slot is filled (counted on the host by `advance()`) no flags are handed over and the
+attention runs unmasked; a captured graph holds one of the two, filling or full.
+Batch rows are independent: row b only ever sees row b's past.
 
-Per frame: U-Net forward (each layer calls `extend_and_store`), then `advance()`.
+Per frame: U-Net forward (each self-attention layer reads `banks` into
+kernels.cached_attention, then calls `store`), then `advance()`.
 
 Optional feature fusion (StreamV2V's "dynamic feature fusion"): with `fusion` > 0 the
 cache also banks each layer's attention output, and `fuse` pulls every output token
@@ -44,6 +48,10 @@ if TYPE_CHECKING:
 FUSION_THRESHOLD = 0.98  # StreamV2V's: only a near-identical banked token is fused
 FUSION_MAX_TOKENS = 1024  # layers with more tokens (finer than 32x32) are not fused
 
+# What the attention reads per part of the batch: (rows of the batch, keys (b, N, L, C),
+# values (b, N, L, C), filled (N,) bool or None when every slot holds a frame).
+BankPart = tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor | None]
+
 
 class TemporalCache:
     """Preallocated ring buffers of self-attention keys/values for the last `frames` frames."""
@@ -66,6 +74,9 @@ class TemporalCache:
                         if fusion and L <= FUSION_MAX_TOKENS else None for L, C in shapes]
         self.filled = torch.zeros(frames, dtype=torch.bool, device=device)
         self.write_index = torch.zeros(1, dtype=torch.long, device=device)
+        # advance() calls since the last reset(), on the host (a list: shared with rows() views);
+        # it tells `banks` that every slot is filled without reading `filled` back.
+        self._advances = [0]
 
     @classmethod
     def for_unet(cls, unet: UNet, batch: int, latent_hw: tuple[int, int], frames: int,
@@ -74,28 +85,46 @@ class TemporalCache:
         """A cache for `unet` run on (batch, C, h, w) latents with latent_hw = (h, w)."""
         return cls(unet.self_attention_shapes(latent_hw), batch, frames, device, dtype, fusion)
 
-    def extend_and_store(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Keys/values of the current frame followed by the bank's; then bank the current ones.
+    def banks(self, layer: int, k: torch.Tensor) -> list[BankPart]:
+        """Layer `layer`'s ring as stored, for the current frame's keys k (B, L, C).
 
-        k, v: (B, L, C) of layer `layer` for the current frame.
-        Returns k_all, v_all: (B, L + N*L, C), and mask: (1, L + N*L) bool, True where a key
-        may be attended to (the current frame, and the slots filled by past frames).
-        The write goes to slot `write_index` after the read (torch.cat copied the bank),
-        so a frame never attends to itself twice and the oldest frame is the one replaced.
+        Returns one part, (rows, keys, values, filled): rows = all of them; keys, values
+        (B, N, L, C) the bank buffers themselves (views, nothing copied); filled (N,) bool,
+        or None once every slot holds a frame (counted on the host, so asking costs no
+        sync), which lets the attention run unmasked. Attention reads the bank, then calls
+        `store`: a frame never attends to itself twice and the oldest frame is replaced.
         """
         bank_k, bank_v = self.keys[layer], self.values[layer]
         B, N, L, C = bank_k.shape
         if k.shape != (B, L, C):
             raise ValueError(f"TemporalCache layer {layer} holds (batch, tokens, channels) = {(B, L, C)}, "
                              f"got {tuple(k.shape)}: build the cache for this batch size and latent size")
-        k_all = torch.cat([k, bank_k.view(B, N * L, C).to(k.dtype)], dim=1)  # (B, L + N*L, C)
-        v_all = torch.cat([v, bank_v.view(B, N * L, C).to(v.dtype)], dim=1)
-        valid_past = self.filled[:, None].expand(N, L).reshape(N * L)  # (N*L,)
-        mask = torch.cat([torch.ones(L, dtype=torch.bool, device=k.device), valid_past])[None]  # (1, L + N*L)
+        filled = None if self._advances[0] >= self.frames else self.filled
+        return [(slice(None), bank_k, bank_v, filled)]
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the current frame's keys/values (B, L, C) of layer `layer` to slot `write_index`."""
+        bank_k, bank_v = self.keys[layer], self.values[layer]
         # The slot index stays a device tensor: index_copy_ writes in place without a host sync.
         # Detached: the bank is state; no gradient flows into past frames.
         bank_k.index_copy_(1, self.write_index, k.detach()[:, None].to(bank_k.dtype))
         bank_v.index_copy_(1, self.write_index, v.detach()[:, None].to(bank_v.dtype))
+
+    def extend_and_store(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """The bank as one concatenation and a mask, then `store`: the plain definition of what
+        unet.Attention computes through `banks` and kernels.cached_attention (the tests' oracle).
+
+        k, v: (B, L, C) of layer `layer` for the current frame.
+        Returns k_all, v_all: (B, L + N*L, C), and mask: (1, L + N*L) bool, True where a key
+        may be attended to (the current frame, and the slots filled by past frames).
+        """
+        (_, bank_k, bank_v, _), = self.banks(layer, k)
+        B, N, L, C = bank_k.shape
+        k_all = torch.cat([k, bank_k.view(B, N * L, C).to(k.dtype)], dim=1)  # (B, L + N*L, C)
+        v_all = torch.cat([v, bank_v.view(B, N * L, C).to(v.dtype)], dim=1)
+        valid_past = self.filled[:, None].expand(N, L).reshape(N * L)  # (N*L,)
+        mask = torch.cat([torch.ones(L, dtype=torch.bool, device=k.device), valid_past])[None]  # (1, L + N*L)
+        self.store(layer, k, v)  # after the read: torch.cat copied the bank
         return k_all, v_all, mask
 
     def fuse(self, layer: int, out: torch.Tensor) -> torch.Tensor:
@@ -126,18 +155,20 @@ class TemporalCache:
         view.values = [v[start:stop] for v in self.values]
         view.fusion = self.fusion
         view.outputs = [o[start:stop] if o is not None else None for o in self.outputs]
-        view.filled, view.write_index = self.filled, self.write_index
+        view.filled, view.write_index, view._advances = self.filled, self.write_index, self._advances
         return view
 
     def advance(self) -> None:
         """Mark the slot just written as filled and move on to the next (oldest) slot."""
         self.filled.index_fill_(0, self.write_index, True)
         self.write_index.add_(1).remainder_(self.frames)
+        self._advances[0] += 1
 
     def reset(self) -> None:
         """Forget all past frames (a scene cut, a new stream); keeps the buffers."""
         self.filled.zero_()
         self.write_index.zero_()
+        self._advances[0] = 0
 
 
 class TemporalBatch:
@@ -156,29 +187,33 @@ class TemporalBatch:
         self.frames = frames.pop()
         self.parts = parts
 
-    def extend_and_store(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """As TemporalCache.extend_and_store, with a per-row mask (B, 1, 1, L + N*L)."""
+    def banks(self, layer: int, k: torch.Tensor) -> list[BankPart]:
+        """As TemporalCache.banks, one part per cache: the rows of k (B, L, C) it covers, its
+        bank buffers as stored, its filled flags. Each cache's ring sits in its own buffers,
+        so the attention runs part by part rather than over a concatenation of them.
+        Rows with no bank get a bank of 0 slots (a view of their own keys, never read)."""
         B, L, C = k.shape
-        N = self.frames
-        ks, vs, masks = [], [], []
-        start = 0
+        parts, start = [], 0
         for cache, n in self.parts:
-            kp, vp = k[start:start + n], v[start:start + n]
+            rows = slice(start, start + n)
             start += n
             if cache is None:
-                pad = kp.new_zeros(n, N * L, C)
-                mask = torch.cat([torch.ones(L, dtype=torch.bool, device=k.device),
-                                  torch.zeros(N * L, dtype=torch.bool, device=k.device)])[None]  # (1, L + N*L)
-                kp, vp = torch.cat([kp, pad], dim=1), torch.cat([vp, pad], dim=1)
+                none = k[rows, None, :, :][:, :0]  # (n, 0, L, C): nothing to attend to but themselves
+                parts.append((rows, none, none, None))
             else:
-                kp, vp, mask = cache.extend_and_store(layer, kp, vp)
-            ks.append(kp)
-            vs.append(vp)
-            masks.append(mask.expand(n, -1))
+                (_, bank_k, bank_v, filled), = cache.banks(layer, k[rows])
+                parts.append((rows, bank_k, bank_v, filled))
         if start != B:
             raise ValueError(f"TemporalBatch covers {start} rows, the U-Net batch has {B}")
-        mask = torch.cat(masks)[:, None, None]  # (B, 1, 1, L + N*L): broadcasts over heads and queries
-        return torch.cat(ks), torch.cat(vs), mask
+        return parts
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """As TemporalCache.store, part by part; rows with no bank store nothing."""
+        start = 0
+        for cache, n in self.parts:
+            if cache is not None:
+                cache.store(layer, k[start:start + n], v[start:start + n])
+            start += n
 
     def fuse(self, layer: int, out: torch.Tensor) -> torch.Tensor:
         """As TemporalCache.fuse, part by part; rows with no bank are left as they are."""

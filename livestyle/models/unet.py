@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from livestyle import kernels
 from livestyle.errors import CheckpointError
-from livestyle.models.temporal import TemporalCache
+from livestyle.models.temporal import TemporalBatch, TemporalCache
 
 
 @dataclass(frozen=True)
@@ -232,22 +232,28 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # a list only for diffusers' key `to_out.0`
         self.layer_index: int | None = None
 
-    def forward(self, x, context=None, temporal: TemporalCache | None = None):
+    def forward(self, x, context=None, temporal: TemporalCache | TemporalBatch | None = None):
         """x (B, L, C), context (B, S, D) or None -> (B, L, C).
 
-        With `temporal`, keys/values of this layer's past frames join the current
-        ones (masked where a slot was never written), then the current ones are stored.
+        With `temporal`, the queries also attend to this layer's past frames, read from the
+        cache's ring where it lies (kernels.cached_attention; never-written slots skipped),
+        then the current keys/values are stored.
         """
         B, L, C = x.shape
         source = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)  # (B, L, C), (B, S, C), (B, S, C)
-        mask = None
-        if temporal is not None:
-            k, v, mask = temporal.extend_and_store(self.layer_index, k, v)  # (B, S + N*S, C); mask (1, S + N*S)
-        # (B, *, C) -> (B, heads, *, C / heads)
-        q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, L, C / heads)
-        out = self.to_out[0](out.transpose(1, 2).reshape(B, L, C))
+        if temporal is None:
+            # (B, *, C) -> (B, heads, *, C / heads)
+            q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, C / heads)
+            out = out.transpose(1, 2).reshape(B, L, C)
+        else:
+            # One part per cache (TemporalBatch: several streams' rings, in their own buffers).
+            pieces = [kernels.cached_attention(q[rows], k[rows], v[rows], bank_k, bank_v, filled, self.heads)
+                      for rows, bank_k, bank_v, filled in temporal.banks(self.layer_index, k)]  # (b, L, C) each
+            out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            temporal.store(self.layer_index, k, v)  # after the read: a frame never attends to itself twice
+        out = self.to_out[0](out)
         if temporal is not None:
             out = temporal.fuse(self.layer_index, out)  # optional feature fusion (temporal.py)
         return out
