@@ -750,8 +750,7 @@ def _isolated(call: Callable[[list], list], items: list, what: str) -> list:
         if len(items) == 1:
             return [_freed(e)]
         log.warning("%s over %d streams failed (%s: %s); trying them one by one", what, len(items),
-                    type(e).__name__, e)
-        traceback.clear_frames(e.__traceback__)
+                    type(e).__name__, _freed(e))
     results = []
     for item in items:
         try:
