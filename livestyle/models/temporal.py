@@ -38,8 +38,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from livestyle import kernels
 
 if TYPE_CHECKING:
     from livestyle.models.unet import UNet
@@ -101,6 +104,13 @@ class TemporalCache:
                              f"got {tuple(k.shape)}: build the cache for this batch size and latent size")
         filled = None if self._advances[0] >= self.frames else self.filled
         return [(slice(None), bank_k, bank_v, filled)]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+        """unet.Attention's read: q, k, v (B, L, C) over themselves and the ring, then `store`. -> (B, L, C)."""
+        (_, bank_k, bank_v, filled), = self.banks(layer, k)
+        out = kernels.cached_attention(q, k, v, bank_k, bank_v, filled, heads)
+        self.store(layer, k, v)
+        return out
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the current frame's keys/values (B, L, C) of layer `layer` to slot `write_index`."""
@@ -206,6 +216,13 @@ class TemporalBatch:
         if start != B:
             raise ValueError(f"TemporalBatch covers {start} rows, the U-Net batch has {B}")
         return parts
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+        """As TemporalCache.attend, one kernel call per part (each cache's ring sits in its own buffers)."""
+        pieces = [kernels.cached_attention(q[rows], k[rows], v[rows], bank_k, bank_v, filled, heads)
+                  for rows, bank_k, bank_v, filled in self.banks(layer, k)]  # (b, L, C) each
+        self.store(layer, k, v)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """As TemporalCache.store, part by part; rows with no bank store nothing."""

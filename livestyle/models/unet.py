@@ -248,11 +248,8 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, C / heads)
             out = out.transpose(1, 2).reshape(B, L, C)
         else:
-            # One part per cache (TemporalBatch: several streams' rings, in their own buffers).
-            pieces = [kernels.cached_attention(q[rows], k[rows], v[rows], bank_k, bank_v, filled, self.heads)
-                      for rows, bank_k, bank_v, filled in temporal.banks(self.layer_index, k)]  # (b, L, C) each
-            out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-            temporal.store(self.layer_index, k, v)  # after the read: a frame never attends to itself twice
+            # The ring(s) read where they lie, then k, v stored: a frame never attends to itself twice.
+            out = temporal.attend(self.layer_index, q, k, v, self.heads)  # (B, L, C)
         out = self.to_out[0](out)
         if temporal is not None:
             out = temporal.fuse(self.layer_index, out)  # optional feature fusion (temporal.py)
