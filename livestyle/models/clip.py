@@ -1,14 +1,17 @@
-"""CLIP text encoder (the text tower of CLIP), as Stable Diffusion 1.x/2.x use it.
+"""CLIP text encoder (the text tower of CLIP), as Stable Diffusion 1.x/2.x/XL use it.
 
 token ids (B, L) -> token embedding + learned position embedding
   -> num_layers x pre-LN transformer block (causal self-attention, MLP)
   -> final LayerNorm -> (B, L, D) context for the U-Net's cross-attention.
+  (with a projection) final state at the end-of-text token -> text_projection -> (B, P)
 
-Parameter names equal `transformers.CLIPTextModel`'s, so a diffusers `text_encoder/`
-state dict loads with strict=True. SD 1.x is OpenAI ViT-L/14 (768-d, 12 layers,
-quick_gelu); SD 2.x is OpenCLIP ViT-H/14 run to its penultimate layer (1024-d, 23 of
-24 layers, gelu; convert_clip.py drops the last block). No pooled output or text
-projection: SD 1.x/2.x condition on the per-token states only.
+Parameter names equal `transformers.CLIPTextModel`'s (and, with `projection_dim`,
+`CLIPTextModelWithProjection`'s), so a diffusers `text_encoder/` state dict loads with
+strict=True. SD 1.x is OpenAI ViT-L/14 (768-d, 12 layers, quick_gelu); SD 2.x is
+OpenCLIP ViT-H/14 run to its penultimate layer (1024-d, 23 of 24 layers, gelu;
+convert_clip.py drops the last block). SDXL runs two: ViT-L/14 and OpenCLIP ViT-bigG/14
+(1280-d, 32 layers, gelu, 1280-d projection), each to its penultimate layer without
+the final LayerNorm, plus bigG's pooled projection (`encode_with_pooled`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class TextEncoderConfig:
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP, SD 1.x) or "gelu" (OpenCLIP, SD 2.x)
     layer_norm_eps: float = 1e-5
+    projection_dim: int | None = None  # CLIPTextModelWithProjection's text_projection (SDXL's second encoder)
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
@@ -45,24 +49,32 @@ class TextEncoderConfig:
                                   f"num_attention_heads {self.num_attention_heads}")
 
     @classmethod
-    def from_transformers(cls, cfg: dict) -> TextEncoderConfig:
+    def from_transformers(cls, cfg: dict, with_projection: bool = False) -> TextEncoderConfig:
         """From a transformers CLIPTextConfig dict (a diffusers `text_encoder/config.json`).
 
         Shape fields are required; hidden_act and layer_norm_eps default like transformers.
+        with_projection: a CLIPTextModelWithProjection (its weights hold `text_projection`);
+        its projection_dim is then required. CLIPTextConfig always lists a projection_dim,
+        so the config alone cannot say whether the model has one.
         """
+        if with_projection and "projection_dim" not in cfg:
+            raise CheckpointError("text encoder config lacks projection_dim (its weights hold a text_projection)")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "max_position_embeddings")
         missing = [k for k in required if k not in cfg]
         if missing:
             raise CheckpointError(f"text encoder config lacks {missing}")
         optional = {k: cfg[k] for k in ("hidden_act", "layer_norm_eps") if k in cfg}
-        return cls(**{k: cfg[k] for k in required}, **optional)
+        projection = {"projection_dim": cfg["projection_dim"]} if with_projection else {}
+        return cls(**{k: cfg[k] for k in required}, **optional, **projection)
 
 
-# The two text encoders of SD 1.x and SD 2.x checkpoints.
+# The text encoders of SD 1.x, SD 2.x and SDXL checkpoints (SDXL's first is SD1_TEXT).
 SD1_TEXT = TextEncoderConfig()
 SD2_TEXT = TextEncoderConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                              num_attention_heads=16, hidden_act="gelu")
+SDXL_TEXT_2 = TextEncoderConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -156,13 +168,16 @@ class TextTransformer(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """CLIP text encoder with transformers.CLIPTextModel's parameter names.
+    """CLIP text encoder with transformers.CLIPTextModel's parameter names
+    (CLIPTextModelWithProjection's when config.projection_dim is set).
 
-    forward(input_ids, skip_layers):
+    forward(input_ids, skip_layers, final_norm):
         input_ids: (B, L) long token ids, L <= max_position_embeddings (77 for SD).
-        skip_layers: how many of the last layers to leave out; the final LayerNorm is
-            applied either way. 0 = transformers' last_hidden_state; 1 = A1111's
-            "CLIP skip 2" = diffusers' `clip_skip=1` (hidden_states[-2] + final LN).
+        skip_layers: how many of the last layers to leave out. 0 = transformers'
+            last_hidden_state; 1 = A1111's "CLIP skip 2" = diffusers' `clip_skip=1`
+            (hidden_states[-2] + final LN).
+        final_norm: apply the final LayerNorm (SD 1.x/2.x do); SDXL conditions on
+            hidden_states[-2] as it is (final_norm=False, skip_layers=1).
         returns (B, L, hidden_size) float, in the parameters' dtype.
     """
 
@@ -170,15 +185,46 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.text_model = TextTransformer(cfg)
+        P = cfg.projection_dim
+        self.text_projection = nn.Linear(cfg.hidden_size, P, bias=False) if P else None
 
-    def forward(self, input_ids: torch.Tensor, skip_layers: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, skip_layers: int = 0, final_norm: bool = True) -> torch.Tensor:
+        x = self._run(input_ids, len(self.text_model.encoder.layers) - skip_layers)
+        return self.text_model.final_layer_norm(x) if final_norm else x
+
+    def encode_with_pooled(self, input_ids: torch.Tensor, skip_layers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's use of its second encoder, in one pass: (hidden, pooled).
+
+        hidden: (B, L, hidden_size), the state `skip_layers` before the end without the
+            final LayerNorm (diffusers: hidden_states[-(skip_layers + 1)]).
+        pooled: (B, projection_dim), the final LayerNorm's output at the end-of-text
+            token through text_projection (CLIPTextModelWithProjection's text_embeds;
+            (B, hidden_size) unprojected without a projection). The end-of-text token
+            is found as the highest id: CLIP's is the last of its vocabulary, and
+            open_clip and SDXL's configs (eos_token_id 2) pool there the same way.
+        """
         layers = self.text_model.encoder.layers
-        if not 0 <= skip_layers < len(layers):
-            raise ValueError(f"skip_layers must be in [0, {len(layers) - 1}], got {skip_layers}")
+        keep = len(layers) - skip_layers
+        x = self._run(input_ids, keep)
+        hidden = x
+        for layer in layers[keep:]:
+            x = layer(x)
+        x = self.text_model.final_layer_norm(x)
+        # (B, L, D) -> (B, D): each row's state at its end-of-text position
+        pooled = x[torch.arange(x.shape[0], device=x.device), input_ids.argmax(dim=-1)]
+        if self.text_projection is not None:
+            pooled = self.text_projection(pooled)
+        return hidden, pooled
+
+    def _run(self, input_ids: torch.Tensor, num_layers: int) -> torch.Tensor:
+        """Embeddings and the first num_layers blocks, no final LayerNorm: (B, L, hidden_size)."""
+        layers = self.text_model.encoder.layers
+        if not 0 < num_layers <= len(layers):
+            raise ValueError(f"skip_layers must be in [0, {len(layers) - 1}], got {len(layers) - num_layers}")
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens, more than "
                              f"max_position_embeddings={self.config.max_position_embeddings}")
         x = self.text_model.embeddings(input_ids)
-        for layer in layers[: len(layers) - skip_layers]:
+        for layer in layers[:num_layers]:
             x = layer(x)
-        return self.text_model.final_layer_norm(x)
+        return x

@@ -19,6 +19,13 @@ SD 2.x (OpenCLIP ViT-H/14, wrapped by ldm's FrozenOpenCLIPEmbedder):
 SD 2.x conditions on the penultimate layer's output passed through ln_final, so
 the last resblock is dropped and the model runs the rest with the final LayerNorm:
 what diffusers' conversion does (its SD 2.x text encoder has 23 layers).
+
+SDXL single files hold both of its encoders under `conditioner.embedders.`:
+    0.transformer.text_model.*   CLIP ViT-L/14, the SD 1.x layout above
+    1.model.*                    OpenCLIP ViT-bigG/14, the SD 2.x layout above
+SDXL needs bigG's every layer (its pooled output is taken after the last one) and its
+text_projection, stored as (width, proj) for `x @ text_projection`: transposed
+against nn.Linear's (proj, width) weight. `keep_last=True` converts it that way.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ _OPENCLIP_LAYER = {
     "mlp.c_fc": "mlp.fc1",
     "mlp.c_proj": "mlp.fc2",
 }
-_OPENCLIP_UNUSED = ("model.text_projection", "model.logit_scale", "model.attn_mask")
+_OPENCLIP_UNUSED = ("model.logit_scale", "model.attn_mask")  # the contrastive head's scale; a constant mask
 _RESBLOCK = re.compile(r"model\.transformer\.resblocks\.(\d+)\.(.+)")
 
 
@@ -50,29 +57,33 @@ def text_encoder_from_transformers(sd: dict[str, torch.Tensor]) -> dict[str, tor
     transformers 4 saves `text_model.embeddings...` (every SD checkpoint on the Hub);
     transformers 5 saves the same names without `text_model.`. Both are accepted, and
     the `position_ids` buffer some files hold is dropped (TextEncoder recomputes it).
+    A CLIPTextModelWithProjection's `text_projection.weight` keeps its name.
     """
     out = {}
     for key, value in sd.items():
-        name = key if key.startswith("text_model.") else "text_model." + key
+        name = key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
         if name != "text_model.embeddings.position_ids":
             out[name] = value
     return out
 
 
 def text_encoder_from_original(
-    sd: dict[str, torch.Tensor], num_attention_heads: int | None = None
+    sd: dict[str, torch.Tensor], num_attention_heads: int | None = None, keep_last: bool = False
 ) -> tuple[dict[str, torch.Tensor], TextEncoderConfig]:
-    """Convert an original-layout text encoder state dict (prefix `cond_stage_model.`
-    already removed) to TextEncoder's keys, with the config read from the shapes.
+    """Convert an original-layout text encoder state dict (prefix `cond_stage_model.` or
+    `conditioner.embedders.N.` already removed) to TextEncoder's keys, with the config
+    read from the shapes.
 
-    num_attention_heads: default hidden_size // 64, true for SD 1.x and 2.x.
+    num_attention_heads: default hidden_size // 64, true for SD 1.x, 2.x and XL.
+    keep_last: OpenCLIP only: keep every resblock and the text_projection (SDXL's
+        second encoder) instead of dropping the last block and the head (SD 2.x).
     Raises CheckpointError naming keys when the layout is unknown or incomplete.
     """
     keys = list(sd)
     if any(k.startswith("transformer.") for k in keys):
         state, act = _from_sd1(sd), "quick_gelu"
     elif any(k.startswith("model.transformer.resblocks.") for k in keys):
-        state, act = _from_openclip(sd), "gelu"
+        state, act = _from_openclip(sd, keep_last), "gelu"
     else:
         raise CheckpointError(
             "unknown text encoder layout: expected `transformer.text_model.*` (SD 1.x) or "
@@ -93,14 +104,18 @@ def _from_sd1(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return text_encoder_from_transformers(out)  # some files lack `text_model.`; drops position_ids
 
 
-def _from_openclip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _from_openclip(sd: dict[str, torch.Tensor], keep_last: bool) -> dict[str, torch.Tensor]:
     blocks = {int(m.group(1)) for k in sd if (m := _RESBLOCK.fullmatch(k))}
-    last = max(blocks)  # the layer SD 2.x skips: it conditions on the penultimate one
+    # The layer SD 2.x skips (it conditions on the penultimate one); SDXL keeps it.
+    last = None if keep_last else max(blocks)
     out = {}
     for key, value in sd.items():
         if key in _OPENCLIP_UNUSED:
             continue
-        if key == "model.token_embedding.weight":
+        if key == "model.text_projection":
+            if keep_last:  # (width, proj) for x @ W -> nn.Linear's (proj, width)
+                out["text_projection.weight"] = value.T.contiguous()
+        elif key == "model.token_embedding.weight":
             out["text_model.embeddings.token_embedding.weight"] = value
         elif key == "model.positional_embedding":
             out["text_model.embeddings.position_embedding.weight"] = value
@@ -137,6 +152,7 @@ def _config_from_shapes(state, act: str, num_attention_heads: int | None) -> Tex
         raise CheckpointError(f"text encoder lacks {missing}")
     vocab_size, hidden = state[need[0]].shape
     layers = {int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers.")}
+    projection = state.get("text_projection.weight")
     return TextEncoderConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -145,6 +161,7 @@ def _config_from_shapes(state, act: str, num_attention_heads: int | None) -> Tex
         num_attention_heads=num_attention_heads or max(hidden // HEAD_DIM, 1),
         max_position_embeddings=state[need[1]].shape[0],
         hidden_act=act,
+        projection_dim=None if projection is None else projection.shape[0],
     )
 
 

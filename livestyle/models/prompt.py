@@ -17,14 +17,21 @@ are scaled per token and then rescaled to their original mean, as A1111's defaul
 words after a comma near a chunk's end into the next chunk) and textual-inversion
 embeddings.
 
+SDXL (`encode_prompt_sdxl`) runs the same chunks through both of its encoders, weights
+each encoder's states as above (A1111 weights each embedder on its own), and puts them
+side by side on the feature axis (768 + 1280 = 2048), as diffusers'
+StableDiffusionXLPipeline.encode_prompt does; the pooled embedding is the second
+encoder's for the first chunk, unweighted (A1111 and ComfyUI take it so).
+
 Embeddings are meant to be computed once per prompt change, never per frame:
-`PromptCache` keeps the last few.
+`PromptCache` / `SDXLPromptCache` keep the last few.
 """
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
@@ -164,15 +171,61 @@ def encode_prompt(text_encoder: TextEncoder, tokenizer: Tokenizer, text: str,
     No autograd graph is kept.
     """
     ids, weights = chunk_tokens(tokenizer, text)
-    device = text_encoder.text_model.embeddings.token_embedding.weight.device
-    z = text_encoder(torch.tensor(ids, device=device), skip_layers)  # (k, 77, D)
+    z = text_encoder(torch.tensor(ids, device=_device(text_encoder)), skip_layers)  # (k, 77, D)
+    return _emphasis(z, weights)
+
+
+@dataclass(frozen=True)
+class SDXLPrompt:
+    """SDXL's conditioning from one prompt: the U-Net's `context` and `text_embeds`.
+
+    context: (1, 77 * k, D1 + D2), both encoders' penultimate states side by side
+        (768 + 1280 = 2048 for SDXL), k >= 1 chunks.
+    pooled: (1, P), the second encoder's projected end-of-text state (P = 1280),
+        what the U-Net takes as `text_embeds`.
+    """
+
+    context: torch.Tensor
+    pooled: torch.Tensor
+
+
+@torch.no_grad()
+def encode_prompt_sdxl(text_encoder: TextEncoder, tokenizer: Tokenizer, text_encoder_2: TextEncoder,
+                       tokenizer_2: Tokenizer, text: str, skip_layers: int = 1) -> SDXLPrompt:
+    """Prompt -> SDXL's context and pooled embedding, A1111's weighting and chunking.
+
+    text_encoder: CLIP ViT-L; text_encoder_2: OpenCLIP ViT-bigG with its projection.
+    skip_layers: 1 = hidden_states[-2], SDXL's own (diffusers' clip_skip=None); no final
+    LayerNorm on either, as SDXL trained. An unweighted prompt of <= 75 tokens gives
+    exactly diffusers' StableDiffusionXLPipeline.encode_prompt (prompt_embeds,
+    pooled_prompt_embeds). Returned in the encoders' dtype and device; no autograd graph.
+    """
+    ids, weights = chunk_tokens(tokenizer, text)
+    ids_2, weights_2 = chunk_tokens(tokenizer_2, text)
+    if len(ids) != len(ids_2):  # the same BPE vocabulary in both (pads differ): same chunks
+        raise ValueError(f"SDXL's tokenizers cut the prompt into {len(ids)} and {len(ids_2)} chunks; "
+                         "they must share one vocabulary")
+    z = text_encoder(torch.tensor(ids, device=_device(text_encoder)), skip_layers, final_norm=False)
+    z_2, pooled = text_encoder_2.encode_with_pooled(torch.tensor(ids_2, device=_device(text_encoder_2)),
+                                                    skip_layers)
+    # (1, 77k, D1) and (1, 77k, D2) -> (1, 77k, D1 + D2)
+    context = torch.cat([_emphasis(z, weights), _emphasis(z_2, weights_2).to(z.device, z.dtype)], dim=-1)
+    return SDXLPrompt(context, pooled[:1])
+
+
+def _device(text_encoder: TextEncoder) -> torch.device:
+    return text_encoder.text_model.embeddings.token_embedding.weight.device
+
+
+def _emphasis(z: torch.Tensor, weights: list[list[float]]) -> torch.Tensor:
+    """(k, 77, D) chunk states and their per-token weights -> (1, 77 * k, D)."""
     chunks = []
     for i, chunk_weights in enumerate(weights):
         zi = z[i]  # (77, D)
         if any(w != 1.0 for w in chunk_weights):  # decided on the host: no device sync
             # A1111's "Original" emphasis: scale each token's embedding by its weight,
             # then restore the chunk's mean, which keeps overall magnitude steady.
-            w = torch.tensor(chunk_weights, device=device, dtype=zi.dtype)
+            w = torch.tensor(chunk_weights, device=z.device, dtype=zi.dtype)
             original_mean = zi.mean()
             zi = zi * w[:, None]
             zi = zi * (original_mean / zi.mean())
@@ -193,18 +246,35 @@ class PromptCache:
         self.tokenizer = tokenizer
         self.skip_layers = skip_layers
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[str, torch.Tensor | SDXLPrompt] = OrderedDict()
 
-    def __call__(self, text: str) -> torch.Tensor:
+    def __call__(self, text: str):
         if text in self._entries:
             self._entries.move_to_end(text)
             return self._entries[text]
-        z = encode_prompt(self.text_encoder, self.tokenizer, text, self.skip_layers)
+        z = self._encode(text)
         self._entries[text] = z
         if len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)  # least recently used
         return z
 
+    def _encode(self, text: str) -> torch.Tensor:
+        return encode_prompt(self.text_encoder, self.tokenizer, text, self.skip_layers)
+
     def clear(self) -> None:
         """Forget everything, e.g. after the text encoder's weights changed (LoRA)."""
         self._entries.clear()
+
+
+class SDXLPromptCache(PromptCache):
+    """PromptCache for SDXL's two encoders: cache(text) -> SDXLPrompt, as encode_prompt_sdxl."""
+
+    def __init__(self, text_encoder: TextEncoder, tokenizer: Tokenizer, text_encoder_2: TextEncoder,
+                 tokenizer_2: Tokenizer, skip_layers: int = 1, max_entries: int = 16):
+        super().__init__(text_encoder, tokenizer, skip_layers, max_entries)
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer_2 = tokenizer_2
+
+    def _encode(self, text: str) -> SDXLPrompt:
+        return encode_prompt_sdxl(self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2,
+                                  text, self.skip_layers)
