@@ -236,19 +236,21 @@ class KLAutoencoder(nn.Module):
         Deterministic: the posterior mean, not a sample; for img2img-style
         restyling the sampling noise only adds flicker.
         """
-        h = self.encoder(images * 2 - 1)
+        # Computed in the weights' dtype, returned in the caller's: an fp32 VAE serves an
+        # fp16 pipeline (SDXL's overflows in fp16; loading keeps it in fp32 there).
+        h = self.encoder((images * 2 - 1).to(self.encoder.conv_in.weight.dtype))
         if self.quant_conv is not None:
             h = self.quant_conv(h)
         mean = h[:, : self.latent_channels]  # (B, 2C, h, w): mean then log-variance
         if self.config.shift_factor is not None:
             mean = mean - self.config.shift_factor
-        return mean * self.config.scaling_factor
+        return (mean * self.config.scaling_factor).to(images.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, C, h, w) -> images (B, 3, h*f, w*f) clamped to [0, 1]."""
-        z = latents / self.config.scaling_factor
+        z = latents.to(self.decoder.conv_in.weight.dtype) / self.config.scaling_factor  # dtype: as encode
         if self.config.shift_factor is not None:
             z = z + self.config.shift_factor
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return ((self.decoder(z) + 1) / 2).clamp(0, 1)
+        return ((self.decoder(z) + 1) / 2).clamp(0, 1).to(latents.dtype)
