@@ -173,7 +173,7 @@ def test_tiny_unet_temporal_cache_through_the_triton_kernel_matches_torch(triton
     unet = UNet(config).to(DEVICE).eval()
     t, context = torch.tensor([500.0]), rand(2, 3, 12, seed=1)
     xs = [rand(2, 4, 7, 5, seed=10 + f) for f in range(3)]
-    kernel = kernels._load_triton()[3]
+    kernel = kernels._load_triton()["cached_attention"]
     calls = []
     real = kernel.cached_attention
     monkeypatch.setattr(kernel, "cached_attention", lambda *args: calls.append(args[5]) or real(*args))

@@ -1,9 +1,10 @@
 """Fused kernels behind one dispatch point: Triton on CUDA, the plain-torch reference elsewhere.
 
 Each Triton kernel (group_norm_triton.py, layer_norm_triton.py, geglu_triton.py,
-cached_attention_triton.py) has a reference with the same signature in reference.py; the
-models call the functions below, which pick one (unet.Attention hands cached_attention a
-TemporalCache's ring buffers as stored, with the per-slot flags).
+cached_attention_triton.py, frame_triton.py, propagate_triton.py, sampler_step_triton.py)
+has a reference with the same signature in reference.py; the models and the engine call
+the functions below, which pick one (unet.Attention hands cached_attention a
+TemporalCache's ring buffers as stored, with the per-slot flags). KERNELS names them all.
 The backend is chosen in one place:
 
 - `set_backend("auto" | "triton" | "torch")`, or the environment variable
@@ -35,7 +36,9 @@ BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "LIVESTYLE_KERNELS"
 
 _backend: str | None = None  # None until set_backend() or the first use reads LIVESTYLE_KERNELS
-_triton_modules = None  # (group_norm, layer_norm, geglu, cached_attention) Triton modules, imported at first use
+KERNELS = ("group_norm", "layer_norm", "geglu", "cached_attention", "frame_in", "frame_out", "propagate",
+           "sampler_step")  # the dispatched functions below, each with a Triton kernel and a reference
+_triton_modules = None  # {kernel name: its Triton module}, imported at first use
 
 
 def _checked(name: str, source: str) -> str:
@@ -76,7 +79,7 @@ def triton_installed() -> bool:
 def interpreted() -> bool:
     """Whether Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1 when they were first loaded)."""
     if _triton_modules is not None:
-        return _triton_modules[0].INTERPRETED
+        return _triton_modules["group_norm"].INTERPRETED
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -126,7 +129,7 @@ def describe(device: torch.device | str) -> str:
     if name == "torch":
         return f"torch reference (backend torch{'' if problem else '; Triton could run here'})"
     if problem is None and (name == "triton" or device.type == "cuda"):
-        return f"Triton on {where} (backend {name}): group_norm, layer_norm, geglu, cached_attention"
+        return f"Triton on {where} (backend {name}): {', '.join(KERNELS)}"
     if name == "triton":
         return f"none: backend triton, but {problem}"
     reason = "no CUDA" if triton_installed() else "triton is not installed"
@@ -150,9 +153,13 @@ def _load_triton():
                 raise LivestyleError("TRITON_INTERPRET=1 was set after triton was imported; "
                                      "set it before the process starts")
         # Not `from livestyle.kernels import group_norm`: that name is the dispatching function.
-        from livestyle.kernels import cached_attention_triton, geglu_triton, group_norm_triton, layer_norm_triton
+        from livestyle.kernels import (cached_attention_triton, frame_triton, geglu_triton, group_norm_triton,
+                                       layer_norm_triton, propagate_triton, sampler_step_triton)
 
-        _triton_modules = (group_norm_triton, layer_norm_triton, geglu_triton, cached_attention_triton)
+        _triton_modules = {"group_norm": group_norm_triton, "layer_norm": layer_norm_triton, "geglu": geglu_triton,
+                           "cached_attention": cached_attention_triton, "frame_in": frame_triton,
+                           "frame_out": frame_triton, "propagate": propagate_triton,
+                           "sampler_step": sampler_step_triton}
     return _triton_modules
 
 
@@ -174,7 +181,7 @@ def group_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
                eps: float = 1e-5, activation: str | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
     """GroupNorm of (x + shift), then `activation`; see reference.group_norm."""
     if _use_triton(x):
-        return _load_triton()[0].group_norm(x, weight, bias, groups, eps, activation, shift)
+        return _load_triton()["group_norm"].group_norm(x, weight, bias, groups, eps, activation, shift)
     return reference.group_norm(x, weight, bias, groups, eps, activation, shift)
 
 
@@ -182,14 +189,14 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension; see reference.layer_norm."""
     if _use_triton(x):
-        return _load_triton()[1].layer_norm(x, weight, bias, eps)
+        return _load_triton()["layer_norm"].layer_norm(x, weight, bias, eps)
     return reference.layer_norm(x, weight, bias, eps)
 
 
 def geglu(h: torch.Tensor) -> torch.Tensor:
     """(..., 2D) projection output -> (..., D) first half * gelu(second half); see reference.geglu."""
     if _use_triton(h):
-        return _load_triton()[2].geglu(h)
+        return _load_triton()["geglu"].geglu(h)
     return reference.geglu(h)
 
 
@@ -197,5 +204,35 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bank_k: 
                      filled: torch.Tensor | None, heads: int) -> torch.Tensor:
     """The current frame's self-attention over itself and a TemporalCache ring; see reference.cached_attention."""
     if _use_triton(q):
-        return _load_triton()[3].cached_attention(q, k, v, bank_k, bank_v, filled, heads)
+        return _load_triton()["cached_attention"].cached_attention(q, k, v, bank_k, bank_v, filled, heads)
     return reference.cached_attention(q, k, v, bank_k, bank_v, filled, heads)
+
+
+def frame_in(rgb: torch.Tensor, size: tuple[int, int], signed: bool, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (B, H, W, 3) frames -> (B, 3, h, w) model input of `dtype`, resized; see reference.frame_in."""
+    if _use_triton(rgb):
+        return _load_triton()["frame_in"].frame_in(rgb, size, signed, dtype)
+    return reference.frame_in(rgb, size, signed, dtype)
+
+
+def frame_out(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """(B, 3, h, w) model output -> uint8 (B, h, w, 3) frames, clamped and rounded; see reference.frame_out."""
+    if _use_triton(x):
+        return _load_triton()["frame_out"].frame_out(x, signed)
+    return reference.frame_out(x, signed)
+
+
+def propagate(current: torch.Tensor, previous: torch.Tensor, back: torch.Tensor, confidence: torch.Tensor,
+              blend: torch.Tensor) -> torch.Tensor:
+    """`previous` warped along the small backward flow, blended into `current`; see reference.propagate."""
+    if _use_triton(current):
+        return _load_triton()["propagate"].propagate(current, previous, back, confidence, blend)
+    return reference.propagate(current, previous, back, confidence, blend)
+
+
+def sampler_step(x: torch.Tensor, out: torch.Tensor, noise: torch.Tensor | None,
+                 coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_next, denoised) of a few-step sampler, per-row coefficients (4, B); see reference.sampler_step."""
+    if _use_triton(x):
+        return _load_triton()["sampler_step"].sampler_step(x, out, noise, coeffs)
+    return reference.sampler_step(x, out, noise, coeffs)
