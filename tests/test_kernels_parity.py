@@ -272,3 +272,202 @@ def test_taef2_pool_branch_with_triton_kernels_matches_torch(triton_kernels):
             outputs[name] = model.encode(image)
     kernels.set_backend("triton")
     torch.testing.assert_close(outputs["triton"], outputs["torch"], rtol=1e-4, atol=1e-4)
+
+
+# -- frames in and out ------------------------------------------------------------------------
+# frame_in: fp32 within 1e-5 of the reference (the kernel interpolates in the same order;
+# the resize's weights differ from torch's by rounding only); fp16/bf16 within one ulp,
+# as the norms. frame_out: bytes equal to the reference's, exactly, including the ties.
+
+FRAME_CASES = [  # (B, H, W, (h, w)): same size, down, up, batch 7
+    (1, 9, 13, (9, 13)),
+    (2, 9, 13, (5, 7)),
+    (1, 9, 13, (17, 30)),
+    (7, 3, 5, (4, 3)),
+]
+
+
+def frames(B, H, W, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (B, H, W, 3), dtype=torch.uint8, generator=g).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("signed", [False, True], ids=["unit", "signed"])
+@pytest.mark.parametrize("case", FRAME_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-to-{c[3][0]}x{c[3][1]}")
+def test_frame_in_matches_reference(triton_kernels, case, signed, dtype):
+    B, H, W, size = case
+    rgb = frames(B, H, W)
+    out = kernels.frame_in(rgb, size, signed, dtype)
+    assert out.shape == (B, 3, *size) and out.is_contiguous()
+    close(out, reference.frame_in(rgb, size, signed, torch.float32), dtype)
+    if size == (H, W) and dtype == torch.float32:  # no resize: exactly v / 255 (and 2 v / 255 - 1)
+        assert torch.equal(out, reference.frame_in(rgb, size, signed, dtype))
+
+
+def test_frame_in_reference_is_what_frame_to_tensor_gives():
+    """The oracle agrees with livestyle.frame.to_tensor, the engine's path before the kernel."""
+    from livestyle.frame import to_tensor
+
+    rgb = frames(2, 5, 7).cpu()
+    torch.testing.assert_close(reference.frame_in(rgb, (5, 7), False, torch.float32), to_tensor(list(rgb.numpy())))
+
+
+def _exact_ties() -> torch.Tensor:
+    """fp32 x with x * 255 exactly k + 0.5 in fp32, for k = 0 .. 254 where one exists (about half of them)."""
+    ties = []
+    for k in range(255):
+        x = torch.tensor((k + 0.5) / 255, dtype=torch.float32)
+        for candidate in (x, torch.nextafter(x, torch.tensor(0.0)), torch.nextafter(x, torch.tensor(1.0))):
+            if (candidate * 255).item() == k + 0.5:
+                ties.append(candidate.item())
+                break
+    return torch.tensor(ties)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("signed", [False, True], ids=["unit", "signed"])
+@pytest.mark.parametrize("shape", [(1, 3, 7, 5), (7, 3, 3, 11)], ids=lambda s: "x".join(map(str, s)))
+def test_frame_out_matches_reference_exactly(triton_kernels, shape, signed, dtype):
+    x = rand(*shape, dtype=dtype) * 0.7 + (0.0 if signed else 0.5)  # some values clamped at both ends
+    out = kernels.frame_out(x, signed)
+    assert out.dtype == torch.uint8 and out.shape == (shape[0], *shape[2:], 3) and out.is_contiguous()
+    assert torch.equal(out, reference.frame_out(x, signed))
+
+
+def test_frame_out_rounds_ties_to_even(triton_kernels):
+    ties = _exact_ties()
+    assert len(ties) > 50
+    x = ties[: len(ties) // 3 * 3].reshape(1, 3, 1, -1).to(DEVICE)  # (1, 3, 1, n)
+    out = kernels.frame_out(x, False)
+    expected = (x * 255).round()  # half to even: 0.5 -> 0, 1.5 -> 2
+    assert torch.equal(out, expected.to(torch.uint8).permute(0, 2, 3, 1))
+    assert torch.equal(out, reference.frame_out(x, False))
+    assert (expected.flatten() % 2 == 0).all()
+
+
+# -- flow-guided propagation ------------------------------------------------------------------
+# fp32 within 1e-5: the kernel follows the flow in pixels, the reference through
+# grid_sample's [-1, 1] normalisation and back (coordinates apart by ~1e-7 of the width,
+# times the previous frame's gradient, values ~1 here). fp16/bf16: one ulp, as the norms.
+
+PROPAGATE_CASES = [  # (B, C, h, w, fh, fw): flow grid smaller (upsampled), larger (downsampled), batch 7
+    (1, 4, 9, 11, 5, 6),
+    (2, 3, 6, 7, 13, 10),
+    (7, 4, 5, 3, 5, 3),
+]
+
+
+def motion(B, fh, fw, seed=5):
+    """A backward flow of a few pixels, reaching past the borders, and a confidence in [0, 1]."""
+    back = rand(B, 2, fh, fw, seed=seed) * 2.5
+    confidence = rand(B, 1, fh, fw, seed=seed + 1).sigmoid()
+    return back, confidence
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", PROPAGATE_CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"-flow{c[4]}x{c[5]}")
+def test_propagate_matches_reference(triton_kernels, case, dtype):
+    B, C, h, w, fh, fw = case
+    current, previous = rand(B, C, h, w, dtype=dtype, seed=1), rand(B, C, h, w, dtype=dtype, seed=2)
+    back, confidence = motion(B, fh, fw)
+    blend = torch.linspace(0.3, 0.95, B, device=DEVICE)
+    out = kernels.propagate(current, previous, back, confidence, blend)
+    close(out, reference.propagate(current.float(), previous.float(), back, confidence, blend), dtype)
+
+
+def test_propagate_with_blend_zero_returns_current_exactly(triton_kernels):
+    current, previous = rand(2, 4, 6, 5, dtype=torch.float16, seed=1), rand(2, 4, 6, 5, dtype=torch.float16, seed=2)
+    back, confidence = motion(2, 4, 4)
+    blend = torch.tensor([0.0, 0.5], device=DEVICE)
+    out = kernels.propagate(current, previous, back, confidence, blend)
+    assert torch.equal(out[0], current[0]) and not torch.equal(out[1], current[1])
+    assert torch.equal(reference.propagate(current, previous, back, confidence, blend)[0], current[0])
+
+
+def test_propagate_reference_against_the_cpu_path_of_stream_flow():
+    """stream.flow's CPU path (cv2.resize of the flow, sampling_grid, grid_sample) vs the reference.
+
+    A latent larger than the flow grid: cv2's INTER_LINEAR and F.interpolate's bilinear both
+    use half-pixel centres, so the two agree to float rounding. A latent smaller than the
+    flow grid: the CPU path averages the flow over each target pixel's area (INTER_AREA),
+    the reference (and the kernel) interpolate it bilinearly at the pixel's centre. At an
+    exact 2x reduction (SD-Turbo at 512x512: a 128x128 flow grid, 64x64 latents) that is
+    the same 2x2 average; at other ratios the two differ where the flow varies within a
+    target pixel: on this flow of a few pixels, random per flow pixel, the outputs (values
+    ~1) differ by ~0.15 on average, by up to ~1.
+    """
+    from livestyle.stream import flow
+
+    def cpu_path(current, previous, back, confidence, blend):
+        m = flow.Motion(back[0].permute(1, 2, 0).cpu().numpy(), confidence[0, 0].cpu().numpy())
+        grid, conf = flow.sampling_grid(m, (current.shape[-1], current.shape[-2]), "cpu")
+        return flow.propagate(current, previous, grid, conf, blend)
+
+    current, previous = rand(1, 4, 12, 14, seed=1).cpu(), rand(1, 4, 12, 14, seed=2).cpu()
+    blend = torch.tensor([0.8])
+    for fh, fw in ((6, 7), (24, 28)):  # flow grid upsampled 2x; reduced exactly 2x
+        back, confidence = (t.cpu() for t in motion(1, fh, fw))
+        torch.testing.assert_close(cpu_path(current, previous, back, confidence, 0.8),
+                                   reference.propagate(current, previous, back, confidence, blend),
+                                   rtol=1e-4, atol=1e-4)
+    back, confidence = (t.cpu() for t in motion(1, 20, 25))  # reduced 1.67x and 1.79x
+    diff = (cpu_path(current, previous, back, confidence, 0.8)
+            - reference.propagate(current, previous, back, confidence, blend)).abs()
+    assert 0.05 < diff.mean() < 0.3 and diff.max() < 2, (diff.mean(), diff.max())
+
+
+# -- sampler step -----------------------------------------------------------------------------
+# fp32 within 2e-5: LCM's epsilon coefficients reach ~15 at t = 999 (1 / sqrt(alpha)), and
+# a * x + b * out cancels them to values ~1, so fp32 rounding of the products is ~15 ulp
+# of the result; the sampler's own path (x0 first, then c_skip x + c_out x0) rounds
+# differently. fp16/bf16 outputs: one ulp of the fp32 result.
+
+
+def lcm_coefficients(schedule, index):
+    """(4, B) coefficients of the fused step for lcm_step at per-row `index` (B,)."""
+    a = schedule.c_skip[index] + schedule.c_out[index] * schedule.x0_from_x[index]
+    b = schedule.c_out[index] * schedule.x0_from_out[index]
+    return torch.stack([a, b, schedule.sqrt_alpha_next[index], schedule.sqrt_one_minus_alpha_next[index]])
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_sampler_step_reproduces_lcm_step(triton_kernels, prediction):
+    from livestyle.stream import samplers
+
+    schedule = samplers.lcm_schedule([999, 759, 499, 259], samplers.alphas_cumprod(), prediction)
+    index = torch.tensor([0, 1, 2, 3, 0, 3, 1])  # batch 7: rows at different steps, the last step among them
+    x, out, noise = (rand(7, 4, 5, 3, seed=s) for s in range(3))
+    expected = samplers.lcm_step(x, out, schedule.to(DEVICE), index.to(DEVICE), noise)
+    got = kernels.sampler_step(x, out, noise, lcm_coefficients(schedule, index).to(DEVICE))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=2e-5, atol=2e-5)
+
+
+def test_sampler_step_reproduces_bridge_step(triton_kernels):
+    from livestyle.stream import samplers
+
+    z, v = rand(2, 4, 7, 9, seed=1), rand(2, 4, 7, 9, seed=2)
+    t_from, t_to = torch.tensor([0.0, 0.25], device=DEVICE), torch.tensor([0.5, 1.0], device=DEVICE)
+    coeffs = torch.stack([torch.ones(2), (t_to - t_from).cpu(), torch.ones(2), torch.zeros(2)]).to(DEVICE)
+    x_next, denoised = kernels.sampler_step(z, v, None, coeffs)
+    expected = samplers.bridge_step(z, v, t_from, t_to)
+    torch.testing.assert_close(x_next, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(x_next, denoised)  # c = 1, no noise
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("noisy", [True, False], ids=["noise", "no-noise"])
+def test_sampler_step_matches_reference(triton_kernels, noisy, dtype):
+    x, out, noise = (rand(7, 3, 5, 3, dtype=dtype, seed=s) for s in range(3))
+    coeffs = rand(4, 7, seed=9)
+    got = kernels.sampler_step(x, out, noise if noisy else None, coeffs)
+    expected = reference.sampler_step(x.float(), out.float(), noise.float() if noisy else None, coeffs)
+    for g, e in zip(got, expected):
+        close(g, e, dtype)
+
+
+def test_sampler_step_refuses_mismatched_shapes(triton_kernels):
+    x = rand(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"^sampler_step: .*coeffs \(4, 3\)$"):
+        kernels.sampler_step(x, x, None, rand(4, 3))

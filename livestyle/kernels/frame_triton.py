@@ -44,11 +44,11 @@ def _frame_in_kernel(rgb_ptr, y_ptr, H, W, h, w, HW_OUT, scale_y, scale_x,
         lx = sx - x0.to(tl.float32)
         y1 = tl.minimum(y0 + 1, H - 1)
         x1 = tl.minimum(x0 + 1, W - 1)
-        for c in tl.static_range(3):
-            v00 = tl.load(src + (y0 * W + x0) * 3 + c, mask=mask, other=0).to(tl.float32) / 255.0
-            v01 = tl.load(src + (y0 * W + x1) * 3 + c, mask=mask, other=0).to(tl.float32) / 255.0
-            v10 = tl.load(src + (y1 * W + x0) * 3 + c, mask=mask, other=0).to(tl.float32) / 255.0
-            v11 = tl.load(src + (y1 * W + x1) * 3 + c, mask=mask, other=0).to(tl.float32) / 255.0
+        for c in tl.static_range(3):  # v / 255 correctly rounded (div_rn: `/` may be approximate on a GPU)
+            v00 = tl.div_rn(tl.load(src + (y0 * W + x0) * 3 + c, mask=mask, other=0).to(tl.float32), 255.0)
+            v01 = tl.div_rn(tl.load(src + (y0 * W + x1) * 3 + c, mask=mask, other=0).to(tl.float32), 255.0)
+            v10 = tl.div_rn(tl.load(src + (y1 * W + x0) * 3 + c, mask=mask, other=0).to(tl.float32), 255.0)
+            v11 = tl.div_rn(tl.load(src + (y1 * W + x1) * 3 + c, mask=mask, other=0).to(tl.float32), 255.0)
             # torch's order: rows first, each a weighted pair along x
             v = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
             if SIGNED:
@@ -56,7 +56,7 @@ def _frame_in_kernel(rgb_ptr, y_ptr, H, W, h, w, HW_OUT, scale_y, scale_x,
             tl.store(dst + c * HW_OUT, v.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         for c in tl.static_range(3):
-            v = tl.load(src + p * 3 + c, mask=mask, other=0).to(tl.float32) / 255.0
+            v = tl.div_rn(tl.load(src + p * 3 + c, mask=mask, other=0).to(tl.float32), 255.0)
             if SIGNED:
                 v = v * 2.0 - 1.0
             tl.store(dst + c * HW_OUT, v.to(y_ptr.dtype.element_ty), mask=mask)
@@ -75,7 +75,8 @@ def _frame_out_kernel(x_ptr, rgb_ptr, HW, SIGNED: tl.constexpr, BLOCK: tl.conste
             v = (v + 1.0) * 0.5
         v = tl.minimum(tl.maximum(v, 0.0), 1.0) * 255.0
         # Round half to even (torch.round): floor(v + 0.5), one less on an exact tie
-        # that landed on an odd number. v is in [0, 255], so v + 0.5 is exact.
+        # that landed on an odd number. v is in [0, 255], so v + 0.5 is exact; the launch
+        # turns off FMA contraction, which would add 0.5 to the unrounded product.
         r = tl.floor(v + 0.5)
         odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
         r = tl.where(((r - v) == 0.5) & odd, r - 1.0, r)
@@ -105,5 +106,5 @@ def frame_out(x: torch.Tensor, signed: bool) -> torch.Tensor:
     rgb = torch.empty((B, h, w, 3), device=x.device, dtype=torch.uint8)
     if rgb.numel():
         grid = lambda meta: (B, triton.cdiv(h * w, meta["BLOCK"]))  # noqa: E731
-        _frame_out_kernel[grid](x, rgb, h * w, SIGNED=bool(signed))
+        _frame_out_kernel[grid](x, rgb, h * w, SIGNED=bool(signed), enable_fp_fusion=False)
     return rgb
