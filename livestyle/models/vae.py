@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from livestyle import kernels
 from livestyle.errors import CheckpointError
 
 
@@ -69,6 +70,11 @@ def group_norm(channels, groups):
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
+def _norm(norm: nn.GroupNorm, x, activation=None):
+    """activation(norm(x)) through the kernel dispatch (livestyle.kernels): one fused pass with Triton."""
+    return kernels.group_norm(x, norm.weight, norm.bias, norm.num_groups, norm.eps, activation)
+
+
 class ResnetBlock(nn.Module):
     """x + conv(silu(norm(conv(silu(norm(x)))))), with a 1x1 conv on x when the width changes."""
 
@@ -81,8 +87,8 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else None
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(_norm(self.norm1, x, "silu"))
+        h = self.conv2(_norm(self.norm2, h, "silu"))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
@@ -101,7 +107,7 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
+        h = _norm(self.group_norm, x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
         h = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)  # 1 head
         h = self.to_out[0](h)
@@ -192,7 +198,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(_norm(self.conv_norm_out, x, "silu"))
 
 
 class Decoder(nn.Module):
@@ -214,7 +220,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(_norm(self.conv_norm_out, x, "silu"))
 
 
 class KLAutoencoder(nn.Module):
