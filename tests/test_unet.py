@@ -101,7 +101,7 @@ def test_config_from_diffusers():
     sd21 = UNetConfig.from_diffusers(SD21)
     assert sd21.num_heads == (5, 10, 20, 20) and sd21.cross_attention_dim == 1024 and sd21.use_linear_projection
     tiny = UNetConfig.from_diffusers(SD2_TINY)
-    assert tiny.attention_levels == (True, True, False) and tiny.transformer_layers_per_block == 2
+    assert tiny.attention_levels == (True, True, False) and tiny.transformer_layers_per_block == (2, 2, 2)
     assert UNetConfig().time_cond_proj_dim is None
     assert UNetConfig.from_diffusers(dict(SD15, time_cond_proj_dim=256)) == UNetConfig(time_cond_proj_dim=256)
 
@@ -154,8 +154,9 @@ def test_original_layout_refuses_lcm(lcm_pair):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(addition_embed_type="text_time", cross_attention_dim=2048), "SDXL"),
-    (dict(cross_attention_dim=2048), "SDXL"),
+    (dict(addition_embed_type="text_time", cross_attention_dim=2048), "needs addition_time_embed_dim"),
+    (dict(addition_embed_type="text"), "addition_embed_type='text' is not supported"),
+    (dict(transformer_layers_per_block=[1, 2]), r"transformer_layers_per_block=\[1, 2\] needs 4 entries"),
     (dict(class_embed_type="timestep"), "class"),
     (dict(down_block_types=["SimpleCrossAttnDownBlock2D"] + SD15["down_block_types"][1:]), "SimpleCrossAttn"),
     (dict(up_block_types=["CrossAttnUpBlock2D"] * 4), "mirror"),
@@ -229,10 +230,10 @@ def test_full_size_config_from_shapes():
     assert len(sd21_shapes["input_blocks.1.1.proj_in.weight"]) == 2
 
 
-def test_refuses_sdxl_and_unknown_shapes():
+def test_refuses_class_labels_and_unknown_shapes():
     shapes = original_shapes(SD15)
-    with pytest.raises(CheckpointError, match="SDXL"):
-        unet_config_from_original(dict(shapes, **{"label_emb.0.0.weight": (1280, 2816)}))
+    with pytest.raises(CheckpointError, match="class labels"):  # the x4 upscaler's nn.Embedding
+        unet_config_from_original(dict(shapes, **{"label_emb.weight": (1000, 1280)}))
     with pytest.raises(CheckpointError, match="not an SD U-Net.*proj_out"):
         unet_config_from_original({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.proj_out.weight": (3, 3)})
     with pytest.raises(CheckpointError, match="num_heads"):

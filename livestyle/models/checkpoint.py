@@ -153,10 +153,6 @@ _KINDS = (
     # (kind, test, description); the first that matches wins, most specific first.
     ("unsupported", lambda k: any(x.startswith("conditioner.embedders.") for x in k),
      "an SDXL single-file checkpoint; SDXL is not supported yet"),
-    ("unsupported", lambda k: "model.diffusion_model.label_emb.0.0.weight" in k or "label_emb.0.0.weight" in k,
-     "an SDXL U-Net; SDXL is not supported yet"),
-    ("unsupported", lambda k: "add_embedding.linear_1.weight" in k,
-     "an SDXL U-Net (diffusers layout); SDXL is not supported yet"),
     ("unsupported", lambda k: any(".joint_blocks." in x or x.startswith("joint_blocks.") for x in k),
      "an SD3 (MMDiT) checkpoint; only SD 1.x/2.x U-Nets are supported"),
     ("unsupported", lambda k: any("double_blocks." in x for x in k),
@@ -164,9 +160,22 @@ _KINDS = (
     ("lora", lambda k: any(x.startswith(("lora_unet_", "lora_te")) or ".lora_A." in x or ".lora.down." in x
                            or "_lora.down." in x or ".lora_down." in x for x in k),
      "a LoRA, not a model checkpoint"),
+    # ControlNets before U-Nets: their encoder half has a U-Net's key names.
+    ("controlnet", lambda k: any(x.startswith(("control_model.input_hint_block.", "input_hint_block.")) for x in k)
+     and any("label_emb.0.0.weight" in x for x in k), "an SDXL ControlNet (original layout)"),
+    ("controlnet", lambda k: any(x.startswith(("control_model.input_hint_block.", "input_hint_block.")) for x in k),
+     "an SD 1.x/2.x ControlNet (original layout)"),
+    ("controlnet", lambda k: "controlnet_cond_embedding.conv_in.weight" in k and "add_embedding.linear_1.weight" in k,
+     "an SDXL ControlNet (diffusers layout)"),
+    ("controlnet", lambda k: "controlnet_cond_embedding.conv_in.weight" in k,
+     "an SD 1.x/2.x ControlNet (diffusers layout)"),
+    ("pipeline", lambda k: "model.diffusion_model.label_emb.0.0.weight" in k,
+     "an SDXL single-file checkpoint (original layout)"),
     ("pipeline", lambda k: any(x.startswith("model.diffusion_model.") for x in k),
      "an SD single-file checkpoint (original layout)"),
+    ("unet", lambda k: "label_emb.0.0.weight" in k, "an SDXL U-Net in the original SD layout"),
     ("unet", lambda k: "input_blocks.0.0.weight" in k, "a U-Net in the original SD layout"),
+    ("unet", lambda k: "add_embedding.linear_1.weight" in k, "an SDXL U-Net in the diffusers layout"),
     ("unet", lambda k: "time_embedding.linear_1.weight" in k, "a U-Net in the diffusers layout"),
     ("autoencoder", lambda k: "encoder.down.0.block.0.conv1.weight" in k, "a KL VAE in the original SD layout"),
     ("autoencoder", lambda k: "encoder.down_blocks.0.resnets.0.conv1.weight" in k, "a KL VAE in the diffusers layout"),
@@ -181,8 +190,8 @@ _KINDS = (
 def classify(keys) -> tuple[str, str]:
     """(kind, phrase) for a set of state-dict keys.
 
-    kind is one of "unsupported", "lora", "pipeline", "unet", "autoencoder", "text",
-    "unknown"; the phrase says what the keys look like, for messages.
+    kind is one of "unsupported", "lora", "controlnet", "pipeline", "unet", "autoencoder",
+    "text", "unknown"; the phrase says what the keys look like, for messages.
     """
     keys = set(keys)
     for kind, test, what in _KINDS:

@@ -3,6 +3,7 @@
 The original LDM U-Net numbers its modules by position:
 
     time_embed.{0,2}                        time_embedding.linear_{1,2}
+    label_emb.0.{0,2}                       add_embedding.linear_{1,2}   (SDXL's added embedding)
     input_blocks.0.0                        conv_in
     input_blocks.{1 + l*(n+1) + j}.{0,1}    down_blocks.l.{resnets,attentions}.j   (n = layers_per_block)
     input_blocks.{1 + l*(n+1) + n}.0.op     down_blocks.l.downsamplers.0.conv
@@ -14,7 +15,14 @@ The original LDM U-Net numbers its modules by position:
 Inside a resnet the layer names differ (in_layers.0 = norm1, ...); inside a
 transformer they are the same. Keys here come without the `model.diffusion_model.`
 prefix of a full checkpoint; proj_in/proj_out weights keep their stored shapes
-(4-D conv for SD 1.x, 2-D linear for SD 2.x), matching `use_linear_projection`.
+(4-D conv for SD 1.x, 2-D linear for SD 2.x and SDXL), matching `use_linear_projection`.
+This is the inverse of diffusers' own `convert_ldm_unet_checkpoint` (single_file_utils.py),
+written as one table from the config instead of string replacements; the tests check the
+two agree.
+
+SD 1.x, SD 2.x and SDXL are told apart by shapes alone: SDXL has `label_emb` (the added
+embedding, 2816 inputs) and a 2048-d context; SD 2.x a 1024-d context, SD 1.x 768.
+Per-level transformer depth is counted from the blocks (SDXL: 1, 2, 10).
 
 LCM's guidance embedding (`time_embedding.cond_proj`, configs with time_cond_proj_dim)
 has no name in the original layout: LCM checkpoints were trained and published in
@@ -32,7 +40,7 @@ _RESNET_NAMES = {  # diffusers -> original, inside a resnet
     "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
 }
 
-_SDXL = "this looks like an SDXL U-Net; SDXL is not supported yet"
+SDXL_TIME_EMBED_DIM = 256  # width of each time id's sinusoidal embedding; not stored in the weights
 _LCM = ("the original U-Net layout has no name for LCM's guidance embedding (time_embedding.cond_proj, "
         "time_cond_proj_dim); load LCM U-Nets from the diffusers layout")
 
@@ -46,6 +54,7 @@ def _module_map(config: UNetConfig) -> dict[str, str]:
     """diffusers module prefix -> original module prefix (some entries name modules this config lacks)."""
     levels, n = len(config.block_out_channels), config.layers_per_block
     m = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+         "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
          "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
          "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
          "mid_block.resnets.1": "middle_block.2"}
@@ -109,25 +118,38 @@ def unet_config_from_original(shapes: dict[str, tuple[int, ...]],
     """The UNetConfig of an original-layout U-Net, read from its key -> shape map.
 
     Keys come without the `model.diffusion_model.` prefix. Head counts are not stored
-    in the weights: SD 1.x (context 768) uses 8 heads, SD 2.x (context 1024) 64-channel
-    heads; `num_heads` (one per level) overrides that for other models. Groups (32),
-    norm eps and the timestep embedding are SD's fixed values.
+    in the weights: SD 1.x (context 768) uses 8 heads, SD 2.x (context 1024) and SDXL
+    (2048) 64-channel heads; `num_heads` (one per level) overrides that for other models.
+    Groups (32), norm eps, the timestep embedding and SDXL's 256-wide time-id embedding
+    are SD's fixed values.
     """
-    if "label_emb.0.0.weight" in shapes:
-        raise CheckpointError(_SDXL)
-    if any(k.startswith("label_emb") for k in shapes):
-        raise CheckpointError("U-Net with class labels (label_emb.*, e.g. the SD 2 x4 upscaler) is not supported")
     if "conv_in.weight" in shapes:
         raise CheckpointError("U-Net weights are in the diffusers layout (conv_in.weight), not the original one")
     if any("cond_proj" in k for k in shapes):
         raise CheckpointError(f"{_LCM} (found {_few(k for k in shapes if 'cond_proj' in k)})")
-    needed = ["input_blocks.0.0.weight", "out.2.weight", "time_embed.0.weight", "middle_block.1.proj_in.weight"]
+    needed = ["input_blocks.0.0.weight", "out.2.weight", "time_embed.0.weight"]
     if any(k not in shapes for k in needed):
         hint = " (strip the 'model.diffusion_model.' prefix first)" if any(
             k.startswith("model.diffusion_model.") for k in shapes) else ""
         raise CheckpointError(f"not an SD U-Net in the original layout: no {_few(k for k in needed if k not in shapes)}"
                               f"; found {_few(shapes)}{hint}")
+    fields = encoder_config_from_original(shapes, num_heads)
+    try:
+        return UNetConfig(out_channels=shapes["out.2.weight"][0], **fields)
+    except ValueError as e:  # e.g. a num_heads override that does not fit the channels
+        raise CheckpointError(str(e)) from None
 
+
+def encoder_config_from_original(shapes: dict[str, tuple[int, ...]],
+                                 num_heads: tuple[int, ...] | None = None) -> dict:
+    """UNetConfig fields (all but out_channels) read from the encoder half of an original-layout
+    U-Net or ControlNet: time_embed, label_emb, input_blocks and middle_block, which both share."""
+    label = [k for k in shapes if k.startswith("label_emb")]
+    if label and "label_emb.0.0.weight" not in shapes:
+        raise CheckpointError(f"U-Net with class labels ({_few(label, 1)}, e.g. the SD 2 x4 upscaler) is not supported")
+    if "middle_block.1.proj_in.weight" not in shapes:
+        raise CheckpointError(f"not an SD U-Net in the original layout: no middle_block.1.proj_in.weight; "
+                              f"found {_few(shapes)}")
     blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("input_blocks.")}
     downsamples = sorted(int(k.split(".")[1]) for k in shapes if k.startswith("input_blocks.") and ".0.op." in k
                          and k.endswith("weight"))
@@ -140,35 +162,41 @@ def unet_config_from_original(shapes: dict[str, tuple[int, ...]],
     channels = tuple(shapes[f"input_blocks.{i}.0.out_layers.3.weight"][0] for i in first)
     attention = tuple(f"input_blocks.{i}.1.proj_in.weight" in shapes for i in first)
 
-    context = shapes["middle_block.1.transformer_blocks.0.attn2.to_k.weight"][1]
-    if context in (2048, 1280):
-        raise CheckpointError(_SDXL)
-    depth = sum(1 for k in shapes
-                if k.startswith("middle_block.1.transformer_blocks.") and k.endswith("attn1.to_q.weight"))
+    def depth(prefix: str) -> int:  # transformer layers in one SpatialTransformer
+        head = f"{prefix}.transformer_blocks."
+        return len({k[len(head):].split(".")[0] for k in shapes if k.startswith(head)})
+
+    # Levels without attention have no depth of their own; the lowest level's is the mid block's.
+    depths = [depth(f"input_blocks.{i}.1") if a else 1 for i, a in zip(first, attention)]
+    depths[-1] = depth("middle_block.1")
+    context = next((shape[1] for k, shape in shapes.items() if k.endswith("attn2.to_k.weight")), None)
+    if context is None:  # every transformer of depth 0 (an SDXL "small" ControlNet): nothing tells
+        raise CheckpointError("U-Net without cross-attention layers: cannot tell its text context width")
     linear = len(shapes["middle_block.1.proj_in.weight"]) == 2
+    added = {}
+    if "label_emb.0.0.weight" in shapes:  # SDXL: pooled text + time ids -> the timestep embedding
+        added = dict(addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+                     projection_class_embeddings_input_dim=shapes["label_emb.0.0.weight"][1])
 
     if num_heads is None:
         if context == 768:  # SD 1.x
             num_heads = (8,) * levels
-        elif context == 1024:  # SD 2.x: 64 channels per head
-            num_heads = tuple(c // 64 for c in channels)
+        elif context in (1024, 2048, 1280):  # SD 2.x, SDXL (and its refiner): 64 channels per head
+            num_heads = tuple(max(c // 64, 1) for c in channels)
         else:
             raise CheckpointError(f"cannot tell the attention head count of a U-Net with context dim {context} "
-                                  "(SD 1.x has 768, SD 2.x 1024); pass num_heads")
-    try:
-        return UNetConfig(
-            in_channels=shapes["input_blocks.0.0.weight"][1],
-            out_channels=shapes["out.2.weight"][0],
-            block_out_channels=channels,
-            layers_per_block=n,
-            attention_levels=attention,
-            num_heads=tuple(num_heads),
-            cross_attention_dim=context,
-            use_linear_projection=linear,
-            transformer_layers_per_block=depth,
-        )
-    except ValueError as e:  # e.g. a num_heads override that does not fit the channels
-        raise CheckpointError(str(e)) from None
+                                  "(SD 1.x has 768, SD 2.x 1024, SDXL 2048); pass num_heads")
+    return dict(
+        in_channels=shapes["input_blocks.0.0.weight"][1],
+        block_out_channels=channels,
+        layers_per_block=n,
+        attention_levels=attention,
+        num_heads=tuple(num_heads),
+        cross_attention_dim=context,
+        use_linear_projection=linear,
+        transformer_layers_per_block=tuple(depths),
+        **added,
+    )
 
 
 def unet_from_original(state_dict: dict[str, torch.Tensor], config: UNetConfig) -> dict[str, torch.Tensor]:

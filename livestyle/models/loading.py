@@ -161,8 +161,9 @@ def _config(read, cfg: dict, source: Path):  # source: the JSON file, for messag
         if default is None:
             ok = value is None or (type(value) is int and value > 0)
         elif type(default) is tuple:
+            least = 0 if field.metadata.get("zero_ok") else 1  # e.g. a transformer depth of 0
             ok = type(value) is tuple and len(value) > 0 and all(
-                type(v) is type(default[0]) and (type(v) is bool or v > 0) for v in value)
+                type(v) is type(default[0]) and (type(v) is bool or v >= least) for v in value)
         elif type(default) is float:
             ok = type(value) in (int, float) and math.isfinite(value)
         elif type(default) is int:

@@ -1,11 +1,11 @@
-"""The Stable Diffusion 1.x / 2.x U-Net (SD-Turbo included), with temporal self-attention.
+"""The Stable Diffusion U-Net: SD 1.x / 2.x (SD-Turbo included) and SDXL (SDXL-Turbo), with
+temporal self-attention.
 
-Same architecture and parameter names as `diffusers.UNet2DConditionModel` for the
-SD 1.x/2.x configurations, so a diffusers `unet/` state dict loads with
-`load_state_dict(strict=True)`; the original single-file layout is converted by
-convert_unet.py. The file reads top to bottom: timestep embedding, ResnetBlock,
-Attention, FeedForward, TransformerBlock, SpatialTransformer, Down/Upsample, the
-three block kinds, then UNet.
+Same architecture and parameter names as `diffusers.UNet2DConditionModel` for these
+configurations, so a diffusers `unet/` state dict loads with `load_state_dict(strict=True)`;
+the original single-file layout is converted by convert_unet.py. The file reads top to
+bottom: timestep embedding, ResnetBlock, Attention, FeedForward, TransformerBlock,
+SpatialTransformer, Down/Upsample, the three block kinds, then UNet.
 
 Contract: `UNet(sample, timestep, context, temporal=None, timestep_cond=None) -> prediction`,
 with sample (B, C_in, h, w) latents (any h, w; odd and non-square included), timestep
@@ -15,6 +15,18 @@ text embeddings with any L (long prompts give L = 77 * k), prediction (B, C_out,
 (time_cond_proj_dim set, e.g. LCM_Dreamshaper_v7) also take timestep_cond
 (B, time_cond_proj_dim), the guidance-scale embedding (samplers.guidance_scale_embedding).
 
+SDXL (Podell et al. 2023, arXiv:2307.01952) adds keyword arguments, as diffusers'
+`added_cond_kwargs`: text_embeds (B, 1280), the pooled projection of the second text
+encoder, and time_ids (B, 6) in pixels: original (height, width), crop (top, left),
+target (height, width). Each time id gets a 256-wide sinusoidal embedding; with the pooled
+text they go through `add_embedding` into the timestep embedding. Its other differences
+are configuration: per-level transformer depth (1, 2, 10), no attention at the first
+level, 2048-d context (both text encoders' features side by side), linear projections.
+
+ControlNet (controlnet.py) residuals come in as diffusers names them:
+down_block_additional_residuals (one per encoder skip, conv_in's first) and
+mid_block_additional_residual; they are added to the skips and to the mid block's output.
+
 Every self-attention (`attn1`) can read a TemporalCache (temporal.py): it then also
 attends to its own keys/values of the last N frames (StreamV2V's feature bank).
 """
@@ -22,7 +34,7 @@ attends to its own keys/values of the last N frames (StreamV2V's feature bank).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -35,13 +47,21 @@ from livestyle.models.temporal import TemporalBatch, TemporalCache
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Hyper-parameters of an SD 1.x / 2.x U-Net. Defaults are SD 1.5's.
+    """Hyper-parameters of an SD 1.x / 2.x / SDXL U-Net. Defaults are SD 1.5's.
 
     Per-level tuples run from the highest resolution (level 0) to the lowest.
     SD 1.x: 8 heads everywhere, conv proj_in/out, context 768.
     SD 2.x / SD-Turbo: 64-channel heads (5, 10, 20, 20), linear proj_in/out, context 1024.
+    SDXL / SDXL-Turbo: channels (320, 640, 1280), attention at levels 1 and 2 only, depth
+    (1, 2, 10), 64-channel heads (5, 10, 20), linear projections, context 2048, and the
+    added embedding (addition_time_embed_dim 256, projection_class_embeddings_input_dim
+    2816 = 1280 pooled text + 6 * 256).
     Full LCM checkpoints (LCM_Dreamshaper_v7): SD 1.5 plus time_cond_proj_dim=256, the width
     of the guidance-scale embedding added to the timestep embedding.
+
+    transformer_layers_per_block: one entry for every level, or one per level (stored per
+    level); the mid block takes the lowest level's. Zero (SDXL's "small" ControlNets) keeps
+    a level's norm and projections around no transformer layer, as diffusers does.
     """
 
     in_channels: int = 4
@@ -52,102 +72,144 @@ class UNetConfig:
     num_heads: tuple[int, ...] = (8, 8, 8, 8)
     cross_attention_dim: int = 768
     use_linear_projection: bool = False
-    transformer_layers_per_block: int = 1
+    transformer_layers_per_block: tuple[int, ...] = field(default=(1,), metadata={"zero_ok": True})
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     time_cond_proj_dim: int | None = None  # LCM's guidance embedding width; None: no such input
+    addition_time_embed_dim: int | None = None  # SDXL: sinusoidal width of each time id (256)
+    projection_class_embeddings_input_dim: int | None = None  # SDXL: pooled text + time ids (2816)
 
     def __post_init__(self):
         n = len(self.block_out_channels)
         if not (len(self.attention_levels) == len(self.num_heads) == n):
-            raise ValueError(f"UNetConfig: block_out_channels, attention_levels and num_heads need one entry "
-                             f"per level ({n}), got {len(self.attention_levels)} and {len(self.num_heads)}")
+            raise ValueError(f"{type(self).__name__}: block_out_channels, attention_levels and num_heads need one "
+                             f"entry per level ({n}), got {len(self.attention_levels)} and {len(self.num_heads)}")
         for channels, heads in zip(self.block_out_channels, self.num_heads):
             if channels % heads:
-                raise ValueError(f"UNetConfig: {heads} heads do not divide {channels} channels")
+                raise ValueError(f"{type(self).__name__}: {heads} heads do not divide {channels} channels")
+        depth = self.transformer_layers_per_block
+        depth = (depth,) if isinstance(depth, int) else tuple(depth)
+        if len(depth) == 1:
+            depth = depth * n
+        if len(depth) != n or any(type(d) is not int or d < 0 for d in depth):
+            raise ValueError(f"{type(self).__name__}: transformer_layers_per_block={list(depth)} needs one "
+                             f"non-negative entry, or one per level ({n})")
+        object.__setattr__(self, "transformer_layers_per_block", depth)  # frozen: normalised once, here
+        if (self.addition_time_embed_dim is None) != (self.projection_class_embeddings_input_dim is None):
+            raise ValueError(f"{type(self).__name__}: addition_time_embed_dim and projection_class_embeddings_input_dim "
+                             "go together (SDXL's added embedding), got only one")
+
+    @property
+    def added_conditioning(self) -> bool:
+        """Whether the U-Net takes SDXL's text_embeds and time_ids."""
+        return self.addition_time_embed_dim is not None
+
+    @property
+    def family(self) -> str:
+        """What kind of U-Net this is, for messages: "SDXL", "SD 2.x", "SD 1.x" or its context width."""
+        if self.added_conditioning:
+            return "SDXL" if self.cross_attention_dim == 2048 else f"an SDXL-like U-Net ({self.cross_attention_dim}-d context)"
+        return {768: "SD 1.x", 1024: "SD 2.x"}.get(self.cross_attention_dim,
+                                                  f"a {self.cross_attention_dim}-d-context U-Net")
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> UNetConfig:
         """The config of a diffusers `unet/config.json` dict; CheckpointError for what we cannot run."""
-        cross_dim = cfg.get("cross_attention_dim", 1280)
-        cross_dims = cross_dim if isinstance(cross_dim, (list, tuple)) else [cross_dim]
-        if cfg.get("addition_embed_type") == "text_time" or 2048 in cross_dims:
-            raise CheckpointError("this looks like an SDXL U-Net; SDXL is not supported yet")
-        if cfg.get("class_embed_type") is not None or cfg.get("num_class_embeds") is not None:
-            raise CheckpointError(f"U-Net with class embeddings (class_embed_type={cfg.get('class_embed_type')!r}, "
-                                  "e.g. the SD 2 x4 upscaler) is not supported")
-        # Options SD 1.x/2.x never use; anything else is a different network.
-        plain = {"addition_embed_type": None, "encoder_hid_dim": None,
-                 "encoder_hid_dim_type": None, "time_embedding_type": "positional", "time_embedding_dim": None,
-                 "time_embedding_act_fn": None, "timestep_post_act": None, "act_fn": "silu",
-                 "resnet_time_scale_shift": "default", "center_input_sample": False, "dual_cross_attention": False,
-                 "only_cross_attention": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
-                 "mid_block_scale_factor": 1, "downsample_padding": 1, "conv_in_kernel": 3, "conv_out_kernel": 3,
-                 "attention_type": "default", "class_embeddings_concat": False, "resnet_skip_time_act": False,
-                 "resnet_out_scale_factor": 1.0, "cross_attention_norm": None,
-                 "reverse_transformer_layers_per_block": None}
-        for key, expected in plain.items():
-            value = cfg.get(key, expected)
-            if value != expected and not (isinstance(value, (list, tuple)) and set(value) == {expected}):
-                raise CheckpointError(f"U-Net config {key}={value!r} is not supported (SD 1.x/2.x use {expected!r})")
-        if cfg.get("norm_num_groups", 32) is None:
-            raise CheckpointError("U-Net config norm_num_groups=None is not supported (SD 1.x/2.x use 32)")
-
-        # Absent keys take diffusers' defaults, which are SD 1.x's.
         down = list(cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
         up = list(cfg.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
-        channels = tuple(cfg.get("block_out_channels", (320, 640, 1280, 1280)))
-        down_kinds = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
         up_kinds = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
-        unknown = [t for t in down if t not in down_kinds] + [t for t in up if t not in up_kinds]
-        if unknown or not down:
-            raise CheckpointError(f"U-Net block types {unknown or down} are not supported "
-                                  f"(only {', '.join([*down_kinds, *up_kinds])})")
-        levels = tuple(down_kinds[t] for t in down)
-        if tuple(up_kinds[t] for t in reversed(up)) != levels:
+        fields = _encoder_fields(cfg, down, "U-Net")
+        unknown = [t for t in up if t not in up_kinds]
+        if unknown:
+            raise CheckpointError(f"U-Net block types {unknown} are not supported (only {', '.join(up_kinds)})")
+        if tuple(up_kinds[t] for t in reversed(up)) != fields["attention_levels"]:
             raise CheckpointError(f"U-Net up_block_types {up} do not mirror down_block_types {down}")
-
-        n = len(down)
-        if len(channels) != n:
-            raise CheckpointError(f"U-Net config block_out_channels={list(channels)} needs {n} entries, one per level")
-
-        def per_level(name, value) -> tuple:
-            value = tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
-            if len(value) != n:
-                raise CheckpointError(f"U-Net config {name}={list(value)} needs {n} entries, one per level")
-            return value
-
-        def same_everywhere(name, value) -> int:
-            values = set(per_level(name, value))
-            if len(values) != 1:
-                raise CheckpointError(f"U-Net config {name}={value} varies per level; not supported")
-            return values.pop()
-
-        # diffusers' `attention_head_dim` is the number of heads when `num_attention_heads` is unset
-        # (a historical misnaming, diffusers issue #2011).
-        heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
         try:
-            return cls(
-                in_channels=cfg.get("in_channels", 4),
-                out_channels=cfg.get("out_channels", 4),
-                block_out_channels=channels,
-                layers_per_block=same_everywhere("layers_per_block", cfg.get("layers_per_block", 2)),
-                attention_levels=levels,
-                num_heads=per_level("num_attention_heads", heads),
-                cross_attention_dim=same_everywhere("cross_attention_dim", cross_dim),
-                use_linear_projection=bool(cfg.get("use_linear_projection", False)),
-                transformer_layers_per_block=same_everywhere("transformer_layers_per_block",
-                                                             cfg.get("transformer_layers_per_block", 1)),
-                norm_num_groups=cfg.get("norm_num_groups", 32),
-                norm_eps=cfg.get("norm_eps", 1e-5),
-                flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
-                freq_shift=cfg.get("freq_shift", 0),
-                time_cond_proj_dim=cfg.get("time_cond_proj_dim"),
-            )
+            return cls(out_channels=cfg.get("out_channels", 4), **fields)
         except ValueError as e:  # e.g. heads that do not divide the channels
             raise CheckpointError(str(e)) from None
+
+
+# Options SD 1.x/2.x/SDXL never use; anything else is a different network.
+_PLAIN = {"encoder_hid_dim": None, "encoder_hid_dim_type": None, "time_embedding_type": "positional",
+          "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None, "act_fn": "silu",
+          "resnet_time_scale_shift": "default", "center_input_sample": False, "dual_cross_attention": False,
+          "only_cross_attention": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "mid_block_scale_factor": 1,
+          "downsample_padding": 1, "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
+          "class_embeddings_concat": False, "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+          "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
+          "mid_block_only_cross_attention": None}
+
+
+def _encoder_fields(cfg: dict, down: list, what: str) -> dict:
+    """UNetConfig fields (all but out_channels) read from a diffusers U-Net or ControlNet config
+    dict, whose encoder half has the same keys; CheckpointError for what we cannot run."""
+    if cfg.get("class_embed_type") is not None or cfg.get("num_class_embeds") is not None:
+        raise CheckpointError(f"{what} with class embeddings (class_embed_type={cfg.get('class_embed_type')!r}, "
+                              "e.g. the SD 2 x4 upscaler) is not supported")
+    addition = cfg.get("addition_embed_type")
+    if addition not in (None, "text_time"):
+        raise CheckpointError(f"{what} config addition_embed_type={addition!r} is not supported "
+                              "(SD 1.x/2.x have none, SDXL has 'text_time')")
+    for key, expected in _PLAIN.items():
+        value = cfg.get(key, expected)
+        if value != expected and not (isinstance(value, (list, tuple)) and set(value) == {expected}):
+            raise CheckpointError(f"{what} config {key}={value!r} is not supported (SD 1.x/2.x/SDXL use {expected!r})")
+    if cfg.get("norm_num_groups", 32) is None:
+        raise CheckpointError(f"{what} config norm_num_groups=None is not supported (SD 1.x/2.x/SDXL use 32)")
+
+    # Absent keys take diffusers' defaults, which are SD 1.x's.
+    down_kinds = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+    unknown = [t for t in down if t not in down_kinds]
+    if unknown or not down:
+        raise CheckpointError(f"{what} block types {unknown or down} are not supported (only {', '.join(down_kinds)})")
+    n = len(down)
+    channels = tuple(cfg.get("block_out_channels", (320, 640, 1280, 1280)))
+    if len(channels) != n:
+        raise CheckpointError(f"{what} config block_out_channels={list(channels)} needs {n} entries, one per level")
+
+    def per_level(name, value) -> tuple:
+        value = tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+        if len(value) != n:
+            raise CheckpointError(f"{what} config {name}={list(value)} needs {n} entries, one per level")
+        return value
+
+    def same_everywhere(name, value) -> int:
+        values = set(per_level(name, value))
+        if len(values) != 1:
+            raise CheckpointError(f"{what} config {name}={value} varies per level; not supported")
+        return values.pop()
+
+    added = {}
+    if addition == "text_time":
+        added = dict(addition_time_embed_dim=cfg.get("addition_time_embed_dim"),
+                     projection_class_embeddings_input_dim=cfg.get("projection_class_embeddings_input_dim"))
+        if None in added.values():
+            raise CheckpointError(f"{what} config addition_embed_type='text_time' needs addition_time_embed_dim and "
+                                  "projection_class_embeddings_input_dim (SDXL: 256 and 2816)")
+    # diffusers' `attention_head_dim` is the number of heads when `num_attention_heads` is unset
+    # (a historical misnaming, diffusers issue #2011).
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+    cross_dim = cfg.get("cross_attention_dim", 1280)
+    return dict(
+        in_channels=cfg.get("in_channels", 4),
+        block_out_channels=channels,
+        layers_per_block=same_everywhere("layers_per_block", cfg.get("layers_per_block", 2)),
+        attention_levels=tuple(down_kinds[t] for t in down),
+        num_heads=per_level("num_attention_heads", heads),
+        cross_attention_dim=same_everywhere("cross_attention_dim", cross_dim),
+        use_linear_projection=bool(cfg.get("use_linear_projection", False)),
+        transformer_layers_per_block=per_level("transformer_layers_per_block",
+                                               cfg.get("transformer_layers_per_block", 1)),
+        norm_num_groups=cfg.get("norm_num_groups", 32),
+        norm_eps=cfg.get("norm_eps", 1e-5),
+        flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
+        freq_shift=cfg.get("freq_shift", 0),
+        time_cond_proj_dim=cfg.get("time_cond_proj_dim"),
+        **added,
+    )
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float,
@@ -356,7 +418,7 @@ class Upsample(nn.Module):
 
 def _transformer(config: UNetConfig, level: int) -> SpatialTransformer:
     return SpatialTransformer(config.block_out_channels[level], config.num_heads[level], config.cross_attention_dim,
-                              config.transformer_layers_per_block, config.use_linear_projection,
+                              config.transformer_layers_per_block[level], config.use_linear_projection,
                               config.norm_num_groups)
 
 
@@ -439,8 +501,40 @@ class UpBlock(nn.Module):
         return x
 
 
+def embed_conditions(config: UNetConfig, time_embedding: TimestepEmbedding, add_embedding: TimestepEmbedding | None,
+                     sample: torch.Tensor, timestep: torch.Tensor, timestep_cond: torch.Tensor | None,
+                     text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None) -> torch.Tensor:
+    """The embedding every resnet receives, (B, 4 * C0) in sample's dtype: timestep, plus LCM's
+    guidance embedding (timestep_cond), plus SDXL's pooled text and time ids. Shared by the
+    U-Net and the ControlNet, which embed the same way."""
+    B = sample.shape[0]
+    t = timestep.reshape(-1).expand(B).to(sample.device)  # 0-d or (1,) broadcast to (B,)
+    emb = timestep_embedding(t, config.block_out_channels[0], config.flip_sin_to_cos, config.freq_shift)
+    if timestep_cond is not None:
+        timestep_cond = timestep_cond.to(sample.dtype)
+    emb = time_embedding(emb.to(sample.dtype), timestep_cond)  # (B, 4 * C0)
+    if add_embedding is None:
+        if text_embeds is not None or time_ids is not None:
+            raise ValueError(f"text_embeds/time_ids were given, but this {config.family} U-Net takes no added "
+                             "conditioning (SDXL's)")
+        return emb
+    if text_embeds is None or time_ids is None:
+        raise ValueError(f"this {config.family} U-Net needs text_embeds (B, pooled text width) and time_ids (B, 6): "
+                         "SDXL's added conditioning")
+    width = text_embeds.shape[-1] + time_ids.shape[-1] * config.addition_time_embed_dim
+    if text_embeds.ndim != 2 or time_ids.ndim != 2 or width != config.projection_class_embeddings_input_dim:
+        raise ValueError(f"text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(time_ids.shape)} do not make "
+                         f"the {config.projection_class_embeddings_input_dim} inputs of this U-Net's added embedding "
+                         f"(pooled text width + time ids * {config.addition_time_embed_dim})")
+    # Each time id (sizes and crop, in pixels) gets its own sinusoidal embedding, as a timestep would.
+    times = timestep_embedding(time_ids.reshape(-1), config.addition_time_embed_dim, config.flip_sin_to_cos,
+                               config.freq_shift)  # (B * 6, 256)
+    added = torch.cat([text_embeds.to(emb.dtype), times.reshape(text_embeds.shape[0], -1).to(emb.dtype)], dim=-1)
+    return emb + add_embedding(added)  # (B, 4 * C0); a batch-1 condition broadcasts over B
+
+
 class UNet(nn.Module):
-    """SD 1.x / 2.x conditional U-Net (diffusers' UNet2DConditionModel layout)."""
+    """SD 1.x / 2.x / SDXL conditional U-Net (diffusers' UNet2DConditionModel layout)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -449,6 +543,8 @@ class UNet(nn.Module):
         temb_channels = 4 * channels[0]
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb_channels, config.time_cond_proj_dim)
+        self.add_embedding = (TimestepEmbedding(config.projection_class_embeddings_input_dim, temb_channels)
+                              if config.added_conditioning else None)
         self.down_blocks = nn.ModuleList(
             DownBlock(config, level, channels[max(level - 1, 0)], temb_channels) for level in range(len(channels)))
         self.mid_block = MidBlock(config, temb_channels)
@@ -478,28 +574,51 @@ class UNet(nn.Module):
         return [(tokens[level], t.norm.num_channels)
                 for attentions, level in placed for t in attentions for _ in t.transformer_blocks]
 
+    def skip_shapes(self, latent_hw: tuple[int, int]) -> list[tuple[int, int, int]]:
+        """(channels, h, w) of every encoder skip, in the order down_block_additional_residuals take them."""
+        h, w = latent_hw
+        channels, n = self.config.block_out_channels, self.config.layers_per_block
+        shapes = [(channels[0], h, w)]
+        for level, c in enumerate(channels):
+            shapes += [(c, h, w)] * n
+            if level < len(channels) - 1:
+                h, w = (h + 1) // 2, (w + 1) // 2
+                shapes.append((c, h, w))
+        return shapes
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                temporal: TemporalCache | None = None, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+                temporal: TemporalCache | None = None, timestep_cond: torch.Tensor | None = None, *,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
+                down_block_additional_residuals: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
+                mid_block_additional_residual: torch.Tensor | None = None) -> torch.Tensor:
         """sample (B, C_in, h, w), timestep (B,) or 0-d, context (B, L, D) -> (B, C_out, h, w).
 
         timestep_cond: (B, time_cond_proj_dim) LCM guidance embedding, for configs with
         time_cond_proj_dim. Left out, nothing is added, as in diffusers (the model then
         runs as if its guidance-embedding projection gave zero).
+        text_embeds (B, 1280), time_ids (B, 6): SDXL's added conditioning, needed by SDXL
+        U-Nets and refused by the others.
+        down_block_additional_residuals: one tensor per encoder skip (skip_shapes), added to
+        it; mid_block_additional_residual (B, C_last, h_last, w_last), added to the mid block's
+        output. ControlNet residuals (controlnet.py), already scaled.
         """
-        B = sample.shape[0]
-        t = timestep.reshape(-1).expand(B).to(sample.device)  # 0-d or (1,) broadcast to (B,)
-        emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
-                                 self.config.freq_shift)
-        if timestep_cond is not None:
-            timestep_cond = timestep_cond.to(sample.dtype)
-        emb = self.time_embedding(emb.to(sample.dtype), timestep_cond)  # (B, 4 * C0)
+        emb = embed_conditions(self.config, self.time_embedding, self.add_embedding, sample, timestep,
+                               timestep_cond, text_embeds, time_ids)
 
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
             x, block_skips = block(x, emb, context, temporal)
             skips += block_skips
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals: {len(down_block_additional_residuals)} tensors "
+                                 f"for the U-Net's {len(skips)} skips")
+            # The mid block still takes x unchanged: only the skips carry the residuals (diffusers).
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
         x = self.mid_block(x, emb, context, temporal)
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
