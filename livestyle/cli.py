@@ -175,11 +175,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{path}: {pipe.family.upper()} pipeline, prediction {pipe.schedule.prediction_type}")
     print(f"  unet         {_count(pipe.unet)}, channels {unet.block_out_channels}, "
           f"context {unet.cross_attention_dim}")
+    vae_dtype = next(pipe.autoencoder.parameters()).dtype
     print(f"  autoencoder  {type(pipe.autoencoder).__name__}, {pipe.autoencoder.latent_channels} latent channels, "
-          f"{_count(pipe.autoencoder)}")
-    if pipe.text is not None:
-        print(f"  text         {_count(pipe.text.encoder)}, "
-              f"{pipe.text.encoder.config.num_hidden_layers} transformer layers")
+          f"{_count(pipe.autoencoder)}{', kept in fp32 (fp16 overflows it)' if vae_dtype != dtype else ''}")
+    for name, text in (("text", pipe.text), ("text_2", pipe.text_2)):  # SDXL has two encoders
+        if text is not None:
+            text_cfg = text.encoder.config
+            pooled = f", pooled projection {text_cfg.projection_dim}-d" if text_cfg.projection_dim else ""
+            print(f"  {name:<12} {_count(text.encoder)}, {text_cfg.num_hidden_layers} transformer layers, "
+                  f"{text_cfg.hidden_size}-d{pooled}")
     if pipe.styles is not None:
         print(f"  styles       {', '.join(pipe.styles.names)} ({pipe.styles.tokens} tokens x {pipe.styles.dim})")
     return 0

@@ -3,9 +3,12 @@
 Three shapes of checkpoint are taken, as users have them:
 
 (a) a diffusers folder: `model_index.json`, `unet/`, `vae/`, `text_encoder/`,
-    `tokenizer/`, `scheduler/` (or one of those component folders on its own);
+    `tokenizer/`, `scheduler/` (or one of those component folders on its own); SDXL's
+    adds `text_encoder_2/` and `tokenizer_2/`;
 (b) one original-layout `.safetensors` file (A1111/Civitai: `model.diffusion_model.*`,
     `first_stage_model.*`, `cond_stage_model.*`), SD 1.x and SD 2.x told apart by shapes;
+    SDXL's holds `conditioner.embedders.0.transformer.*` (CLIP ViT-L) and
+    `conditioner.embedders.1.model.*` (OpenCLIP ViT-bigG) instead of `cond_stage_model.*`;
 (c) tiny autoencoders: TAESD-family `*_encoder.safetensors` + `*_decoder.safetensors`
     (or the folder holding them) or a diffusers AutoencoderTiny folder;
 (d) livestyle's demo model folder (demo.py writes it): `model_index.json` with
@@ -34,11 +37,14 @@ from livestyle.models.checkpoint import (
     describe, load_into, read_header, read_safetensors, strip_prefix, unsupported,
 )
 from livestyle.models.clip import TextEncoder, TextEncoderConfig
-from livestyle.models.convert_clip import text_encoder_from_original, text_encoder_from_transformers
+from livestyle.models.convert_clip import (
+    split_sdxl_lora, text_encoder_from_original, text_encoder_from_transformers,
+)
 from livestyle.models.convert_unet import unet_config_from_original, unet_from_original
 from livestyle.models.convert_vae import vae_config_from_original, vae_from_original, vae_to_original
 from livestyle.models.lite_autoencoder import LiteAutoencoder, LiteAutoencoderConfig
 from livestyle.models.lora import fuse_loras
+from livestyle.models.prompt import PromptCache, SDXLPromptCache
 from livestyle.models.styles import StyleBank
 from livestyle.models.taesd import TinyAutoencoder, split_tiny_state_dict, tiny_from_diffusers
 from livestyle.models.tokenizer import Tokenizer
@@ -50,6 +56,9 @@ Autoencoder = TinyAutoencoder | KLAutoencoder | LiteAutoencoder
 _UNET = "model.diffusion_model."
 _VAE = "first_stage_model."
 _TEXT = "cond_stage_model."
+_SDXL_TEXT = "conditioner.embedders.0."  # CLIP ViT-L, transformers layout under `transformer.`
+_SDXL_TEXT_2 = "conditioner.embedders.1."  # OpenCLIP ViT-bigG, open_clip layout under `model.`
+SDXL_SCALING_FACTOR = 0.13025  # SDXL's VAE latent scale (SD 1.x/2.x: 0.18215); no file states it
 _WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 DEMO_PIPELINE_CLASS = "LivestyleDemoPipeline"  # model_index.json `_class_name` of the demo format
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_velocity")
@@ -89,9 +98,19 @@ class TextModel:
 class Pipeline:
     """Everything the stream engine needs from an SD-class checkpoint.
 
-    family: "sd1" (768-d CLIP ViT-L context), "sd2" (1024-d OpenCLIP ViT-H context) or
-    "demo" (livestyle's embedded model: no text encoder, `text` is None, and the U-Net's
-    context comes from `styles`).
+    family: "sd1" (768-d CLIP ViT-L context), "sd2" (1024-d OpenCLIP ViT-H context),
+    "sdxl" (SDXL / SDXL-Turbo: 2048-d context from two encoders, plus added conditioning)
+    or "demo" (livestyle's embedded model: no text encoder, `text` is None, and the
+    U-Net's context comes from `styles`).
+
+    SDXL: `text` is CLIP ViT-L, `text_2` OpenCLIP ViT-bigG with its projection. The U-Net
+    is called `unet(x, t, prompt.context, text_embeds=prompt.pooled, time_ids=...)`, the
+    prompt from `prompt_cache()` and the time ids from `time_ids(height, width)`, each
+    expanded to the batch. zero_empty_negative: diffusers' force_zeros_for_empty_prompt
+    (model_index.json; SDXL's default): an empty negative prompt is all zeros, context and
+    pooled alike, not the encoding of "". The autoencoder may be kept in fp32 under an
+    fp16 pipeline (SDXL's VAE overflows in fp16): it takes and returns the caller's
+    dtype, so move it with `.to(device)` only, not to the pipeline's dtype.
     """
 
     family: str
@@ -101,6 +120,33 @@ class Pipeline:
     schedule: NoiseSchedule
     source: Path
     styles: StyleBank | None = None
+    text_2: TextModel | None = None
+    zero_empty_negative: bool = False
+
+    def prompt_cache(self, max_entries: int = 16) -> PromptCache:
+        """A cache of prompt embeddings for this pipeline's text encoder(s): cache(text) ->
+        (1, 77k, D) context (SD 1.x/2.x) or an SDXLPrompt (context (1, 77k, 2048) and
+        pooled (1, 1280)). Prompts are encoded once, on the encoders' device and dtype."""
+        if self.text is None:
+            raise ValueError(f"the {self.family} pipeline has no text encoder")
+        if self.text_2 is not None:
+            return SDXLPromptCache(self.text.encoder, self.text.tokenizer, self.text_2.encoder,
+                                   self.text_2.tokenizer, max_entries=max_entries)
+        return PromptCache(self.text.encoder, self.text.tokenizer, max_entries=max_entries)
+
+    def time_ids(self, height: int, width: int) -> torch.Tensor:
+        """SDXL's size conditioning for frames processed at height x width pixels.
+
+        Returns (1, 6) float32 [original h, w, crop top, left, target h, w] =
+        [h, w, 0, 0, h, w]: an uncropped frame at the processing size, what diffusers'
+        StableDiffusionXLPipeline passes for an image of that size (its add_time_ids).
+        Expand it to (B, 6), on the U-Net's device, as the U-Net's `time_ids`.
+        """
+        if self.family != "sdxl":
+            raise ValueError(f"time ids are SDXL's conditioning; this is an {self.family} pipeline")
+        if height <= 0 or width <= 0:
+            raise ValueError(f"frame size must be positive, got {height}x{width}")
+        return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
 
 
 # -- Files and folders ---------------------------------------------------------------------
@@ -241,7 +287,8 @@ def _unet_from_original(state, source, device, dtype, num_heads=None) -> UNet:
 
 # -- Autoencoders --------------------------------------------------------------------------
 
-def load_autoencoder(path: str | Path, device="cpu", dtype=torch.float32) -> Autoencoder:
+def load_autoencoder(path: str | Path, device="cpu", dtype=torch.float32, family: str | None = None,
+                     upcast: bool | None = None) -> Autoencoder:
     """A tiny (TAESD-family), KL or lite (demo) autoencoder; which one is read from the weights.
 
     Takes: a diffusers pipeline folder (its `vae/`), a diffusers AutoencoderKL or
@@ -249,8 +296,19 @@ def load_autoencoder(path: str | Path, device="cpu", dtype=torch.float32) -> Aut
     `*_encoder.safetensors`/`*_decoder.safetensors` file
     (its partner is found beside it) or the folder holding the pair, a standalone VAE
     file, or an original single-file checkpoint (its `first_stage_model.*`).
+
+    family: "sdxl" when the autoencoder serves an SDXL U-Net. SD's and SDXL's KL VAEs
+        have the same shapes, so a VAE file without config.json then scales its latents
+        by SDXL's 0.13025 instead of SD's 0.18215 (a diffusers folder's config says its
+        own). TAESD and TAESDXL cannot be told apart either (same architecture, scale 1,
+        different latent space): pass the one made for the checkpoint.
+    upcast: keep a KL VAE in fp32 when dtype is fp16; it still takes and returns fp16
+        (SDXL's VAE overflows in fp16, as diffusers' force_upcast says). None: for family
+        "sdxl", its config's force_upcast (on without a config: the fp16-fixed SDXL VAE
+        says false in its own); never for SD 1.x/2.x.
     """
     path = Path(path)
+    sdxl = family == "sdxl"
     if path.is_dir():
         if _is_diffusers_pipeline(path):
             path = path / "vae"
@@ -262,7 +320,9 @@ def load_autoencoder(path: str | Path, device="cpu", dtype=torch.float32) -> Aut
             if cfg.get("_class_name") == "AutoencoderTiny" or any(k.startswith("encoder.layers.") for k in state):
                 return _tiny(*tiny_from_diffusers(state), path, device, dtype)
             config = _config(KLAutoencoderConfig.from_diffusers, cfg, path / "config.json")
-            return _build(KLAutoencoder, config, state, path, device, dtype)
+            if upcast is None:
+                upcast = sdxl and cfg.get("force_upcast", True) is not False  # diffusers' default: True
+            return _build(KLAutoencoder, config, state, path, device, _kl_dtype(dtype, upcast))
         pair = _taesd_pair(path)
         if pair:
             return _tiny(read_safetensors(pair[0]), read_safetensors(pair[1]), path, device, dtype)
@@ -282,18 +342,26 @@ def load_autoencoder(path: str | Path, device="cpu", dtype=torch.float32) -> Aut
         return _tiny(*tiny_from_diffusers(state), path, device, dtype)
     if "1.conv.0.weight" in state or "encoder.1.conv.0.weight" in state:
         return _tiny(*split_tiny_state_dict(state), path, device, dtype)
-    return _kl_from_state(state, path, device, dtype)
+    return _kl_from_state(state, path, device, dtype, sdxl, sdxl if upcast is None else upcast)
 
 
-def _kl_from_state(state, source, device, dtype) -> KLAutoencoder:
+def _kl_from_state(state, source, device, dtype, sdxl: bool = False, upcast: bool = False) -> KLAutoencoder:
+    """A KL VAE from a state dict with no config: the shapes say its size, `sdxl` its scale."""
+    scale = {"scaling_factor": SDXL_SCALING_FACTOR} if sdxl else {}
+    dtype = _kl_dtype(dtype, upcast)
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:  # diffusers layout, no config.json
         original = vae_to_original(state)
-        config = vae_config_from_original({k: tuple(v.shape) for k, v in original.items()})
+        config = vae_config_from_original({k: tuple(v.shape) for k, v in original.items()}, **scale)
         return _build(KLAutoencoder, config, state, source, device, dtype)
     if "encoder.down.0.block.0.conv1.weight" in state:  # original layout
-        config = vae_config_from_original({k: tuple(v.shape) for k, v in state.items()})
+        config = vae_config_from_original({k: tuple(v.shape) for k, v in state.items()}, **scale)
         return _build(KLAutoencoder, config, vae_from_original(state), source, device, dtype)
     raise CheckpointError(f"{source}: no autoencoder in this file; it looks like {describe(state.keys())}")
+
+
+def _kl_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
+    """fp32 for an upcast VAE in an fp16 pipeline (bf16 has fp32's range: no overflow to avoid)."""
+    return torch.float32 if upcast and dtype == torch.float16 else dtype
 
 
 def _taesd_pair(folder: Path, stem: str | None = None) -> tuple[Path, Path] | None:
@@ -326,14 +394,44 @@ def load_text_encoder(path: str | Path, device="cpu", dtype=torch.float32) -> Te
     if path.is_dir():
         if not _is_diffusers_pipeline(path):
             raise CheckpointError(f"{path}: not a diffusers pipeline folder (no model_index.json or unet/)")
-        cfg, state = _read_component(path / "text_encoder")
-        # transformers 5 saves CLIPTextModel without the `text_model.` prefix; both load.
-        encoder = _build(TextEncoder, TextEncoderConfig.from_transformers(cfg), text_encoder_from_transformers(state),
-                         path / "text_encoder", device, dtype)
-        if not (path / "tokenizer").is_dir():
-            raise CheckpointError(f"{path}: has text_encoder/ but no tokenizer/")
-        return TextModel(encoder, Tokenizer.from_folder(path / "tokenizer"))
-    return _text_from_original(_read_single_file(path), path, device, dtype)
+        if (path / "text_encoder_2").is_dir():
+            raise CheckpointError(f"{path}: an SDXL folder has two text encoders; load_sdxl_text_encoders loads them")
+        return _text_from_folder(path, "text_encoder", "tokenizer", device, dtype)
+    state = _read_single_file(path)
+    if any(k.startswith(_SDXL_TEXT) for k in state):
+        raise CheckpointError(f"{path}: an SDXL file has two text encoders; load_sdxl_text_encoders loads them")
+    return _text_from_original(state, path, device, dtype)
+
+
+def load_sdxl_text_encoders(path: str | Path, device="cpu", dtype=torch.float32) -> tuple[TextModel, TextModel]:
+    """SDXL's two text encoders with their tokenizers: (CLIP ViT-L, OpenCLIP ViT-bigG with projection).
+
+    From a diffusers SDXL folder (`text_encoder/` + `tokenizer/`, `text_encoder_2/` +
+    `tokenizer_2/`) or an SDXL single file (`conditioner.embedders.0.transformer.*`,
+    `conditioner.embedders.1.model.*`; CLIP's vocabulary shipped with livestyle, padded
+    with the end-of-text token and with "!" as SDXL's two tokenizers are).
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "text_encoder_2").is_dir():
+            raise CheckpointError(f"{path}: not an SDXL folder (no text_encoder_2/)")
+        return (_text_from_folder(path, "text_encoder", "tokenizer", device, dtype),
+                _text_from_folder(path, "text_encoder_2", "tokenizer_2", device, dtype))
+    return _sdxl_text_from_original(_read_single_file(path), path, device, dtype)
+
+
+def _text_from_folder(path: Path, encoder: str, tokenizer: str, device, dtype) -> TextModel:
+    """One text encoder folder (CLIPTextModel or CLIPTextModelWithProjection) and its tokenizer folder."""
+    folder = path / encoder
+    cfg, state = _read_component(folder)
+    # transformers 5 saves CLIPTextModel without the `text_model.` prefix; both load.
+    state = text_encoder_from_transformers(state)
+    config = _config(lambda c: TextEncoderConfig.from_transformers(c, "text_projection.weight" in state),
+                     cfg, folder / "config.json")
+    model = _build(TextEncoder, config, state, folder, device, dtype)
+    if not (path / tokenizer).is_dir():
+        raise CheckpointError(f"{path}: has {encoder}/ but no {tokenizer}/")
+    return TextModel(model, Tokenizer.from_folder(path / tokenizer))
 
 
 def _text_from_original(state, source, device, dtype) -> TextModel:
@@ -351,18 +449,41 @@ def _text_from_original(state, source, device, dtype) -> TextModel:
     return TextModel(encoder, Tokenizer.bundled(pad_token=pad))
 
 
+def _sdxl_text_from_original(state, source, device, dtype) -> tuple[TextModel, TextModel]:
+    models = []
+    for prefix, keep_last, pad in ((_SDXL_TEXT, False, "<|endoftext|>"), (_SDXL_TEXT_2, True, "!")):
+        part = strip_prefix(state, prefix)
+        if not part:
+            raise CheckpointError(f"{source}: no SDXL text encoder under {prefix}*; "
+                                  f"it looks like {describe(state.keys())}")
+        try:  # ViT-L in the SD 1.x layout; bigG in open_clip's, every layer and the projection kept
+            converted, config = text_encoder_from_original(part, keep_last=keep_last)
+        except CheckpointError as e:
+            raise CheckpointError(f"{source}: {prefix}*: {e}") from None
+        models.append(TextModel(_build(TextEncoder, config, converted, source, device, dtype),
+                                Tokenizer.bundled(pad_token=pad)))
+    if models[1].encoder.config.projection_dim is None:
+        raise CheckpointError(f"{source}: SDXL's second text encoder has no text_projection")
+    return models[0], models[1]
+
+
 # -- Whole pipelines -----------------------------------------------------------------------
 
 def load_pipeline(path: str | Path, device="cpu", dtype=torch.float32,
                   autoencoder: str | Path | None = None,
-                  loras: tuple[tuple[str | Path, float], ...] = ()) -> Pipeline:
-    """U-Net, autoencoder, text encoder + tokenizer and noise schedule of one checkpoint.
+                  loras: tuple[tuple[str | Path, float], ...] = (),
+                  vae_upcast: bool | None = None) -> Pipeline:
+    """U-Net, autoencoder, text encoder(s) + tokenizer(s) and noise schedule of one checkpoint.
 
     path: a diffusers folder, an original single `.safetensors` file, or a demo model
-        folder (family "demo": a StyleBank in place of the text encoder).
-    autoencoder: optional replacement autoencoder (e.g. TAESD for speed), anything
-        `load_autoencoder` takes.
-    loras: (LoRA file, scale) pairs, fused into the U-Net and text encoder weights.
+        folder (family "demo": a StyleBank in place of the text encoder). SD 1.x, 2.x and
+        SDXL (family "sdxl": a diffusers folder with text_encoder_2/, or a single file
+        with conditioner.embedders.*) are told apart by what they hold.
+    autoencoder: optional replacement autoencoder (e.g. TAESD, or TAESDXL for SDXL, for
+        speed), anything `load_autoencoder` takes.
+    loras: (LoRA file, scale) pairs, fused into the U-Net and text encoder weights
+        (SDXL: both encoders, kohya lora_te1_/lora_te2_ or text_encoder./text_encoder_2.).
+    vae_upcast: load_autoencoder's `upcast` (SDXL's KL VAE kept in fp32 under fp16).
     """
     path = Path(path)
     if _is_demo(path):
@@ -375,36 +496,88 @@ def load_pipeline(path: str | Path, device="cpu", dtype=torch.float32,
         if not (path / "unet").is_dir():
             found = ", ".join(sorted(p.name for p in path.iterdir() if p.is_dir())) or "no subfolders"
             raise CheckpointError(f"{path}: diffusers folder without unet/ (found: {found})")
+        sdxl = (path / "text_encoder_2").is_dir()
+        if sdxl and not (path / "text_encoder").is_dir():
+            raise CheckpointError(f"{path}: text_encoder_2/ without text_encoder/: an SDXL refiner, "
+                                  "which restyles nothing on its own; load the SDXL base or Turbo")
         unet = load_unet(path, device, dtype)
-        vae = load_autoencoder(autoencoder or path, device, dtype)
-        text = load_text_encoder(path, device, dtype)
+        vae = load_autoencoder(autoencoder or path, device, dtype, "sdxl" if sdxl else None, vae_upcast)
+        texts = load_sdxl_text_encoders(path, device, dtype) if sdxl else (load_text_encoder(path, device, dtype),)
         sched = path / "scheduler" / "scheduler_config.json"
         schedule = (_config(NoiseSchedule.from_diffusers, _read_json(sched), sched) if sched.is_file()
                     else NoiseSchedule())
+        index = path / "model_index.json"
+        zero_empty_negative = sdxl and (not index.is_file()
+                                        or _read_json(index).get("force_zeros_for_empty_prompt", True) is not False)
     else:
         state = _read_single_file(path)
-        parts = {p for p in (_UNET, _VAE, _TEXT) if any(k.startswith(p) for k in state)}
-        if _UNET not in parts:
+        sdxl = any(k.startswith("conditioner.embedders.") for k in state)
+        text_prefixes = (_SDXL_TEXT, _SDXL_TEXT_2) if sdxl else (_TEXT,)
+        if not any(k.startswith(_UNET) for k in state):
             raise CheckpointError(f"{path}: not a full SD checkpoint (no model.diffusion_model.*); "
                                   f"it looks like {describe(state.keys())}")
-        if _TEXT not in parts:
-            raise CheckpointError(f"{path}: has no text encoder (cond_stage_model.*)")
-        if _VAE not in parts and autoencoder is None:
+        if sdxl and any(k.startswith(_SDXL_TEXT + "model.") for k in state):
+            raise CheckpointError(f"{path}: an SDXL refiner (OpenCLIP bigG alone at conditioner.embedders.0), "
+                                  "which restyles nothing on its own; load the SDXL base or Turbo")
+        for prefix in text_prefixes:
+            if not any(k.startswith(prefix) for k in state):
+                raise CheckpointError(f"{path}: has no text encoder ({prefix}*)")
+        if not any(k.startswith(_VAE) for k in state) and autoencoder is None:
             raise CheckpointError(f"{path}: has no VAE (first_stage_model.*); pass an autoencoder")
         unet = _unet_from_original(strip_prefix(state, _UNET), path, device, dtype)
-        vae = (load_autoencoder(autoencoder, device, dtype) if autoencoder
-               else _kl_from_state(strip_prefix(state, _VAE), path, device, dtype))
-        text = _text_from_original(state, path, device, dtype)
+        upcast = sdxl if vae_upcast is None else vae_upcast  # no config here: SDXL's VAE overflows in fp16
+        vae = (load_autoencoder(autoencoder, device, dtype, "sdxl" if sdxl else None, vae_upcast) if autoencoder
+               else _kl_from_state(strip_prefix(state, _VAE), path, device, dtype, sdxl, upcast))
+        texts = (_sdxl_text_from_original(state, path, device, dtype) if sdxl
+                 else (_text_from_original(state, path, device, dtype),))
         schedule = NoiseSchedule()
+        zero_empty_negative = sdxl  # diffusers' SDXL default
         del state
-    context = unet.config.cross_attention_dim
-    if context != text.encoder.config.hidden_size:
-        raise CheckpointError(f"{path}: the U-Net expects {context}-d text features, "
-                              f"the text encoder gives {text.encoder.config.hidden_size}")
+    if mismatch := _text_mismatch(unet.config, [t.encoder.config for t in texts]):
+        raise CheckpointError(f"{path}: {mismatch}")
     if loras:
-        fuse_loras([(read_safetensors(p), scale) for p, scale in loras], unet, text.encoder)
-    family = "sd2" if context == 1024 else "sd1"
-    return Pipeline(family, unet, vae, text, schedule, path)
+        _fuse(loras, unet, texts)
+    family = "sdxl" if sdxl else "sd2" if unet.config.cross_attention_dim == 1024 else "sd1"
+    return Pipeline(family, unet, vae, texts[0], schedule, path, text_2=texts[1] if sdxl else None,
+                    zero_empty_negative=zero_empty_negative)
+
+
+def _text_mismatch(unet: UNetConfig, texts: list[TextEncoderConfig]) -> str | None:
+    """Why these text encoders cannot condition this U-Net, or None."""
+    context = unet.cross_attention_dim
+    given = sum(t.hidden_size for t in texts)
+    if context != given:
+        return f"the U-Net expects {context}-d text features, the text encoder{'s give' if len(texts) > 1 else ' gives'} {given}"
+    if unet.added_conditioning != (len(texts) == 2):
+        return ("the U-Net takes SDXL's pooled text and time ids, but there is one text encoder"
+                if unet.added_conditioning else "two text encoders (SDXL's) for a U-Net without SDXL's added conditioning")
+    if unet.added_conditioning:
+        pooled = texts[1].projection_dim or texts[1].hidden_size
+        added = pooled + 6 * unet.addition_time_embed_dim  # text_embeds, then 6 time ids' sinusoids
+        if added != unet.projection_class_embeddings_input_dim:
+            return (f"the U-Net's added embedding takes {unet.projection_class_embeddings_input_dim} features, "
+                    f"the second text encoder's {pooled}-d pooled output and 6 time ids make {added}")
+    return None
+
+
+def _fuse(loras, unet: UNet, texts: tuple[TextModel, ...]) -> None:
+    """Fuse (file, scale) LoRAs into the U-Net and text encoder(s); SDXL LoRAs split per encoder.
+
+    Each model's share of every LoRA is checked before any of it is fused. If a later
+    model's share does not fit, an earlier one may already hold its LoRA weights: the
+    error aborts the load, so those models are never handed out.
+    """
+    files = [(read_safetensors(p), scale) for p, scale in loras]
+    if len(texts) == 1:
+        fuse_loras(files, unet, texts[0].encoder)
+        return
+    parts = [(split_sdxl_lora(lora), scale) for lora, scale in files]
+    if any(not lora for lora, _ in files):
+        raise CheckpointError("LoRA has no tensors")
+    for i, (u, t) in enumerate(((unet, None), (None, texts[0].encoder), (None, texts[1].encoder))):
+        share = [(split[i], scale) for split, scale in parts if split[i]]
+        if share:
+            fuse_loras(share, u, t)
 
 
 def demo_parts_mismatch(unet: UNet, autoencoder: Autoencoder, styles: StyleBank) -> str | None:

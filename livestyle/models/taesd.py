@@ -14,6 +14,11 @@ from a file name.
 Contract shared with the KL autoencoder (vae.py): images are (B, 3, H, W) in [0, 1],
 latents are (B, C, H/8, W/8), unscaled (TAESD latents already match the diffusion
 model's scaled latent space, so the scale factor is 1).
+
+TAESDXL is TAESD trained on SDXL's latent space: the same architecture, format and scale
+(diffusers' AutoencoderTiny configs of both say scaling_factor 1.0; their latent_shift 0.5
+and latent_magnitude 3 only map latents to [0, 1] for storing them as images). Nothing
+in the weights tells the two apart, so the caller pairs TAESDXL with SDXL checkpoints.
 """
 
 import re
