@@ -151,8 +151,6 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
 
 _KINDS = (
     # (kind, test, description); the first that matches wins, most specific first.
-    ("unsupported", lambda k: any(x.startswith("conditioner.embedders.") for x in k),
-     "an SDXL single-file checkpoint; SDXL is not supported yet"),
     ("unsupported", lambda k: any(".joint_blocks." in x or x.startswith("joint_blocks.") for x in k),
      "an SD3 (MMDiT) checkpoint; only SD 1.x/2.x U-Nets are supported"),
     ("unsupported", lambda k: any("double_blocks." in x for x in k),
@@ -171,8 +169,12 @@ _KINDS = (
      "an SD 1.x/2.x ControlNet (diffusers layout)"),
     ("pipeline", lambda k: "model.diffusion_model.label_emb.0.0.weight" in k,
      "an SDXL single-file checkpoint (original layout)"),
+    ("pipeline", lambda k: any(x.startswith("conditioner.embedders.") for x in k)
+     and any(x.startswith("model.diffusion_model.") for x in k), "an SDXL single-file checkpoint (original layout)"),
     ("pipeline", lambda k: any(x.startswith("model.diffusion_model.") for x in k),
      "an SD single-file checkpoint (original layout)"),
+    ("text", lambda k: any(x.startswith("conditioner.embedders.") for x in k),
+     "SDXL's text encoders (conditioner.embedders.*) without a U-Net"),
     ("unet", lambda k: "label_emb.0.0.weight" in k, "an SDXL U-Net in the original SD layout"),
     ("unet", lambda k: "input_blocks.0.0.weight" in k, "a U-Net in the original SD layout"),
     ("unet", lambda k: "add_embedding.linear_1.weight" in k, "an SDXL U-Net in the diffusers layout"),
