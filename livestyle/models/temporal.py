@@ -240,3 +240,147 @@ class TemporalBatch:
             start += n
             pieces.append(piece if cache is None else cache.fuse(layer, piece))
         return torch.cat(pieces)
+
+
+class TemporalRings:
+    """One ring of past keys/values per batch row, all rows in one buffer per layer: the
+    temporal cache of a whole bucket of streams (stream/step.py), read by one attention
+    call per layer however many streams share it.
+
+    Rows join and leave (streams open, close, reset) and are stepped or not (a stream
+    with no frame this call, padding rows), so each row keeps its own ring position:
+
+        keys[i], values[i]  (R, N, L_i, C_i)  as TemporalCache, one ring per row
+        filled              (R, N) bool       which slots of each row's ring hold a frame
+        write_index         (R,) int64        each row's slot for the current frame
+        active              (R,) bool         the rows stepped by this call: only they store and advance
+
+    `active` is written by the caller before each call (in place: a captured graph reads
+    the same buffer). Its host copy (`advance(rows)`) counts each row's frames, so whether
+    a read needs a mask is known on the host without a sync: `masked` is True while any
+    row stepped by the call has an empty slot. The mask is then per row (rows of one
+    call sit at different fill levels), built here for SDPA; once every stepped row is
+    full the read is kernels.cached_attention unmasked, on the buffers as stored.
+
+    A call's batch may hold `groups` copies of the R rows (full guidance: the negative
+    prompt's rows after the positive ones); every copy reads the same rows' rings (a
+    guidance row sees its frame's past, as the positive row does), only the first stores.
+    """
+
+    def __init__(self, shapes: list[tuple[int, int]], rows: int, frames: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, fusion: float = 0.0):
+        if frames < 1:
+            raise ValueError(f"TemporalRings needs at least 1 frame, got {frames}")
+        if not 0.0 <= fusion < 1.0:
+            raise ValueError(f"TemporalRings fusion must be in [0, 1), got {fusion}")
+        self.frames, self.fusion = frames, fusion
+        self.keys = [torch.zeros(rows, frames, L, C, device=device, dtype=dtype) for L, C in shapes]
+        self.values = [torch.zeros(rows, frames, L, C, device=device, dtype=dtype) for L, C in shapes]
+        self.outputs = [torch.zeros(rows, frames, L, C, device=device, dtype=dtype)
+                        if fusion and L <= FUSION_MAX_TOKENS else None for L, C in shapes]
+        self.filled = torch.zeros(rows, frames, dtype=torch.bool, device=device)
+        self.write_index = torch.zeros(rows, dtype=torch.long, device=device)
+        self.active = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.counts = np.zeros(rows, dtype=np.int64)  # frames stored per row since its reset, on the host
+        self.masked = True  # set by `prepare` for each call
+
+    @property
+    def rows(self) -> int:
+        return self.filled.shape[0]
+
+    def prepare(self, active: list[int]) -> None:
+        """Before a call (host side): whether its read needs a mask, from the host counts of the rows it steps."""
+        self.masked = bool(active) and int(self.counts[active].min()) < self.frames
+
+    def _ring(self, bank: torch.Tensor, groups: int) -> torch.Tensor:
+        # (R, ...) -> (groups * R, ...): a copy, made only when guidance rows read their frame's ring.
+        return bank if groups == 1 else bank.repeat(groups, *(1,) * (bank.ndim - 1))
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+        """q, k, v (groups * R, L, C) over themselves and their rows' rings, then `store`. -> (groups * R, L, C)."""
+        bank_k, bank_v = self.keys[layer], self.values[layer]
+        R, N, L, C = bank_k.shape
+        B = q.shape[0]
+        if B % R or k.shape[1:] != (L, C):
+            raise ValueError(f"TemporalRings layer {layer} holds (rows, tokens, channels) = {(R, L, C)}, "
+                             f"got {tuple(k.shape)}: a batch of whole copies of the rows, of this latent size")
+        groups = B // R
+        read_k, read_v = self._ring(bank_k, groups), self._ring(bank_v, groups)
+        if not self.masked:
+            out = kernels.cached_attention(q, k, v, read_k, read_v, None, heads)
+        else:
+            # Rows at different fill levels: a mask per row, so the reference SDPA (the kernel's
+            # flag is per ring). Only while a stepped row's ring is filling.
+            valid = self._ring(self.filled, groups)[:, :, None].expand(B, N, L).reshape(B, N * L)
+            mask = torch.cat([torch.ones(B, L, dtype=torch.bool, device=q.device), valid], dim=1)[:, None, None]
+            k_all = torch.cat([k, read_k.reshape(B, N * L, C).to(k.dtype)], dim=1)  # (B, L + N*L, C)
+            v_all = torch.cat([v, read_v.reshape(B, N * L, C).to(v.dtype)], dim=1)
+            # (B, *, C) -> (B, heads, *, C / heads)
+            qh, kh, vh = (t.view(B, -1, heads, C // heads).transpose(1, 2) for t in (q, k_all, v_all))
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)  # (B, heads, L, C / heads)
+            out = out.transpose(1, 2).reshape(B, L, C)
+        self._store(bank_k, k[:R])
+        self._store(bank_v, v[:R])
+        return out
+
+    def _store(self, bank: torch.Tensor, x: torch.Tensor) -> None:
+        """x (R, L, C) into each active row's slot `write_index`; other rows keep theirs (fixed shapes, no sync)."""
+        rows = torch.arange(bank.shape[0], device=bank.device)
+        old = bank[rows, self.write_index]  # (R, L, C)
+        bank[rows, self.write_index] = torch.where(self.active[:, None, None], x.detach().to(bank.dtype), old)
+
+    def fuse(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """As TemporalCache.fuse, row by row (each row against its own ring), for groups * R rows."""
+        bank = self.outputs[layer]
+        if bank is None:
+            return out
+        R, N, L, C = bank.shape
+        B = out.shape[0]
+        groups = B // R
+        past = self._ring(bank, groups).view(B, N * L, C).to(out.dtype)
+        sim = F.normalize(out, dim=-1) @ F.normalize(past, dim=-1).transpose(1, 2)  # (B, L, N*L)
+        valid = self._ring(self.filled, groups)[:, None, :, None].expand(B, 1, N, L).reshape(B, 1, N * L)
+        sim = sim.masked_fill(~valid, -2.0)  # never-written slots are never nearest
+        best, index = sim.max(dim=-1)  # (B, L)
+        nearest = past.gather(1, index[..., None].expand(B, L, C))  # (B, L, C)
+        weight = self.fusion * (best > FUSION_THRESHOLD).to(out.dtype)[..., None]  # (B, L, 1)
+        self._store(bank, out[:R])
+        return out + weight * (nearest - out)
+
+    def advance(self, rows: list[int] | None = None) -> None:
+        """After a call: the active rows' slots are filled, their rings move on. `rows`: the
+        same rows on the host (the counts), as written to `active`; None skips the count
+        (a captured graph replays the device half only, the caller counts)."""
+        n = torch.arange(self.frames, device=self.filled.device)
+        self.filled |= self.active[:, None] & (n[None, :] == self.write_index[:, None])
+        self.write_index.add_(self.active.long()).remainder_(self.frames)
+        if rows is not None:
+            self.count(rows)
+
+    def count(self, rows: list[int]) -> None:
+        self.counts[rows] += 1
+
+    def reset(self, start: int, stop: int) -> None:
+        """Forget rows [start, stop) (a stream that joins, resets or leaves); keeps the buffers."""
+        self.filled[start:stop] = False
+        self.write_index[start:stop] = 0
+        self.counts[start:stop] = 0
+
+    def moved(self, rows: int, keep: int) -> TemporalRings:
+        """A copy with `rows` rows holding this one's first `keep` (a bucket that grows)."""
+        new = TemporalRings.__new__(TemporalRings)
+        new.frames, new.fusion, new.masked = self.frames, self.fusion, True
+
+        def grown(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            out = torch.zeros((rows,) + t.shape[1:], dtype=t.dtype, device=t.device)
+            out[:keep] = t[:keep]
+            return out
+
+        new.keys, new.values = [grown(t) for t in self.keys], [grown(t) for t in self.values]
+        new.outputs = [grown(t) for t in self.outputs]
+        new.filled, new.write_index, new.active = grown(self.filled), grown(self.write_index), grown(self.active)
+        new.counts = np.zeros(rows, dtype=np.int64)
+        new.counts[:keep] = self.counts[:keep]
+        return new

@@ -36,8 +36,10 @@ Per frame, on the worker (DESIGN.md's data path):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import statistics
 import threading
 import time
 import traceback
@@ -54,13 +56,13 @@ from livestyle.config import StreamSettings, style_blend
 from livestyle.errors import LivestyleError
 from livestyle.frame import rgb_array
 from livestyle.models.loading import Pipeline
-from livestyle.models.temporal import TemporalBatch, TemporalCache
 from livestyle.stream.conditioning import Conditioning
 from livestyle.stream.flow import Motion, flow_size, propagate, sampling_grid, small_grey
-from livestyle.stream.guidance import make_guidance
+from livestyle.stream.guidance import InitializeGuidance, make_guidance
 from livestyle.stream.plan import make_plan
 from livestyle.stream.state import StreamState, Tag, layout
 from livestyle.stream.stats import ModelTimer, StreamMeter, StreamStats
+from livestyle.stream.step import RENEW, Bucket, BucketKey, CapturedSteps, denoise
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +84,15 @@ class Rows:
 
     state: StreamState
     x: torch.Tensor  # (n, C, h, w)
-    index: torch.Tensor  # (n,) step of each row
+    slots: range  # the denoising slot (= step) of each row: its place in the stream's rows of the bucket
     reference: torch.Tensor  # (n, C, h, w) residual-CFG references
+    noise: torch.Tensor  # (n, C, h, w) re-noises each row towards its next step
     fresh: bool  # row 0 is a frame at its first step
-    cache: TemporalCache | None  # the rows' banks
 
 
-Denoising = Generator[Rows, torch.Tensor, tuple[Tag, torch.Tensor]]
+# A step's result for the rows: (x_next, denoised, reference), each (n, C, h, w).
+Stepped = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Denoising = Generator[Rows, Stepped, tuple[Tag, torch.Tensor]]
 
 
 class Stream:
@@ -186,6 +190,7 @@ class Stream:
         if self.working or self.state is None:
             return
         self.meter.discarded(sum(1 + len(tag.repeats) for tag in self.state.owed()))
+        self.engine.released.append(self.state)  # its rows go back to the bucket on the worker
         self.state = None
 
     def stats(self) -> StreamStats:
@@ -196,8 +201,16 @@ class Engine:
     """Owns the model on one device and a worker thread that runs every stream's frames."""
 
     def __init__(self, model: Pipeline | Callable[[], Pipeline], device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, compile: str | None = None, cuda_graphs: bool = False,
+                 channels_last: bool = False, bucket_rows: int = 1):
         """model: a loaded Pipeline, or a function that loads one (e.g. `load_demo`).
+
+        compile: a torch.compile backend ("inductor", or "eager"/"aot_eager" to check
+        guards cheaply) for the fixed-shape step; cuda_graphs: capture it in CUDA graphs
+        (CUDA only: LivestyleError elsewhere); channels_last: the U-Net and autoencoder
+        in channels_last memory format (convolutions on CUDA in fp16/bf16 prefer it);
+        bucket_rows: the smallest bucket (step.py), e.g. rows for every stream expected,
+        so that streams joining never grow a bucket (a new shape: a compile, a capture).
 
         Given a function, the worker thread loads the model itself. On a CPU that matters:
         when another thread has already run parallel torch work, OpenMP keeps a second
@@ -205,6 +218,19 @@ class Engine:
         libgomp); a model loaded and run on one thread does not pay that. A loading
         error is raised here, in the caller's thread."""
         self.device, self.dtype = torch.device(device), dtype
+        if cuda_graphs and self.device.type != "cuda":
+            raise LivestyleError(f"CUDA graphs need a CUDA device, not {self.device.type}")
+        if bucket_rows < 1:
+            raise LivestyleError(f"bucket_rows = {bucket_rows}: must be at least 1")
+        self.compile, self.cuda_graphs, self.channels_last = compile, cuda_graphs, channels_last
+        self.bucket_rows = bucket_rows
+        self.buckets: dict[BucketKey, Bucket] = {}
+        self.released: list[StreamState] = []  # closed streams' states: their rows are given back on the worker
+        self.compiles = 0
+        # Host time per frame: the worker's wall time less model calls and waits for the device.
+        self.device_s = 0.0
+        self.host_ms: deque[float] = deque(maxlen=60)
+        self.host_total_s, self.host_frames = 0.0, 0
         self.streams: list[Stream] = []
         self.lock = threading.Condition()
         self.running = True
@@ -227,10 +253,30 @@ class Engine:
         for module in (pipe.unet, pipe.autoencoder, pipe.text.encoder if pipe.text else None, pipe.styles):
             if module is not None:
                 module.to(self.device, self.dtype).eval().requires_grad_(False)
+        if self.channels_last:
+            for module in (pipe.unet, pipe.autoencoder):
+                module.to(memory_format=torch.channels_last)
         self.pipe = pipe
+        self._step_fn = denoise
+        if self.compile:
+            self._step_fn = torch.compile(denoise, backend=self._counted(self.compile), fullgraph=True, dynamic=False)
+        self.graphs = CapturedSteps(self._step_fn) if self.cuda_graphs else None
         self.conditioning = Conditioning(pipe, self.device, self.dtype)
         self.family = pipe.family
         self.styles = tuple(pipe.styles.names) if pipe.styles is not None else ()
+
+    def _counted(self, name: str):
+        """The torch.compile backend `name`, counting its compiles (a recompile is a compile after the first
+        for a variant: a guard failed)."""
+        from torch._dynamo.backends.registry import lookup_backend
+
+        backend = lookup_backend(name)
+
+        def counted(graph, example_inputs):
+            self.compiles += 1
+            return backend(graph, example_inputs)
+
+        return counted
 
     # -- The caller's side -------------------------------------------------------------
 
@@ -262,8 +308,13 @@ class Engine:
         with self.lock:
             self._prune_busy(now)
             busy = sum(min(end, now) - max(start, now - 2.0) for start, end in self.busy)
+            host_ms = statistics.median(self.host_ms) if self.host_ms else 0.0
+            mean_ms = 1e3 * self.host_total_s / self.host_frames if self.host_frames else 0.0
             return {"device": str(self.device), "streams": len(self.streams), "load": round(min(1.0, busy / 2.0), 3),
-                    "batches": self.batches, "frames": self.frames}
+                    "batches": self.batches, "frames": self.frames, "host_ms": round(host_ms, 2),
+                    "host_ms_mean": round(mean_ms, 2), "buckets": {str(b.rows): len(b.held) for b in
+                                                                   self.buckets.values()},
+                    "compiles": self.compiles, "captures": self.graphs.captures if self.graphs else 0}
 
     def _prune_busy(self, now: float) -> None:
         while self.busy and now - self.busy[0][1] > 2.0:
@@ -301,9 +352,11 @@ class Engine:
             self._loaded.set()
         while True:
             with self.lock:
-                self.lock.wait_for(lambda: not self.running or any(self._has_work(s) for s in self.streams))
+                self.lock.wait_for(lambda: not self.running or bool(self.released)
+                                   or any(self._has_work(s) for s in self.streams))
                 if not self.running:
                     return
+                released, self.released = self.released, []
                 taken = []
                 for s in self.streams:
                     if not self._has_work(s):
@@ -312,7 +365,10 @@ class Engine:
                     s.requested, s.reset_requested, s.pending, s.working = None, False, None, True
                 self.lock.notify_all()  # file streams waiting to submit their next frame
             started = time.monotonic()
+            device_before, frames_before = self.device_s, self.frames
             try:
+                for state in released:
+                    self._leave(state)
                 with torch.inference_mode():
                     self._step(taken)
             except Exception as e:  # a bug, not a bad frame: say so loudly, keep serving the other streams
@@ -322,6 +378,12 @@ class Engine:
             finally:
                 with self.lock:
                     now = time.monotonic()
+                    frames = self.frames - frames_before
+                    if frames:
+                        host = max(0.0, now - started - (self.device_s - device_before))
+                        self.host_ms.append(1e3 * host / frames)
+                        self.host_total_s += host
+                        self.host_frames += frames
                     self.busy.append((started, now))
                     self._prune_busy(now)  # here too: an engine nobody asks for stats must not grow
                     for s, *_ in taken:
@@ -353,11 +415,9 @@ class Engine:
                 frames.append((s, tag, rgb))
             elif s.flush_requested and state is not None and state.in_flight:
                 frames.append((s, None, None))  # drain one step of the stream batch
-        groups: dict[tuple, list] = {}
+        groups: dict[BucketKey, list] = {}
         for item in frames:
-            state = item[0].state
-            key = (tuple(state.x.shape[1:]), state.settings.temporal.attention_frames)
-            groups.setdefault(key, []).append(item)
+            groups.setdefault(item[0].state.place[0].key, []).append(item)
         for items in groups.values():
             try:
                 self._advance(items)
@@ -394,8 +454,16 @@ class Engine:
         guidance = make_guidance(settings.guidance, settings.guidance_scale, plan)
         cond = self.conditioning.positive(settings.style, settings.prompt)
         uncond = self.conditioning.negative(settings.negative) if guidance.needs_negative else None
+        if uncond is not None and uncond.shape != cond.shape:
+            raise LivestyleError(f"the negative prompt is {uncond.shape[1]} tokens and the prompt {cond.shape[1]}: "
+                                 "guidance rows need the same length (shorten the longer one)")
+        w, h = settings.size
+        frames = settings.temporal.attention_frames
+        key = BucketKey((self.pipe.autoencoder.latent_channels, h // 8, w // 8), 2 if guidance.needs_negative else 1,
+                        tuple(cond.shape[1:]), self.pipe.unet.config.time_cond_proj_dim or 0, frames,
+                        settings.temporal.fusion if frames else 0.0)
         old = s.state
-        if old is not None and old.layout == layout(settings, plan.steps):
+        if old is not None and old.layout == layout(settings, plan.steps) and old.place[0].key == key:
             old.retune(settings, plan, guidance, cond, uncond)
             return
         if old is not None:
@@ -403,10 +471,27 @@ class Engine:
                 self._advance([(s, None, None)])
         state = StreamState(settings, plan, guidance, cond, uncond, self.pipe.unet,
                             self.pipe.autoencoder.latent_channels, self.device, self.dtype)
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = Bucket(key, max(self.bucket_rows, 1 << (plan.steps - 1).bit_length()), self.pipe.unet,
+                            self.device, self.dtype, self.channels_last)
+            self.buckets[key] = bucket
+        state.place = (bucket, bucket.take(plan.steps, id(state), self.bucket_rows))
         if old is not None:
             state.carry_over(old)
+            self._leave(old)
         s.state = state
         s.meter.latency_frames = plan.steps - 1 if settings.stream_batch else 0
+
+    def _leave(self, state: StreamState) -> None:
+        """Give a state's rows back to its bucket; a bucket nobody holds rows of is freed."""
+        if state.place is None:
+            return
+        bucket, start = state.place
+        state.place = None
+        bucket.give_back(start)
+        if bucket.empty and self.buckets.get(bucket.key) is bucket:
+            del self.buckets[bucket.key]
 
     # -- One call's worth of frames ----------------------------------------------------
 
@@ -461,7 +546,8 @@ class Engine:
         def encode(batch: list[np.ndarray]) -> list[torch.Tensor]:
             images = torch.from_numpy(np.stack(batch)).to(self.device, non_blocking=True)  # (B, h, w, 3) uint8
             images = images.permute(0, 3, 1, 2).to(self.dtype).div_(255)  # (B, 3, h, w) in [0, 1]
-            return list(self.pipe.autoencoder.encode(images).split(1))
+            with self._device_time():
+                return list(self.pipe.autoencoder.encode(images).split(1))
 
         return _isolated(encode, rgbs, "encoding")
 
@@ -491,47 +577,39 @@ class Engine:
         state.tags = [None] * state.steps
 
     def _denoise(self, state: StreamState, z0: torch.Tensor, tag: Tag) -> Denoising:
-        """One frame through the stream's steps; yields U-Net rows, returns (finished tag, latent).
+        """One frame through the stream's steps; yields U-Net rows, is sent their step's
+        result (x_next, denoised, reference), returns (finished tag, latent).
 
         z0: (1, C, h, w) the frame's latent. Returns the tag and (1, C, h, w) denoised
         latent of the frame that finished: this one, or with a primed stream batch the
         one that entered S - 1 calls ago."""
         plan, S = state.plan, state.steps
-        cache = state.cache
         if state.settings.stream_batch and S > 1 and state.primed:
             x = torch.cat([plan.start(z0, state.noise[:1]), state.x[1:]])  # (S, C, h, w)
             reference = torch.cat([z0, state.reference[1:]])
-            index = state.steps_index
-            out = yield Rows(state, x, index, reference, True, cache)
-            x_next, denoised = plan.step(x, out, index, state.renoise)
+            x_next, denoised, reference = yield Rows(state, x, range(S), reference, state.renoise, True)
             done = state.tags[-1]
             state.x[1:], state.reference[1:] = x_next[:-1], reference[:-1]  # every frame moves one slot on
             state.tags = [None, tag] + state.tags[1:-1]
-            if cache is not None:
-                cache.advance()
             return done, denoised[-1:]
         # Step by step: per-frame mode, or the first frame of a stream batch, whose
         # intermediate latents then prime the slots (stand-in copies, never output).
         prime = state.settings.stream_batch and S > 1
         x, reference = plan.start(z0, state.noise[:1]), z0.clone()
         for k in range(S):
-            index = state.steps_index[k:k + 1]
-            out = yield Rows(state, x, index, reference, k == 0, cache.rows(k, k + 1) if cache else None)
-            x, denoised = plan.step(x, out, index, state.renoise[k:k + 1])
+            x, denoised, reference = yield Rows(state, x, range(k, k + 1), reference, state.renoise[k:k + 1], k == 0)
             if prime and k < S - 1:
                 state.x[k + 1], state.reference[k + 1], state.tags[k + 1] = x[0], reference[0], tag.echo()
-        if cache is not None:
-            cache.advance()
         return tag, denoised
 
     def _drive(self, runs: list[tuple[Stream, Denoising]]) -> list[tuple[Tag, torch.Tensor] | Exception]:
-        """Run the streams' denoising together: each round, one U-Net call per context
-        length. Returns each run's (finished tag, latent), or the error that ended it; a
-        call that fails is retried stream by stream, so only the failing stream's run ends."""
+        """Run the streams' denoising together: each round, one fixed-shape step per bucket.
+        Returns each run's (finished tag, latent), or the error that ended it; a call that
+        fails is retried stream by stream, so only the failing stream's run ends."""
         results: list = [None] * len(runs)
 
-        def resume(i: int, out: torch.Tensor | None) -> Rows | None:
-            """Hand run i its U-Net output; its next rows, or None once it has ended."""
+        def resume(i: int, out: Stepped | None) -> Rows | None:
+            """Hand run i its step's result; its next rows, or None once it has ended."""
             try:
                 return runs[i][1].send(out)
             except StopIteration as stop:
@@ -542,11 +620,11 @@ class Engine:
 
         requests = {i: rows for i in range(len(runs)) if (rows := resume(i, None)) is not None}
         while requests:
-            by_context: dict[int, list[tuple[int, Rows]]] = {}
+            by_bucket: dict[int, list[tuple[int, Rows]]] = {}
             for i, rows in requests.items():
-                by_context.setdefault(rows.state.cond.shape[1], []).append((i, rows))
+                by_bucket.setdefault(id(rows.state.place[0]), []).append((i, rows))
             requests = {}
-            for batch in by_context.values():
+            for batch in by_bucket.values():
                 outs = _isolated(lambda part: self._call([r for _, r in part], [runs[i][0].meter for i, _ in part]),
                                  batch, "a U-Net call")
                 for (i, _), out in zip(batch, outs):
@@ -557,39 +635,29 @@ class Engine:
                         requests[i] = rows
         return results
 
-    def _call(self, batch: list[Rows], meters: list[StreamMeter]) -> list[torch.Tensor]:
-        """One U-Net call over several streams' rows (with their guidance rows); returns
-        each stream's guided outputs."""
-        xs, ts, contexts, conds, parts, sizes = [], [], [], [], [], []
+    def _call(self, batch: list[Rows], meters: list[StreamMeter]) -> list[Stepped]:
+        """One fixed-shape step of a bucket over several streams' rows; each stream's result rows."""
+        bucket = batch[0].state.place[0]
+        parts, places = [], []
         for rows in batch:
-            state, n = rows.state, rows.x.shape[0]
-            m = state.guidance.rows(rows.x, rows.fresh)  # unconditional rows, after the n conditional ones
-            index = torch.cat([rows.index, rows.index[:m]])
-            xs += [rows.x, rows.x[:m]]
-            ts.append(state.plan.model_time(index))
-            contexts.append(state.cond.expand(n, -1, -1))
-            if m:
-                contexts.append(state.uncond.expand(m, -1, -1))
-            if state.timestep_cond is not None:
-                conds.append(state.timestep_cond.expand(n + m, -1))
-            parts += [(rows.cache, n)] + ([(None, m)] if m else [])
-            sizes.append(n + m)
-        temporal = None
-        if len(parts) == 1:
-            temporal = parts[0][0]
-        elif any(cache is not None for cache, _ in parts):
-            temporal = TemporalBatch(parts)
-        started = self.timer.start()
-        x = torch.cat(xs)
-        out = self.pipe.unet(x, torch.cat(ts), torch.cat(contexts), temporal=temporal,
-                             timestep_cond=torch.cat(conds) if len(conds) == len(batch) else None)
+            state = rows.state
+            first = state.place[1] + rows.slots.start
+            table = state.table[:, rows.slots.start:rows.slots.stop].copy()
+            if rows.fresh and isinstance(state.guidance, InitializeGuidance):
+                table[RENEW, 0] = 1.0  # its negative-prompt estimate becomes the frame's reference
+            parts.append((first, rows.x, rows.reference, rows.noise, state.cond, state.uncond, state.timestep_cond,
+                          table))
+            places.append(slice(first, first + len(rows.slots)))
+        active = bucket.load(parts)
+        started, clock = self.timer.start(), time.perf_counter()
+        x_next, denoised, reference = self.graphs(bucket) if self.graphs else self._step_fn(*bucket.inputs())
+        self.device_s += time.perf_counter() - clock
         self.timer.stop(started, meters)
+        if bucket.rings is not None:
+            bucket.rings.count(active)
         self.batches += 1
-        guided = []
-        for rows, chunk in zip(batch, out.split(sizes)):
-            guided.append(rows.state.guidance.combine(rows.state.plan, rows.x, chunk, rows.index,
-                                                      rows.reference, rows.fresh))
-        return guided
+        # Copies: the bucket's outputs are overwritten by its next call (in place, with CUDA graphs).
+        return [(x_next[rows].clone(), denoised[rows].clone(), reference[rows].clone()) for rows in places]
 
     # -- Temporal propagation and output ----------------------------------------------
 
@@ -628,7 +696,8 @@ class Engine:
                 continue
             ready.append((s, tag, z))
         def decode(part: list) -> list[torch.Tensor]:
-            return list(self.pipe.autoencoder.decode(torch.cat([z for _, _, z in part])).split(1))
+            with self._device_time():
+                return list(self.pipe.autoencoder.decode(torch.cat([z for _, _, z in part])).split(1))
 
         decoded = _isolated(decode, ready, "decoding")
         blended = []
@@ -662,7 +731,8 @@ class Engine:
             finite = torch.isfinite(images).flatten(1).all(1, keepdim=True).to(torch.uint8)  # (B, 1)
             rgb = images.clamp(0, 1).mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).reshape(B, h * w * 3)
             # The one host sync per call: the frames go back to the host for their sinks.
-            host = torch.cat([rgb, finite], dim=1).cpu().numpy()  # (B, h * w * 3 + 1)
+            with self._device_time():
+                host = torch.cat([rgb, finite], dim=1).cpu().numpy()  # (B, h * w * 3 + 1)
         except Exception as e:
             error = _freed(e)
             for s, tag, _ in blended:
@@ -674,6 +744,15 @@ class Engine:
                 self._emit(s, tag, row[:-1].reshape(h, w, 3))
             else:
                 self._non_finite(s, tag)
+
+    @contextlib.contextmanager
+    def _device_time(self):
+        """Time in a model call or waiting for the device: not host time (stats()["host_ms"])."""
+        clock = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.device_s += time.perf_counter() - clock
 
     def _fail(self, s: Stream, tag: Tag, error: Exception) -> None:
         """A frame at the end of the stream batch failed: out now as a stand-in, counted."""

@@ -6,11 +6,14 @@
     tags       S x Tag|None  host-side facts of each slot's frame (pts, timing, grey copy)
     noise      (S, C, h, w)  the stream's fixed noise, by seed: noise[0] starts a frame,
                              renoise[k] re-noises after step k
-    cache      TemporalCache (S rows, one per denoising slot) or None
+    table      (K, S) fp32   each slot's coefficients for the fixed-shape step (step.py)
+    place      (bucket, first row): the stream's S rows in a step.Bucket (its temporal
+                             rings live there, one per slot), set by the engine
     previous   the last output frame's latent, image and tag (flow-guided propagation)
 
 Device buffers are allocated once, from the settings, and replaced only when a live
-update changes their shapes. Nothing here is shared with another stream.
+update changes their shapes. Nothing here is shared with another stream but the
+bucket's buffers, of which the stream's rows are its own.
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ import numpy as np
 import torch
 
 from livestyle.config import StreamSettings
-from livestyle.models.temporal import TemporalCache
 from livestyle.models.unet import UNet
 from livestyle.stream.flow import FlowEstimator, Motion
 from livestyle.stream.guidance import NoGuidance
 from livestyle.stream.plan import Plan
 from livestyle.stream.samplers import guidance_scale_embedding
 from livestyle.stream.similarity import SimilarityFilter
+from livestyle.stream.step import Bucket, coefficients
 
 
 @dataclass(eq=False)
@@ -81,10 +84,8 @@ class StreamState:
         generator = torch.Generator().manual_seed(settings.seed)  # CPU draws: the same noise on every device
         self.noise = torch.randn(shape, generator=generator).to(device, dtype)
         self.renoise = torch.cat([self.noise[1:], self.noise[:1]])  # row k re-noises towards step k + 1
-        self.steps_index = torch.arange(S, device=device)
-        frames = settings.temporal.attention_frames
-        self.cache = (TemporalCache.for_unet(unet, S, shape[-2:], frames, device, dtype, settings.temporal.fusion)
-                      if frames else None)
+        self.table = coefficients(plan, guidance)
+        self.place: tuple[Bucket, int] | None = None
         self.timestep_cond = None
         if unet.config.time_cond_proj_dim:  # full LCM checkpoints take the guidance scale as an input
             w_embed = torch.tensor([settings.guidance_scale - 1.0])
@@ -127,6 +128,7 @@ class StreamState:
         if settings.temporal.similarity != self.settings.temporal.similarity:
             self.similar = self._similarity_filter(settings)
         self.settings, self.plan, self.guidance, self.cond, self.uncond = settings, plan, guidance, cond, uncond
+        self.table = coefficients(plan, guidance)
 
     def carry_over(self, old: StreamState) -> None:
         """Keep the previous output across a rebuild of the same size, so the look does not jump."""
@@ -137,8 +139,9 @@ class StreamState:
     def reset(self) -> None:
         """Forget the past (a scene cut): temporal cache, propagation, similarity; in-flight
         frames stay and are finished."""
-        if self.cache is not None:
-            self.cache.reset()
+        if self.place is not None:
+            bucket, start = self.place
+            bucket.reset(start, start + self.steps)
         self.previous_latent = self.previous_image = self.previous_tag = None
         if self.similar is not None:
             self.similar.reset()

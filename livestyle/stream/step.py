@@ -1,0 +1,279 @@
+"""The fixed-shape step: one U-Net call over a bucket of streams, as a function of preallocated state.
+
+gpt-fast's static caches and k-diffusion's "a step returns new state", for the stream
+engine: every stream whose rows can share a U-Net call (same latent size, guidance rows,
+context shape, time-cond input, temporal ring length and fusion: a `BucketKey`) has rows
+in one `Bucket`, whose buffers have a fixed row count R. A stream holds S rows (one per
+denoising slot) for as long as it keeps its settings' shapes; rows a call does not step
+(another stream's with no frame now, unused rows) are padding: zeros in, output ignored,
+nothing stored in their rings. So the shapes the U-Net sees change only when a bucket
+grows, and a compiled or captured step is reused frame after frame, through live
+updates that keep shapes and streams that join or leave.
+
+A call's inputs, written in place into the bucket's buffers (`Bucket.load`):
+
+    x          (R, C, h, w)   each row's latent at its step
+    reference  (R, C, h, w)   residual-CFG reference latents
+    noise      (R, C, h, w)   the noise that re-noises each row towards its next step
+    context    (G*R, L, D)    positive prompts, then (G = 2) the negative ones
+    coeffs     (K, R) fp32    per row: model time, guidance weights, sampler coefficients
+    time_cond  (G*R, P)       full LCM checkpoints' guidance-scale embedding, else None
+    rings      TemporalRings  R rows, or None (no temporal cache), with `active`, the rows stepped
+
+`denoise(...)` -> (x_next, denoised, reference), each (R, C, h, w). Guidance is one linear
+mix per row (guidance.py's kinds as weights: none wc = 1; full wc = s, wu = 1 - s;
+residual wc = s and the virtual residual noise through wr, wx), the sampler one
+`kernels.sampler_step` with per-row (a, b, c, d). Nothing in it reads back to the host.
+
+Bucket sizes (rows R): powers of two, at least the engine's `bucket_rows` (default 1):
+a single stream of S steps runs at R = S with no padding (the common GPU case), a
+joining stream fits in the free rows or doubles R (one new shape, at most log2 of them),
+and padding never exceeds the rows in use. With G = 2 (full guidance, or "initialize")
+the call is 2R rows; "initialize" then computes negative rows for every slot, not only
+the fresh one (R wasted rows, kept so that its shapes are fixed too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from livestyle import kernels
+from livestyle.models.temporal import TemporalRings
+from livestyle.models.unet import UNet
+from livestyle.stream.guidance import FullGuidance, InitializeGuidance, NoGuidance, SelfGuidance
+from livestyle.stream.plan import BridgePlan, Plan
+
+# Rows of the (K, R) coefficient table.
+T, WC, WU, WR, WX, A, B, C, D, FX, FO, RENEW = range(12)
+K = 12
+
+
+def coefficients(plan: Plan, guidance: NoGuidance) -> np.ndarray:
+    """(K, S) fp32: each denoising slot's row of the coefficient table (RENEW is set per call).
+
+    Sampler (kernels.sampler_step): denoised = a x + b g, x_next = c denoised + d noise;
+    LCM: a = c_skip + c_out x0_from_x, b = c_out x0_from_out, c, d the re-noising to the
+    next timestep; the demo's bridge: a = 1, b = dt, c = 1, d = 0. Guidance:
+    g = wc out + wu out_negative + wr reference + wx x, with residual CFG's virtual
+    residual noise (reference - x0_from_x x) / x0_from_out folded into wr and wx."""
+    table = torch.zeros(K, plan.steps, dtype=torch.float32)
+    if isinstance(plan, BridgePlan):
+        times = plan.times.cpu()
+        table[T] = times[:-1] * 1000  # as BridgePlan.model_time
+        table[A], table[B], table[C] = 1.0, times[1:] - times[:-1], 1.0
+    else:
+        s = plan.schedule.to("cpu")
+        table[T] = s.timesteps.float()
+        table[A] = s.c_skip + s.c_out * s.x0_from_x
+        table[B] = s.c_out * s.x0_from_out
+        table[C], table[D] = s.sqrt_alpha_next, s.sqrt_one_minus_alpha_next
+        table[FX], table[FO] = s.x0_from_x, s.x0_from_out
+    scale = guidance.scale
+    if isinstance(guidance, FullGuidance):
+        table[WC], table[WU] = scale, 1.0 - scale
+    elif isinstance(guidance, (SelfGuidance, InitializeGuidance)):
+        # s out + (1 - s) (reference - fx x) / fo
+        table[WC], table[WR], table[WX] = scale, (1.0 - scale) / table[FO], -(1.0 - scale) * table[FX] / table[FO]
+    else:
+        table[WC] = 1.0
+    return table.numpy()
+
+
+def denoise(unet: UNet, x: Tensor, reference: Tensor, noise: Tensor, context: Tensor, coeffs: Tensor,
+            time_cond: Tensor | None, rings: TemporalRings | None, groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One U-Net call and sampler step for R rows (see the module docstring); pure but for
+    the rings, which store the stepped rows' keys/values and advance. -> (x_next, denoised,
+    reference) (R, C, h, w) in x's dtype."""
+    R = x.shape[0]
+    t = coeffs[T].repeat(groups)  # (G*R,)
+    x_in = x if groups == 1 else x.repeat(groups, 1, 1, 1)  # (G*R, C, h, w)
+    out = unet(x_in, t, context, temporal=rings, timestep_cond=time_cond)
+
+    def w(i: int) -> Tensor:
+        return coeffs[i][:, None, None, None]  # (R, 1, 1, 1)
+
+    xf = x.float()
+    g = w(WC) * out[:R].float()
+    if groups == 2:
+        negative = out[R:].float()
+        g = g + w(WU) * negative
+        # "initialize": a fresh row's negative-prompt clean estimate becomes its reference
+        renewed = w(FX) * xf + w(FO) * negative
+        reference = torch.where(w(RENEW) > 0, renewed.to(reference.dtype), reference)
+    g = g + w(WR) * reference.float() + w(WX) * xf
+    x_next, denoised = kernels.sampler_step(x, g, noise, coeffs[A:D + 1])
+    if rings is not None:
+        rings.advance()  # the device half; the bucket counts on the host
+    return x_next, denoised, reference
+
+
+@dataclass(frozen=True)
+class BucketKey:
+    """What rows must share to be stepped by one call."""
+
+    latent: tuple[int, int, int]  # (C, h, w)
+    groups: int  # 1, or 2 with negative-prompt rows
+    context: tuple[int, int]  # (tokens, width)
+    time_cond: int  # the guidance-scale embedding's width, 0 without
+    frames: int  # temporal ring length, 0 without
+    fusion: float
+
+
+class Bucket:
+    """Preallocated buffers for R rows of one BucketKey, and which streams hold which rows."""
+
+    def __init__(self, key: BucketKey, rows: int, unet: UNet, device: torch.device, dtype: torch.dtype,
+                 channels_last: bool = False):
+        self.key, self.unet, self.device, self.dtype = key, unet, device, dtype
+        self.channels_last = channels_last
+        self.held: dict[int, tuple[int, int]] = {}  # start -> (stop, owner id)
+        self.rings: TemporalRings | None = None
+        if key.frames:
+            self.rings = TemporalRings(unet.self_attention_shapes(key.latent[1:]), rows, key.frames, device, dtype,
+                                       key.fusion)
+        self._allocate(rows)
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+    def _allocate(self, rows: int) -> None:
+        C, h, w = self.key.latent
+        G = self.key.groups
+        memory = torch.channels_last if self.channels_last else torch.contiguous_format
+        latent = lambda: torch.zeros(rows, C, h, w, device=self.device, dtype=self.dtype).to(  # noqa: E731
+            memory_format=memory)
+        self.x, self.reference, self.noise = latent(), latent(), latent()
+        self.context = torch.zeros(G * rows, *self.key.context, device=self.device, dtype=self.dtype)
+        self.time_cond = (torch.zeros(G * rows, self.key.time_cond, device=self.device, dtype=self.dtype)
+                          if self.key.time_cond else None)
+        self.coeffs = torch.zeros(K, rows, device=self.device, dtype=torch.float32)
+        # The host side of the coefficients, pinned on CUDA so its upload is asynchronous.
+        self.staged = torch.zeros(K, rows, dtype=torch.float32, pin_memory=self.device.type == "cuda")
+        self.graphs: dict = {}  # captured CUDA graphs of this bucket's buffers, by variant
+
+    # -- rows -----------------------------------------------------------------------------
+
+    def take(self, n: int, owner: int, smallest: int) -> int:
+        """The start of n free contiguous rows for `owner`; grows the bucket (a power of two,
+        at least `smallest`) when none are free."""
+        start = self._free(n)
+        if start is None:
+            used = max((stop for stop, _ in self.held.values()), default=0)
+            rows = max(smallest, 1 << (used + n - 1).bit_length())
+            self._grow(rows)
+            start = self._free(n)
+        self.held[start] = (start + n, owner)
+        if self.rings is not None:
+            self.rings.reset(start, start + n)
+        return start
+
+    def _free(self, n: int) -> int | None:
+        start = 0
+        for s in sorted(self.held):
+            if s - start >= n:
+                return start
+            start = self.held[s][0]
+        return start if self.rows - start >= n else None
+
+    def _grow(self, rows: int) -> None:
+        keep = self.rows
+        if self.rings is not None:
+            self.rings = self.rings.moved(rows, keep)
+        self._allocate(rows)
+
+    def give_back(self, start: int) -> None:
+        self.held.pop(start, None)
+
+    def reset(self, start: int, stop: int) -> None:
+        if self.rings is not None:
+            self.rings.reset(start, stop)
+
+    @property
+    def empty(self) -> bool:
+        return not self.held
+
+    # -- one call --------------------------------------------------------------------------
+
+    def load(self, parts: list[tuple[int, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, np.ndarray]]
+             ) -> list[int]:
+        """Write a call's inputs into the buffers. parts: per stream (first row, x (n, C, h, w),
+        reference, noise, positive context (1, L, D), negative context or None, time_cond
+        (1, P) or None, coefficients (K, n)). Rows not named are zeroed: padding. Returns
+        the rows stepped (host side)."""
+        R, G = self.rows, self.key.groups
+        for buffer in (self.x, self.reference, self.noise, self.context):
+            buffer.zero_()
+        staged = self.staged.numpy()
+        staged[:] = 0
+        active = []
+        for start, x, reference, noise, positive, negative, time_cond, table in parts:
+            n = x.shape[0]
+            rows = slice(start, start + n)
+            self.x[rows], self.reference[rows], self.noise[rows] = x, reference, noise
+            self.context[rows] = positive
+            if G == 2:
+                self.context[R + start:R + start + n] = negative
+            if self.time_cond is not None:
+                self.time_cond[rows] = time_cond
+                if G == 2:
+                    self.time_cond[R + start:R + start + n] = time_cond
+            staged[:, rows] = table
+            active += range(start, start + n)
+        # From pinned memory: the copy is queued, the host goes on.
+        self.coeffs.copy_(self.staged, non_blocking=True)
+        if self.rings is not None:
+            mask = torch.zeros(R, dtype=torch.bool)
+            mask[active] = True
+            self.rings.active.copy_(mask)
+            self.rings.prepare(active)
+        return active
+
+    def inputs(self) -> tuple:
+        return (self.unet, self.x, self.reference, self.noise, self.context, self.coeffs, self.time_cond,
+                self.rings, self.key.groups)
+
+
+class CapturedSteps:
+    """CUDA graphs of a step, one per bucket buffers and attention variant (masked while a
+    ring fills, unmasked once full), captured at first use and replayed after.
+
+    Capture runs the step a few times on a side stream first (as torch.cuda.graphs asks):
+    with no row active, so the rings store nothing and do not advance."""
+
+    WARMUP = 3
+
+    def __init__(self, step):
+        self.step = step
+        self.captures = 0
+
+    def __call__(self, bucket: Bucket) -> tuple[Tensor, Tensor, Tensor]:
+        variant = bucket.rings.masked if bucket.rings is not None else None
+        if variant not in bucket.graphs:
+            bucket.graphs[variant] = self._capture(bucket)
+            self.captures += 1
+        graph, outputs = bucket.graphs[variant]
+        graph.replay()
+        return outputs
+
+    def _capture(self, bucket: Bucket):
+        rings = bucket.rings
+        active = rings.active.clone() if rings is not None else None
+        if rings is not None:
+            rings.active.zero_()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP):
+                self.step(*bucket.inputs())
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.step(*bucket.inputs())
+        if rings is not None:
+            rings.active.copy_(active)
+        return graph, outputs
