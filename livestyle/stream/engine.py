@@ -63,6 +63,7 @@ from livestyle.stream.plan import make_plan
 from livestyle.stream.state import StreamState, Tag, layout
 from livestyle.stream.stats import ModelTimer, StreamMeter, StreamStats
 from livestyle.stream.step import RENEW, Bucket, BucketKey, CapturedSteps, denoise
+from livestyle.threads import worker_started
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +344,7 @@ class Engine:
         return bool(s.pending or s.requested or s.reset_requested or (s.flush_requested and s.owed))
 
     def _work(self, model: Pipeline | Callable[[], Pipeline]) -> None:
+        worker_started()  # livestyle/threads.py: this thread's torch threads, large allocations kept
         try:
             self._load(model)
         except BaseException as e:  # handed to the caller of __init__
