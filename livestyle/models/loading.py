@@ -472,7 +472,7 @@ def _sdxl_text_from_original(state, source, device, dtype) -> tuple[TextModel, T
 def load_pipeline(path: str | Path, device="cpu", dtype=torch.float32,
                   autoencoder: str | Path | None = None,
                   loras: tuple[tuple[str | Path, float], ...] = (),
-                  vae_upcast: bool | None = None) -> Pipeline:
+                  vae_upcast: bool | None = None, num_heads: tuple[int, ...] | None = None) -> Pipeline:
     """U-Net, autoencoder, text encoder(s) + tokenizer(s) and noise schedule of one checkpoint.
 
     path: a diffusers folder, an original single `.safetensors` file, or a demo model
@@ -484,6 +484,7 @@ def load_pipeline(path: str | Path, device="cpu", dtype=torch.float32,
     loras: (LoRA file, scale) pairs, fused into the U-Net and text encoder weights
         (SDXL: both encoders, kohya lora_te1_/lora_te2_ or text_encoder./text_encoder_2.).
     vae_upcast: load_autoencoder's `upcast` (SDXL's KL VAE kept in fp32 under fp16).
+    num_heads: load_unet's, for a single file whose U-Net is not laid out as SD's own.
     """
     path = Path(path)
     if _is_demo(path):
@@ -524,7 +525,7 @@ def load_pipeline(path: str | Path, device="cpu", dtype=torch.float32,
                 raise CheckpointError(f"{path}: has no text encoder ({prefix}*)")
         if not any(k.startswith(_VAE) for k in state) and autoencoder is None:
             raise CheckpointError(f"{path}: has no VAE (first_stage_model.*); pass an autoencoder")
-        unet = _unet_from_original(strip_prefix(state, _UNET), path, device, dtype)
+        unet = _unet_from_original(strip_prefix(state, _UNET), path, device, dtype, num_heads)
         upcast = sdxl if vae_upcast is None else vae_upcast  # no config here: SDXL's VAE overflows in fp16
         vae = (load_autoencoder(autoencoder, device, dtype, "sdxl" if sdxl else None, vae_upcast) if autoencoder
                else _kl_from_state(strip_prefix(state, _VAE), path, device, dtype, sdxl, upcast))
@@ -544,13 +545,13 @@ def load_pipeline(path: str | Path, device="cpu", dtype=torch.float32,
 
 def _text_mismatch(unet: UNetConfig, texts: list[TextEncoderConfig]) -> str | None:
     """Why these text encoders cannot condition this U-Net, or None."""
+    if unet.added_conditioning != (len(texts) == 2):
+        return ("the U-Net is SDXL's (it takes pooled text and time ids), but there is one text encoder"
+                if unet.added_conditioning else "two text encoders (SDXL's) for a U-Net without SDXL's added conditioning")
     context = unet.cross_attention_dim
     given = sum(t.hidden_size for t in texts)
     if context != given:
         return f"the U-Net expects {context}-d text features, the text encoder{'s give' if len(texts) > 1 else ' gives'} {given}"
-    if unet.added_conditioning != (len(texts) == 2):
-        return ("the U-Net takes SDXL's pooled text and time ids, but there is one text encoder"
-                if unet.added_conditioning else "two text encoders (SDXL's) for a U-Net without SDXL's added conditioning")
     if unet.added_conditioning:
         pooled = texts[1].projection_dim or texts[1].hidden_size
         added = pooled + 6 * unet.addition_time_embed_dim  # text_embeds, then 6 time ids' sinusoids
