@@ -4,10 +4,12 @@ No diffusers or transformers at run time: they are the parity oracles in the tes
 """
 
 from livestyle.models.clip import TextEncoder, TextEncoderConfig
+from livestyle.models.controlnet import ControlNet, ControlNetConfig, ControlSettings, MultiControlNet
 from livestyle.models.demo import DEMO_MODEL, demo_unet_config, load_demo, save_demo_model
 from livestyle.models.lite_autoencoder import LiteAutoencoder, LiteAutoencoderConfig
 from livestyle.models.loading import (
-    NoiseSchedule, Pipeline, TextModel, load_autoencoder, load_pipeline, load_text_encoder, load_unet,
+    NoiseSchedule, Pipeline, TextModel, load_autoencoder, load_controlnet, load_pipeline, load_text_encoder,
+    load_unet,
 )
 from livestyle.models.lora import fuse_lora, fuse_loras
 from livestyle.models.prompt import PromptCache, encode_prompt, parse_weights
@@ -19,9 +21,10 @@ from livestyle.models.unet import UNet, UNetConfig
 from livestyle.models.vae import KLAutoencoder, KLAutoencoderConfig
 
 __all__ = [
-    "DEMO_MODEL", "KLAutoencoder", "KLAutoencoderConfig", "LiteAutoencoder", "LiteAutoencoderConfig",
-    "NoiseSchedule", "Pipeline", "PromptCache", "StyleBank", "TemporalCache", "TextEncoder",
-    "TextEncoderConfig", "TextModel", "TinyAutoencoder", "Tokenizer", "UNet", "UNetConfig",
-    "demo_unet_config", "encode_prompt", "fuse_lora", "fuse_loras", "load_autoencoder", "load_demo",
-    "load_pipeline", "load_text_encoder", "load_unet", "parse_weights", "save_demo_model",
+    "ControlNet", "ControlNetConfig", "ControlSettings", "DEMO_MODEL", "KLAutoencoder", "KLAutoencoderConfig",
+    "LiteAutoencoder", "LiteAutoencoderConfig", "MultiControlNet", "NoiseSchedule", "Pipeline", "PromptCache",
+    "StyleBank", "TemporalCache", "TextEncoder", "TextEncoderConfig", "TextModel", "TinyAutoencoder",
+    "Tokenizer", "UNet", "UNetConfig", "demo_unet_config", "encode_prompt", "fuse_lora", "fuse_loras",
+    "load_autoencoder", "load_controlnet", "load_demo", "load_pipeline", "load_text_encoder", "load_unet",
+    "parse_weights", "save_demo_model",
 ]

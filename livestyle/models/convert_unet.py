@@ -74,28 +74,32 @@ def _module_map(config: UNetConfig) -> dict[str, str]:
     return m
 
 
-def _expected_shapes(config: UNetConfig) -> dict[str, tuple[int, ...]]:
-    """diffusers key -> shape of every U-Net weight, from a model on the meta device (no memory)."""
+def _expected_shapes(config: UNetConfig, cls=UNet) -> dict[str, tuple[int, ...]]:
+    """diffusers key -> shape of every weight of `cls(config)`, from a model on the meta device (no memory)."""
     with torch.device("meta"):
-        model = UNet(config)
+        model = cls(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _key_map(config: UNetConfig) -> dict[str, str]:
-    """diffusers key -> original key, for every weight of a U-Net with this config
-    except the one without an original name (time_embedding.cond_proj)."""
-    modules = _module_map(config)
-    keys = {}
-    for key in _expected_shapes(config):
-        if key.startswith("time_embedding.cond_proj."):
-            continue
+def rename_keys(keys, modules: dict[str, str]) -> dict[str, str]:
+    """diffusers key -> original key, renaming each key's longest module prefix found in
+    `modules` (diffusers -> original module paths), and a resnet's own layer names."""
+    renamed = {}
+    for key in keys:
         parts = key.split(".")
         cut = next(c for c in range(len(parts) - 1, 0, -1) if ".".join(parts[:c]) in modules)
         prefix, rest = ".".join(parts[:cut]), parts[cut:]
         if ".resnets." in prefix:
             rest = [_RESNET_NAMES[rest[0]], *rest[1:]]
-        keys[key] = ".".join([modules[prefix], *rest])
-    return keys
+        renamed[key] = ".".join([modules[prefix], *rest])
+    return renamed
+
+
+def _key_map(config: UNetConfig) -> dict[str, str]:
+    """diffusers key -> original key, for every weight of a U-Net with this config
+    except the one without an original name (time_embedding.cond_proj)."""
+    keys = [k for k in _expected_shapes(config) if not k.startswith("time_embedding.cond_proj.")]
+    return rename_keys(keys, _module_map(config))
 
 
 def original_module_names(config: UNetConfig) -> dict[str, str]:

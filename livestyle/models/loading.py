@@ -34,11 +34,16 @@ from torch import nn
 
 from livestyle.errors import CheckpointError
 from livestyle.models.checkpoint import (
-    describe, load_into, read_header, read_safetensors, strip_prefix, unsupported,
+    classify, describe, load_into, read_header, read_safetensors, strip_prefix, unsupported,
 )
 from livestyle.models.clip import TextEncoder, TextEncoderConfig
 from livestyle.models.convert_clip import (
     split_sdxl_lora, text_encoder_from_original, text_encoder_from_transformers,
+)
+from livestyle.models.controlnet import ControlNet, ControlNetConfig, controlnet_mismatch
+from livestyle.models.convert_controlnet import (
+    PREFIX as CONTROLNET_PREFIX, controlnet_config_from_diffusers_shapes, controlnet_config_from_original,
+    controlnet_from_original,
 )
 from livestyle.models.convert_unet import unet_config_from_original, unet_from_original
 from livestyle.models.convert_vae import vae_config_from_original, vae_from_original, vae_to_original
@@ -271,9 +276,14 @@ def load_unet(path: str | Path, device="cpu", dtype=torch.float32,
         cfg, state = _read_component(folder)
         if why := unsupported(state.keys()):
             raise CheckpointError(f"{folder}: this looks like {why}")
+        if cfg.get("_class_name") == "ControlNetModel":
+            raise CheckpointError(f"{folder}: a ControlNet, not a U-Net; load it with load_controlnet")
         config = _config(UNetConfig.from_diffusers, cfg, folder / "config.json")
         return _build(UNet, config, state, folder, device, dtype)
     state = _read_single_file(path)
+    kind, what = classify(state.keys())
+    if kind == "controlnet":
+        raise CheckpointError(f"{path}: {what}, not a U-Net; load it with load_controlnet")
     unet_state = strip_prefix(state, _UNET) if any(k.startswith(_UNET) for k in state) else state
     if "input_blocks.0.0.weight" not in unet_state:
         raise CheckpointError(f"{path}: no U-Net in this file; it looks like {describe(state.keys())}")
@@ -283,6 +293,50 @@ def load_unet(path: str | Path, device="cpu", dtype=torch.float32,
 def _unet_from_original(state, source, device, dtype, num_heads=None) -> UNet:
     config = unet_config_from_original({k: tuple(v.shape) for k, v in state.items()}, num_heads=num_heads)
     return _build(UNet, config, unet_from_original(state, config), source, device, dtype)
+
+
+# -- ControlNet -----------------------------------------------------------------------------
+
+def load_controlnet(path: str | Path, device="cpu", dtype=torch.float32, unet: UNet | None = None,
+                    num_heads: tuple[int, ...] | None = None) -> ControlNet:
+    """A ControlNet (SD 1.x, SD 2.x or SDXL) from a diffusers folder (`config.json` + weights,
+    or a pipeline folder's `controlnet/`) or one `.safetensors` file: the original layout
+    (`control_model.*` or bare `input_hint_block`/`zero_convs`/`middle_block_out`), or
+    diffusers weights without their config.json (the config is read from the shapes).
+
+    unet: the U-Net it will drive; a ControlNet made for another model (an SD 1.5 ControlNet
+    with an SDXL U-Net, say) is one CheckpointError naming both. num_heads: as for load_unet.
+    """
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "controlnet" if (path / "controlnet").is_dir() else path
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"{path}: not a diffusers ControlNet folder (no config.json or controlnet/)")
+        cfg, state = _read_component(folder)
+        if cfg.get("_class_name", "ControlNetModel") != "ControlNetModel":
+            raise CheckpointError(f"{folder}: a {cfg['_class_name']}, not a ControlNetModel")
+        config = _config(ControlNetConfig.from_diffusers, cfg, folder / "config.json")
+        model = _build(ControlNet, config, state, folder, device, dtype)
+    else:
+        state = _read_single_file(path)
+        kind, what = classify(state.keys())
+        if kind != "controlnet":
+            raise CheckpointError(f"{path}: not a ControlNet; it looks like {what}")
+        try:
+            if "controlnet_cond_embedding.conv_in.weight" in state:  # diffusers layout
+                config = controlnet_config_from_diffusers_shapes({k: tuple(v.shape) for k, v in state.items()},
+                                                                 num_heads)
+            else:
+                if any(k.startswith(CONTROLNET_PREFIX) for k in state):  # may sit beside a whole SD model
+                    state = strip_prefix(state, CONTROLNET_PREFIX)
+                config = controlnet_config_from_original({k: tuple(v.shape) for k, v in state.items()}, num_heads)
+                state = controlnet_from_original(state, config)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        model = _build(ControlNet, config, state, path, device, dtype)
+    if unet is not None and (why := controlnet_mismatch(unet.config, model.config)):
+        raise CheckpointError(f"{path}: {why}")
+    return model
 
 
 # -- Autoencoders --------------------------------------------------------------------------

@@ -120,7 +120,7 @@ class UNetConfig:
         down = list(cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
         up = list(cfg.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
         up_kinds = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
-        fields = _encoder_fields(cfg, down, "U-Net")
+        fields = encoder_fields_from_diffusers(cfg, down, "U-Net")
         unknown = [t for t in up if t not in up_kinds]
         if unknown:
             raise CheckpointError(f"U-Net block types {unknown} are not supported (only {', '.join(up_kinds)})")
@@ -143,7 +143,7 @@ _PLAIN = {"encoder_hid_dim": None, "encoder_hid_dim_type": None, "time_embedding
           "mid_block_only_cross_attention": None}
 
 
-def _encoder_fields(cfg: dict, down: list, what: str) -> dict:
+def encoder_fields_from_diffusers(cfg: dict, down: list, what: str) -> dict:
     """UNetConfig fields (all but out_channels) read from a diffusers U-Net or ControlNet config
     dict, whose encoder half has the same keys; CheckpointError for what we cannot run."""
     if cfg.get("class_embed_type") is not None or cfg.get("num_class_embeds") is not None:
