@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.metadata
+import importlib.util
 import logging
 import math
 import os
@@ -43,6 +44,8 @@ MAX_UPSCALE = 2  # an explicit --size may be at most this many times the input o
 # --input-size and --size on the 2-core CPU: 329, 374, 637 and 1039 MB at 64, 512, 1024
 # and 2048 px square, so 335 B/px between 512 and 1024 and 170 B/px from 64 to 2048.
 BYTES_PER_PIXEL = 400
+# `livestyle bench` runs the suite of a source checkout (an editable install is one).
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -676,6 +679,56 @@ def _device_name(text: str) -> str:
     return text
 
 
+def _threads(text: str) -> int:
+    from livestyle.threads import MAX_THREADS
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"threads {text!r} is not a whole number") from None
+    if not 1 <= n <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"threads {n}: must be 1 to {MAX_THREADS}")
+    return n
+
+
+def _add_threads(parser) -> None:
+    parser.add_argument("--threads", type=_threads,
+                        help="CPU threads for torch (default: one per CPU this process may use; idle threads "
+                             "sleep instead of spinning, so a busy machine slows it gracefully)")
+
+
+def _bench_suite():
+    """benchmarks/suite.py of the source checkout, or None where livestyle was installed without one."""
+    path = BENCHMARKS / "suite.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("livestyle_bench_suite", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # stdlib and livestyle.threads only: no torch until it runs
+    return module
+
+
+def _add_bench(sub) -> None:
+    bench = sub.add_parser("bench", help="livestyle against diffusers and StreamDiffusion on this machine",
+                           description="Benchmarks in one run, round-robin, medians with min-max "
+                                       "(benchmarks/suite.py; the peers: pip install -e \".[bench]\").")
+    suite = _bench_suite()
+    if suite is None:  # cmd_bench says why, whatever was asked
+        bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    else:
+        suite.add_arguments(bench)
+    _add_threads(bench)
+    bench.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    suite = _bench_suite()
+    if suite is None:
+        raise LivestyleError(f"livestyle bench needs a source checkout's benchmarks/ (pip install -e . from a clone); "
+                             f"there is none at {BENCHMARKS}")
+    return suite.run(args)
+
+
 def _add_run(sub) -> None:
     run = sub.add_parser(
         "run", help="restyle a camera, file, stream or image folder into a file, vcam or window",
@@ -739,6 +792,7 @@ def _add_run(sub) -> None:
     device.add_argument("--kernels", choices=("auto", "triton", "torch"),
                         help="fused kernels: triton, the torch reference, or auto = Triton on cuda "
                              "(default: $LIVESTYLE_KERNELS, else auto)")
+    _add_threads(device)
     run.set_defaults(func=cmd_run)
 
 
@@ -769,7 +823,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from livestyle.server.command import register as register_serve  # imports no aiohttp/aiortc/torch
 
-    register_serve(sub)
+    _add_threads(register_serve(sub))
+    _add_bench(sub)
     return parser
 
 
@@ -778,6 +833,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if hasattr(args, "threads"):  # run, serve, bench: before torch is imported (OpenMP reads its wait policy then)
+        from livestyle import threads
+
+        threads.configure(args.threads)
     import cv2
 
     if not args.verbose:  # OpenCV's own warnings (a camera probe) would bury our one-line errors
