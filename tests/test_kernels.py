@@ -142,3 +142,23 @@ def test_info_says_which_kernels_run_here(fresh_switch, monkeypatch, capsys):
     monkeypatch.setattr(kernels, "_backend", None)
     assert cli.main(["info"]) == 0
     assert "kernels      LIVESTYLE_KERNELS: unknown kernel backend 'bogus'" in capsys.readouterr().out
+
+
+def test_every_kernel_is_dispatched_with_its_references_signature():
+    """kernels.KERNELS: each a function of livestyle.kernels with the reference's exact signature."""
+    import inspect
+
+    assert set(kernels.KERNELS) == {"group_norm", "layer_norm", "geglu", "cached_attention", "frame_in",
+                                    "frame_out", "propagate", "sampler_step"}
+    for name in kernels.KERNELS:
+        assert inspect.signature(getattr(kernels, name)) == inspect.signature(getattr(reference, name)), name
+
+
+def test_describe_lists_every_kernel_where_triton_runs(fresh_switch, monkeypatch):
+    monkeypatch.setattr(kernels, "triton_installed", lambda: True)
+    monkeypatch.setattr(kernels, "interpreted", lambda: False)
+    assert kernels.describe("cuda") == ("Triton on cuda (backend auto): group_norm, layer_norm, geglu, "
+                                        "cached_attention, frame_in, frame_out, propagate, sampler_step")
+    assert kernels.describe("cpu") == "torch reference (no CUDA; backend auto)"
+    kernels.set_backend("torch")
+    assert kernels.describe("cuda") == "torch reference (backend torch; Triton could run here)"

@@ -127,6 +127,13 @@ def test_geglu_matches_reference(triton_kernels, shape, dtype):
     close(kernels.geglu(h), reference.geglu(h.float()), dtype)
 
 
+def test_each_triton_kernel_has_its_references_signature():
+    import inspect
+
+    for name, module in kernels._load_triton().items():
+        assert inspect.signature(getattr(module, name)) == inspect.signature(getattr(reference, name)), name
+
+
 def test_geglu_gates_with_the_second_half():
     """diffusers' order: `hidden_states, gate = proj(x).chunk(2, dim=-1)`; gelu(0) = 0 kills a row."""
     h = torch.cat([torch.ones(1, 3), torch.zeros(1, 3)], dim=-1)  # first half 1, gate 0
@@ -138,8 +145,10 @@ def test_geglu_refuses_an_odd_width(triton_kernels):
         kernels.geglu(rand(2, 7))
 
 
-def test_tiny_unet_with_triton_kernels_matches_torch(triton_kernels):
-    """A whole U-Net (random weights, two levels, temporal cache on) through the kernels vs the reference."""
+def test_tiny_unet_step_with_triton_kernels_matches_torch(triton_kernels):
+    """A whole U-Net step (random weights, two levels, temporal cache on) through the kernels vs the
+    reference: GroupNorm(+SiLU, + time embedding), LayerNorm, GEGLU, the cached attention with
+    the ring empty, then one of its two slots filled, and the fused sampler step after the U-Net."""
     from livestyle.models.temporal import TemporalCache
     from livestyle.models.unet import UNet, UNetConfig
 
@@ -148,6 +157,7 @@ def test_tiny_unet_with_triton_kernels_matches_torch(triton_kernels):
                         num_heads=(2, 2), cross_attention_dim=12, norm_num_groups=4)
     unet = UNet(config).to(DEVICE).eval()
     x, t, context = rand(1, 4, 7, 5), torch.tensor([500.0]), rand(1, 3, 12, seed=1)
+    noise, coeffs = rand(1, 4, 7, 5, seed=2), torch.tensor([[1.2], [-0.9], [0.8], [0.6]], device=DEVICE)
     outputs = {}
     with torch.no_grad():
         for name in ("torch", "triton"):
@@ -156,14 +166,17 @@ def test_tiny_unet_with_triton_kernels_matches_torch(triton_kernels):
             for frame in range(2):  # the second frame attends to the first through the cache
                 out = unet(x + frame, t, context, cache)
                 cache.advance()
-            outputs[name] = out
-    torch.testing.assert_close(outputs["triton"], outputs["torch"], rtol=1e-4, atol=1e-4)
+            outputs[name] = (out, *kernels.sampler_step(x, out, noise, coeffs))
+    for got, expected in zip(outputs["triton"], outputs["torch"]):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_tiny_unet_temporal_cache_through_the_triton_kernel_matches_torch(triton_kernels, monkeypatch):
     """The U-Net's cached self-attention through the Triton kernel (the ring read in place)
     against the torch path, while the ring fills (no slot, one of two, both: unmasked), and
-    through a TemporalBatch of a stream's cache and a row with no bank."""
+    through a TemporalBatch of a stream's cache and a row with no bank. The norms and GEGLU
+    take the reference here (the test above runs them through Triton): in the interpreter
+    they would make this test take a minute."""
     from livestyle.models.temporal import TemporalBatch, TemporalCache
     from livestyle.models.unet import UNet, UNetConfig
 
@@ -177,6 +190,8 @@ def test_tiny_unet_temporal_cache_through_the_triton_kernel_matches_torch(triton
     calls = []
     real = kernel.cached_attention
     monkeypatch.setattr(kernel, "cached_attention", lambda *args: calls.append(args[5]) or real(*args))
+    for name in ("group_norm", "layer_norm", "geglu"):
+        monkeypatch.setattr(kernels, name, getattr(reference, name))
     outputs = {}
     with torch.no_grad():
         for name in ("torch", "triton"):

@@ -18,7 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = bool(triton.knobs.runtime.interpret)  # see group_norm_triton.py
+from livestyle.kernels.tuning import autotune, config
+
+# Query and key blocks, warps and pipeline stages; the best choice follows the tokens per
+# frame (L: 4096 at SD-Turbo's top level, 64 at its bottom) and the head width (BLOCK_D).
+# The first (the choice in the interpreter) is the flash-attention tutorial's default.
+_CONFIGS = [config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+            config(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+            config(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
+            config(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+            config(BLOCK_M=32, BLOCK_N=32, num_warps=2, num_stages=2)]
 
 
 @triton.jit
@@ -50,6 +59,7 @@ def _attend(q, acc, m_i, l_i, k_ptr, v_ptr, k_stride, v_stride, L, D, qk_scale,
     return acc, m_i, l_i
 
 
+@autotune(_CONFIGS, key=["L", "BLOCK_D"])
 @triton.jit
 def _cached_attention_kernel(q_ptr, k_ptr, v_ptr, bk_ptr, bv_ptr, filled_ptr, o_ptr,
                              sq_b, sq_l, sk_b, sk_l, sv_b, sv_l, sbk_b, sbk_n, sbk_l, sbv_b, sbv_n, sbv_l,
@@ -98,15 +108,13 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bank_k: 
         filled = torch.ones(max(N, 1), dtype=torch.bool, device=q.device)
     D = C // heads
     out = torch.empty((B, L, C), device=q.device, dtype=q.dtype)
-    block_m = block_n = 64 if L > 32 else 16 if L <= 16 else 32
     block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs 16 at least
     qk_scale = 1.0 / math.sqrt(D) * math.log2(math.e)  # exp2 of log2-scaled scores: the softmax, cheaper
-    grid = (triton.cdiv(L, block_m), B * heads)
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * heads)  # noqa: E731
     _cached_attention_kernel[grid](
         q, k, v, bank_k, bank_v, filled, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         bank_k.stride(0), bank_k.stride(1), bank_k.stride(2), bank_v.stride(0), bank_v.stride(1), bank_v.stride(2),
         out.stride(0), out.stride(1), heads, L, D, N, qk_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        IEEE=q.dtype == torch.float32)
+        BLOCK_D=block_d, IEEE=q.dtype == torch.float32)
     return out

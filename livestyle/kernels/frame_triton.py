@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from livestyle.kernels import reference
-from livestyle.kernels.tuning import INTERPRETED, autotune, config  # noqa: F401 (INTERPRETED: see __init__)
+from livestyle.kernels.tuning import autotune, config
 
 # Memory-bound and per pixel: the block of pixels and the warps over it; the best choice
 # follows the number of output pixels a frame has.

@@ -11,9 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = bool(triton.knobs.runtime.interpret)  # see group_norm_triton.py
+from livestyle.kernels.tuning import autotune, config
+
+# Elementwise over (rows, D): the column block and warps; the best choice follows D.
+_CONFIGS = [config(BLOCK=1024, num_warps=4), config(BLOCK=512, num_warps=4), config(BLOCK=2048, num_warps=8)]
 
 
+@autotune(_CONFIGS, key=["D"])
 @triton.jit
 def _geglu_kernel(h_ptr, y_ptr, D, BLOCK: tl.constexpr):
     """Program (row, column block): y[row, cols] = h[row, cols] * gelu(h[row, D + cols])."""
@@ -35,6 +39,6 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
     y = torch.empty((*h.shape[:-1], D), device=h.device, dtype=h.dtype)
     rows = h.numel() // (2 * D) if D else 0
     if rows:
-        block = min(1024, triton.next_power_of_2(D))
-        _geglu_kernel[(rows, triton.cdiv(D, block))](h, y, D, BLOCK=block)
+        grid = lambda meta: (rows, triton.cdiv(D, meta["BLOCK"]))  # noqa: E731
+        _geglu_kernel[grid](h, y, D)
     return y

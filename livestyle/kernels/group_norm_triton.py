@@ -20,11 +20,11 @@ import triton
 import triton.language as tl
 
 from livestyle.kernels.reference import ACTIVATIONS
+from livestyle.kernels.tuning import autotune, config
 
-# Whether the kernels below were made for Triton's interpreter: @triton.jit reads
-# TRITON_INTERPRET when it decorates (triton.language's own helpers: when triton is
-# imported), so a later change of the variable does not apply.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+# The tile (BLOCK) sizes the statistics buffer, so it stays fixed; the warps over a tile
+# vary, the best count following the group's size and the layout (strided or not).
+_CONFIGS = [config(num_warps=4), config(num_warps=8), config(num_warps=2)]
 
 BLOCK = 2048  # elements of one group per program: a tile of SD-Turbo's level 0 (40960 per group) is 1/20
 
@@ -43,6 +43,7 @@ def _offsets(pid_bg, e, G, CG, HW, stride_b, stride_c, stride_s, CHANNELS_LAST: 
     return b, c, b * stride_b + c * stride_c + s * stride_s
 
 
+@autotune(_CONFIGS, key=["N", "CHANNELS_LAST"])
 @triton.jit
 def _stats_kernel(x_ptr, shift_ptr, mean_ptr, m2_ptr, G, CG, HW, N, C, stride_b, stride_c, stride_s, TILES,
                   HAS_SHIFT: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
@@ -62,6 +63,7 @@ def _stats_kernel(x_ptr, shift_ptr, mean_ptr, m2_ptr, G, CG, HW, N, C, stride_b,
     tl.store(m2_ptr + pid_bg * TILES + tile, tl.sum(d * d, axis=0))
 
 
+@autotune(_CONFIGS, key=["N", "CHANNELS_LAST"])
 @triton.jit
 def _apply_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, m2_ptr, G, CG, HW, N, C,
                   stride_b, stride_c, stride_s, TILES, eps,

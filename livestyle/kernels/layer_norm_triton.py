@@ -11,9 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = bool(triton.knobs.runtime.interpret)  # see group_norm_triton.py
+from livestyle.kernels.tuning import autotune, config
+
+# The whole row in one program: only the warps over it vary; the best count follows D.
+_CONFIGS = [config(num_warps=4), config(num_warps=8), config(num_warps=2)]
 
 
+@autotune(_CONFIGS, key=["D"])
 @triton.jit
 def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, D, eps,
                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -43,5 +47,5 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         block_d = triton.next_power_of_2(D)
         _layer_norm_kernel[(rows,)](x, weight if weight is not None else x, bias if bias is not None else x, y,
                                     D, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                                    BLOCK_D=block_d, num_warps=min(max(block_d // 256, 1), 8))
+                                    BLOCK_D=block_d)
     return y

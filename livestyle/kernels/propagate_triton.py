@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from livestyle.kernels import reference
-from livestyle.kernels.tuning import INTERPRETED, autotune, config  # noqa: F401 (INTERPRETED: see __init__)
+from livestyle.kernels.tuning import autotune, config
 
 # Per pixel, the channel loop inside: the block of pixels and warps; the best choice
 # follows the pixels per frame and (the work per pixel) the channels.

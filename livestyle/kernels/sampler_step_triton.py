@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from livestyle.kernels import reference
-from livestyle.kernels.tuning import INTERPRETED, autotune, config  # noqa: F401 (INTERPRETED: see __init__)
+from livestyle.kernels.tuning import autotune, config
 
 # Elementwise: the block and warps; the best choice follows the elements per row.
 _CONFIGS = [config(BLOCK=1024, num_warps=4), config(BLOCK=2048, num_warps=8), config(BLOCK=512, num_warps=4)]
