@@ -436,9 +436,10 @@ def down_up(key_stem, down=(RANK, 16), up=(16, RANK), suffixes=(".lora_down.weig
 @pytest.mark.parametrize(
     "lora, message",
     [
-        (down_up("lora_te2_text_model_encoder_layers_0_self_attn_q_proj"), r"targets SDXL \(lora_te2_ keys\)"),
+        (down_up("lora_te2_text_model_encoder_layers_0_self_attn_q_proj"),
+         "targets the second text encoder, but no second text encoder was given"),
         (down_up("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj",
-                 suffixes=(".lora_A.weight", ".lora_B.weight")), "SDXL"),
+                 suffixes=(".lora_A.weight", ".lora_B.weight")), "no second text encoder was given"),
         (down_up("lora_unet_input_blocks_1_1_proj_in"), "original SD block names"),
         ({"foo.bar": torch.zeros(2), "lora_unet_x.lora_down.weight": torch.zeros(2)}, "no known format: foo.bar"),
         (down_up("lora_unet_down_blocks_9_attentions_0_proj_in"), "down_blocks_9_attentions_0_proj_in"),
@@ -479,8 +480,8 @@ def test_nothing_is_fused_unless_everything_fits(base):
     unet, text = fresh(base)
     with pytest.raises(CheckpointError, match="proj_in does not fit"):
         fuse_lora(bad, 1.0, unet, text)
-    with pytest.raises(CheckpointError, match="LoRA 2 of 2: .*SDXL"):
-        fuse_loras([(good, 1.0), (down_up("lora_te1_text_model_encoder_layers_0_mlp_fc1"), 1.0)], unet, text)
+    with pytest.raises(CheckpointError, match="LoRA 2 of 2: .*no second text encoder"):
+        fuse_loras([(good, 1.0), (down_up("lora_te2_text_model_encoder_layers_0_mlp_fc1"), 1.0)], unet, text)
     for model, before in ((unet, base["unet"]), (text, base["text"])):
         for k, v in model.state_dict().items():
             assert torch.equal(v, before.state_dict()[k]), k

@@ -9,7 +9,7 @@ product is done in fp32 and the result cast back to the weight's dtype. Fused
 weights cost nothing per frame; the price is that a LoRA cannot be switched off
 without reloading.
 
-Key formats read, for SD 1.x/2.x:
+Key formats read, for SD 1.x/2.x and SDXL:
 
   A1111 / kohya-ss   lora_unet_<path>.lora_down.weight, .lora_up.weight, .alpha
                      lora_te_<path>...   <path> is the diffusers / transformers module
@@ -20,8 +20,13 @@ Key formats read, for SD 1.x/2.x:
                      trainers and LyCORIS write those); they are resolved through
                      convert_unet.original_module_names, which needs a livestyle UNet (its
                      config numbers the blocks).
+  kohya SDXL         lora_unet_<original-SD path> (input_blocks_4_1_..., label_emb_0_0 for the
+                     added embedding), lora_te1_<path> (CLIP ViT-L, the first text encoder) and
+                     lora_te2_<path> (OpenCLIP ViT-bigG in CLIPTextModelWithProjection names,
+                     the second), as kohya-ss sd-scripts writes them for SDXL.
   PEFT (diffusers)   unet.<path>.lora_A.weight, .lora_B.weight (optional .alpha), and
-                     text_encoder.<path>...; also bare <path> and base_model.model.<path>.
+                     text_encoder.<path>..., text_encoder_2.<path>... (SDXL); also bare <path>
+                     and base_model.model.<path>.
   diffusers, older   unet.<path>.lora.down.weight / .lora.up.weight;
                      unet.<attn>.processor.to_q_lora.down.weight (attention processors);
                      text_encoder.<path>.lora_linear_layer.down.weight.
@@ -64,8 +69,6 @@ _VARIANTS = (
     ("lora_up.bias", "LoRA with biases"),
 )
 _DIFF_SUFFIXES = (".diff", ".diff_b")  # LyCORIS full weight differences
-
-_SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
 
 # Original-SD U-Net module names (kohya for SDXL, some other trainers and LyCORIS for SD 1.x).
 # None of them starts like a diffusers name (conv_in, time_embedding, down_blocks, ...).
@@ -152,9 +155,6 @@ def _check_format(keys, original_names: bool) -> None:
 
     original_names: whether original-SD U-Net names can be resolved (a livestyle UNet was given).
     """
-    for prefix in _SDXL_PREFIXES:
-        if any(k.startswith(prefix) for k in keys):
-            raise CheckpointError(f"this LoRA targets SDXL ({prefix} keys); SDXL is not supported yet")
     variants = [*_VARIANTS, *((suffix, "full weight differences (LyCORIS)") for suffix in _DIFF_SUFFIXES)]
     for marker, variant in variants:
         hits = [k for k in keys if (k.endswith(marker) if marker in _DIFF_SUFFIXES else marker in k)]
@@ -168,30 +168,40 @@ def _check_format(keys, original_names: bool) -> None:
         )
 
 
-def _resolve(stem: str, style: str, unet: _Layers | None, text: _Layers | None) -> tuple[str, nn.Module] | None:
+_SECOND = "second text encoder"  # SDXL's OpenCLIP ViT-bigG
+
+
+def _resolve(stem: str, style: str, unet: _Layers | None, text: _Layers | None,
+             text_2: _Layers | None) -> tuple[str, nn.Module] | None:
     """The (component, layer) a LoRA stem adapts, or None if there is no such layer."""
     if stem.startswith("lora_unet_"):
         return _by_underscore(stem, "U-Net", unet, stem.removeprefix("lora_unet_"))
-    if stem.startswith("lora_te_"):
-        return _by_underscore(stem, "text encoder", text, stem.removeprefix("lora_te_").removeprefix("text_model_"))
+    for prefix, component, layers in (("lora_te_", "text encoder", text), ("lora_te1_", "text encoder", text),
+                                      ("lora_te2_", _SECOND, text_2)):
+        if stem.startswith(prefix):
+            return _by_underscore(stem, component, layers, stem.removeprefix(prefix).removeprefix("text_model_"))
 
     component, path = None, stem.removeprefix("base_model.model.")
     if path.startswith("unet."):
         component, path = "U-Net", path.removeprefix("unet.")
     elif path.startswith("text_encoder."):
         component, path = "text encoder", path.removeprefix("text_encoder.")
+    elif path.startswith("text_encoder_2."):
+        component, path = _SECOND, path.removeprefix("text_encoder_2.")
     path = path.removeprefix("text_model.") if component != "U-Net" else path
     if style == "processor":  # attn1.processor.to_q -> attn1.to_q (U-Net) / self_attn.q_proj (text)
         parent, _, name = path.replace(".processor.", ".").rpartition(".")
-        in_text = component == "text encoder" or (component is None and "self_attn" in parent)
+        in_text = component in ("text encoder", _SECOND) or (component is None and "self_attn" in parent)
         names = _PROCESSOR_TEXT if in_text else _PROCESSOR_UNET
         if name not in names:
             return None
         path = f"{parent}.{names[name]}"
 
-    candidates = [("U-Net", unet), ("text encoder", text)]
+    candidates = [("U-Net", unet), ("text encoder", text), (_SECOND, text_2)]
     if component is not None:
         candidates = [c for c in candidates if c[0] == component]
+    if component is None:  # a bare path names no SDXL second encoder
+        candidates = candidates[:2]
     for name, layers in candidates:
         if layers is None and component is not None:
             raise CheckpointError(f"LoRA {stem} targets the {name}, but no {name} was given")
@@ -233,10 +243,11 @@ def _fits(delta: tuple[int, ...], weight: tuple[int, ...]) -> bool:
     return _squeeze_1x1(tuple(delta)) == _squeeze_1x1(tuple(weight))
 
 
-def _plan(lora: dict[str, Tensor], unet: nn.Module | None, text_encoder: nn.Module | None) -> list[_Update]:
+def _plan(lora: dict[str, Tensor], unet: nn.Module | None, text_encoder: nn.Module | None,
+          text_encoder_2: nn.Module | None = None) -> list[_Update]:
     """Resolve and check every entry of one LoRA, changing nothing."""
-    if unet is None and text_encoder is None:
-        raise ValueError("fuse_lora needs a unet or a text_encoder to fuse into")
+    if unet is None and text_encoder is None and text_encoder_2 is None:
+        raise ValueError("fuse_lora needs a unet or a text encoder to fuse into")
     if not lora:
         raise CheckpointError("LoRA has no tensors")
     # Only our UNet carries the UNetConfig that numbers the original blocks
@@ -246,10 +257,11 @@ def _plan(lora: dict[str, Tensor], unet: nn.Module | None, text_encoder: nn.Modu
     aliases = original_module_names(unet.config) if ours else None
     unet_layers = _Layers(unet, aliases=aliases) if unet is not None else None
     text_layers = _Layers(text_encoder, strip="text_model.") if text_encoder is not None else None
+    text_2_layers = _Layers(text_encoder_2, strip="text_model.") if text_encoder_2 is not None else None
 
     updates, missing, targeted = [], [], {}
     for stem, group in _group(lora).items():
-        found = _resolve(stem, group["style"], unet_layers, text_layers)
+        found = _resolve(stem, group["style"], unet_layers, text_layers, text_2_layers)
         if found is None:
             missing.append(stem)
             continue
@@ -291,25 +303,29 @@ def fuse_lora(
     scale: float = 1.0,
     unet: nn.Module | None = None,
     text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
 ) -> int:
     """Fuse one LoRA, in any of the module docstring's key formats, into the models in place.
 
     lora: the LoRA file's tensors (e.g. from safetensors). scale: the LoRA strength
     (1.0 = as trained; A1111's <lora:name:scale>). unet: a module with diffusers U-Net
     parameter names (a livestyle UNet also takes original-SD names); text_encoder: one
-    with CLIPTextModel names. A LoRA with weights
+    with CLIPTextModel names; text_encoder_2: SDXL's second (CLIPTextModelWithProjection
+    names), for lora_te2_* and text_encoder_2.* keys. A LoRA with weights
     for a model that is not given is an error. Returns the number of weights changed.
     Raises CheckpointError before changing anything if any entry does not fit.
     """
-    return fuse_loras([(lora, scale)], unet, text_encoder)
+    return fuse_loras([(lora, scale)], unet, text_encoder, text_encoder_2)
 
 
 def fuse_loras(
     loras: list[tuple[dict[str, Tensor], float]],
     unet: nn.Module | None = None,
     text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
 ) -> int:
-    """Fuse several (lora, scale) pairs; all are checked before any is fused.
+    """Fuse several (lora, scale) pairs; all are checked, for every model given, before any
+    is fused.
 
     Deltas add, so the order does not matter (up to rounding). Returns the total
     number of weight updates (a layer two LoRAs target counts twice).
@@ -317,7 +333,7 @@ def fuse_loras(
     plans = []
     for i, (lora, scale) in enumerate(loras):
         try:
-            plans.append((_plan(lora, unet, text_encoder), float(scale)))
+            plans.append((_plan(lora, unet, text_encoder, text_encoder_2), float(scale)))
         except CheckpointError as e:
             if len(loras) == 1:
                 raise
