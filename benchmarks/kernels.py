@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows(shapes, args.batch, dtype, device, args.cache_frames):
         size = row.work / 1e9 if row.unit == "flop" else row.work / 1e6
         record = {"kernel": row.kernel, "shape": row.shape, row.unit: row.work, "check": "not run"}
-        start = f"{row.kernel:12} {row.shape:30} {size:8.1f}"
+        start = f"{row.kernel:12} {row.shape:30} {size:8.3g}"
         inputs = row.make()
         if run_triton:
             if interpret and dtype == torch.bfloat16 and row.kernel == "attention":

@@ -17,6 +17,7 @@ relative to the value, 2**-7 in bf16 and 2**-10 in fp16, with a small atol for t
 reduction order near zero.
 """
 
+import json
 import os
 import sys
 
@@ -514,3 +515,22 @@ def test_tiny_kl_vae_with_triton_kernels_matches_torch(triton_kernels):
     assert calls.count("silu") == 9 + 13 and calls.count(None) == 2
     for got, expected in zip(outputs["triton"], outputs["torch"]):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+
+def test_the_benchmark_checks_every_kernel_in_smoke_mode(triton_kernels, tmp_path, capsys, monkeypatch):
+    """benchmarks/kernels.py --smoke: a row per kernel shape, each Triton output checked (here in the
+    interpreter, or on the GPU, briefly timed), the JSON written; a kernel that disagrees fails the run."""
+    from benchmarks import kernels as bench
+
+    args = ["--smoke", "--no-compile", "--no-unet", "--repeats", "1", "--dtype", "fp32"]
+    assert bench.main([*args, "--json", str(tmp_path / "k.json")]) == 0
+    report = json.loads((tmp_path / "k.json").read_text())
+    assert {row["kernel"] for row in report["rows"]} == set(kernels.KERNELS) - {"cached_attention"} | {"attention"}
+    assert all(row["check"] == "ok" for row in report["rows"]), report["rows"]
+    if DEVICE == "cpu":
+        assert report["triton_mode"] == "interpreter" and "not measured (no CUDA)" in capsys.readouterr().out
+    monkeypatch.setattr(reference, "geglu", lambda h: h[..., : h.shape[-1] // 2])  # no gate: not GEGLU
+    assert bench.main(args) == 1
+    assert capsys.readouterr().out.splitlines()[-1].startswith("FAILED: 2 row(s) did not match the reference")
+    kernels.set_backend("triton")
