@@ -243,6 +243,43 @@ def test_cached_attention_matches_reference(triton_kernels, case, dtype):
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cached_attention_with_flags_per_row_matches_reference(triton_kernels, dtype):
+    """filled (B, N): rows whose rings sit at different fill levels (TemporalRings while streams
+    join), one of them with no slot filled; batch 3, 20 tokens, head width 8."""
+    B, L, C, heads = 3, 20, 16, 2
+    filled = torch.tensor([[True, False, True], [False, False, False], [True, True, True]], device=DEVICE)
+    q, k, v = (rand(B, L, C, dtype=dtype, seed=s) for s in range(3))
+    bank_k, bank_v = (rand(B, 3, L, C, dtype=dtype, seed=s) for s in (3, 4))
+    out = kernels.cached_attention(q, k, v, bank_k, bank_v, filled, heads)
+    ref = reference.cached_attention(q.float(), k.float(), v.float(), bank_k.float(), bank_v.float(), filled, heads)
+    tol = ATTENTION_TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+    for row in range(B):  # each row as if alone with its ring's flags
+        alone = reference.cached_attention(q[row:row + 1].float(), k[row:row + 1].float(), v[row:row + 1].float(),
+                                           bank_k[row:row + 1].float(), bank_v[row:row + 1].float(), filled[row],
+                                           heads)
+        torch.testing.assert_close(ref[row:row + 1], alone)
+    with pytest.raises(ValueError, match=r"filled must be \(N,\) or \(B, N\) = \(3,\) or \(3, 3\), got \(2, 3\)"):
+        kernels.cached_attention(q, k, v, bank_k, bank_v, filled[:2], heads)
+
+
+def test_cached_attention_reference_with_flags_per_row_is_what_temporal_rings_computes():
+    """The oracle for (B, N) flags: TemporalRings' masked read (a dense per-row mask through SDPA)."""
+    from livestyle.models.temporal import TemporalRings
+
+    R, L, C, heads = 3, 6, 8, 2
+    rings = TemporalRings([(L, C)], rows=R, frames=2)
+    rings.keys[0].copy_(rand(R, 2, L, C, seed=3))
+    rings.values[0].copy_(rand(R, 2, L, C, seed=4))
+    rings.filled.copy_(torch.tensor([[True, False], [False, False], [True, True]]))
+    rings.masked = True
+    q, k, v = (rand(R, L, C, seed=s).cpu() for s in range(3))
+    expected = reference.cached_attention(q, k, v, rings.keys[0].clone(), rings.values[0].clone(),
+                                          rings.filled.clone(), heads)
+    torch.testing.assert_close(rings.attend(0, q, k, v, heads), expected)
+
+
 def test_cached_attention_reads_a_rows_view_of_an_fp32_bank(triton_kernels):
     """A TemporalCache.rows() view (batch stride of the whole bank) in fp32 under fp16 queries."""
     B, L, C, N = 3, 10, 32, 2

@@ -6,8 +6,8 @@ Flash-attention's forward (Dao et al. 2022; the online softmax of Milakov & Gime
 blocks of BLOCK_N, keeping the running max, the running sum and the weighted values in
 fp32, so the (L, L + N*L) score matrix never exists. The keys are the current frame's,
 then each ring slot's, read where the cache keeps them: no concatenation copies the
-bank per layer per step, and an empty slot (filled[n] false) is skipped outright
-instead of being loaded and masked.
+bank per layer per step, and an empty slot (filled[n], or filled[b, n] with one set of
+flags per row) is skipped outright instead of being loaded and masked.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _attend(q, acc, m_i, l_i, k_ptr, v_ptr, k_stride, v_stride, L, D, qk_scale,
 @triton.jit
 def _cached_attention_kernel(q_ptr, k_ptr, v_ptr, bk_ptr, bv_ptr, filled_ptr, o_ptr,
                              sq_b, sq_l, sk_b, sk_l, sv_b, sv_l, sbk_b, sbk_n, sbk_l, sbv_b, sbv_n, sbv_l,
-                             so_b, so_l, H, L, D, N, qk_scale,
+                             so_b, so_l, sf_b, H, L, D, N, qk_scale,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                              IEEE: tl.constexpr):
     """Program (query block, b * H + h): out[b, block, h] over the current keys, then each filled slot's."""
@@ -82,7 +82,7 @@ def _cached_attention_kernel(q_ptr, k_ptr, v_ptr, bk_ptr, bv_ptr, filled_ptr, o_
     acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_ptr + b * sk_b + h * D, v_ptr + b * sv_b + h * D, sk_l, sv_l,
                             L, D, qk_scale, BLOCK_N, BLOCK_D, IEEE)
     for n in range(0, N):
-        if tl.load(filled_ptr + n) != 0:  # an empty slot costs one load, no keys read
+        if tl.load(filled_ptr + b * sf_b + n) != 0:  # an empty slot costs one load, no keys read
             acc, m_i, l_i = _attend(q, acc, m_i, l_i, bk_ptr + b * sbk_b + n * sbk_n + h * D,
                                     bv_ptr + b * sbv_b + n * sbv_n + h * D, sbk_l, sbv_l,
                                     L, D, qk_scale, BLOCK_N, BLOCK_D, IEEE)
@@ -104,8 +104,13 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bank_k: 
     # The head's channels must be adjacent (stride 1) and the banks' (l, c) a dense block per slot.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     bank_k, bank_v = (t if t.stride(-1) == 1 and t.stride(-2) == C else t.contiguous() for t in (bank_k, bank_v))
-    if filled is None:  # every slot filled; at least one element, so the pointer is a real one when N = 0
+    if filled is not None and filled.shape not in ((N,), (B, N)):
+        raise ValueError(f"cached_attention: filled must be (N,) or (B, N) = ({N},) or ({B}, {N}), "
+                         f"got {tuple(filled.shape)}")
+    if filled is None or N == 0:  # every slot filled; at least one element, so the pointer is a real one
         filled = torch.ones(max(N, 1), dtype=torch.bool, device=q.device)
+    filled = filled.contiguous()
+    row_stride = filled.stride(0) if filled.ndim == 2 else 0  # (N,): every row reads the same flags
     D = C // heads
     out = torch.empty((B, L, C), device=q.device, dtype=q.dtype)
     block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs 16 at least
@@ -115,6 +120,6 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bank_k: 
         q, k, v, bank_k, bank_v, filled, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         bank_k.stride(0), bank_k.stride(1), bank_k.stride(2), bank_v.stride(0), bank_v.stride(1), bank_v.stride(2),
-        out.stride(0), out.stride(1), heads, L, D, N, qk_scale,
+        out.stride(0), out.stride(1), row_stride, heads, L, D, N, qk_scale,
         BLOCK_D=block_d, IEEE=q.dtype == torch.float32)
     return out

@@ -58,7 +58,8 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bank_k: 
 
     q, k, v (B, L, C) of the current frame; bank_k, bank_v (B, N, L, C) a TemporalCache
     layer's ring (any dtype; cast to k's; N may be 0); filled (N,) bool, the slots that hold
-    a frame (the others are masked out), or None when all do: then no mask is passed, so
+    a frame (the others are masked out), or (B, N), one set of flags per row (rings at
+    different fill levels: TemporalRings), or None when all do: then no mask is passed, so
     SDPA may take its flash kernel. Multi-head with `heads` heads of C / heads channels,
     softmax scale 1/sqrt(C / heads). Returns (B, L, C), before the output projection:
     what unet.Attention computes from the TemporalCache's concatenation and mask.
@@ -69,8 +70,10 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bank_k: 
     v_all = torch.cat([v, bank_v.reshape(B, N * L, C).to(v.dtype)], dim=1)
     mask = None
     if filled is not None:
-        valid_past = filled[:, None].expand(N, L).reshape(N * L)  # (N*L,)
-        mask = torch.cat([torch.ones(L, dtype=torch.bool, device=q.device), valid_past])[None]  # (1, L + N*L)
+        rows = filled.reshape(-1, N)  # (1 or B, N)
+        valid_past = rows[:, :, None].expand(-1, N, L).reshape(-1, N * L)  # (1 or B, N*L)
+        current = torch.ones(rows.shape[0], L, dtype=torch.bool, device=q.device)
+        mask = torch.cat([current, valid_past], dim=1)[:, None, None]  # (1 or B, 1, 1, L + N*L)
     # (B, *, C) -> (B, heads, *, C / heads)
     q, k_all, v_all = (t.view(B, -1, heads, C // heads).transpose(1, 2) for t in (q, k_all, v_all))
     out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, heads, L, C / heads)
