@@ -123,7 +123,8 @@ def single_file(ref) -> dict:
     config = UNetConfig.from_diffusers(dict(ref.unet.config))
     state.update({"model.diffusion_model." + k: v for k, v in unet_to_original(ref.unet.state_dict(), config).items()})
     state.update({"first_stage_model." + k: v for k, v in vae_to_original(ref.vae.state_dict()).items()})
-    text = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in ref.text_encoder.state_dict().items()}
+    text = {k if k.startswith("text_model.") else "text_model." + k: v
+            for k, v in ref.text_encoder.state_dict().items()}  # transformers 5 drops `text_model.`
     state.update({"conditioner.embedders.0.transformer." + k: v for k, v in text.items()})
     state.update({"conditioner.embedders.1." + k: v for k, v in to_openclip(ref.text_encoder_2).items()})
     return {k: v.contiguous() for k, v in state.items()}
@@ -143,39 +144,43 @@ def test_single_file_end_to_end(sdxl, tmp_path):
 
 
 def test_sdxl_loras_reach_both_encoders(sdxl, tmp_path):
-    root, ref = sdxl
+    """A kohya LoRA (lora_unet_ original block names, lora_te1_, lora_te2_, alpha) at 0.5 and a
+    diffusers/PEFT one (unet., text_encoder., text_encoder_2.) at 1.0, fused at load."""
+    root, _ = sdxl
     g = torch.Generator().manual_seed(9)
     r = 2
-    lora, expected = {}, {}
+    files = {"kohya": {}, "peft": {}}
+    expected = {}
 
-    def add(down_key, up_key, out_features, in_features, which, layer, alpha=None):
-        down, up = torch.randn(r, in_features, generator=g), torch.randn(out_features, r, generator=g)
-        lora[down_key], lora[up_key] = down, up
-        if alpha is not None:
-            lora[down_key.rsplit(".", 2)[0] + ".alpha"] = torch.tensor(float(alpha))
-        expected[(which, layer)] = 0.5 * (alpha or r) / r * up @ down
-
-    add("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
-        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight", 64, 64, 1,
-        "text_model.encoder.layers.0.self_attn.q_proj", alpha=1)
-    add("lora_te2_text_model_encoder_layers_1_mlp_fc1.lora_down.weight",
-        "lora_te2_text_model_encoder_layers_1_mlp_fc1.lora_up.weight", 67, 64, 2, "text_model.encoder.layers.1.mlp.fc1")
-    add("unet.down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k.lora_A.weight",
-        "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k.lora_B.weight", 64, CONTEXT, 0,
-        "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k")
-    save_file(lora, str(tmp_path / "kohya_te.safetensors"))
-    peft = {}
-    for which, prefix, layer, shape in ((1, "text_encoder.", "text_model.encoder.layers.1.self_attn.v_proj", (64, 64)),
-                                        (2, "text_encoder_2.", "text_model.encoder.layers.0.self_attn.k_proj", (64, 64))):
+    def add(kind, stem, which, layer, shape, alpha=None):
+        """which: 0 the U-Net, 1 the first text encoder, 2 the second; layer: its dotted path there."""
         down, up = torch.randn(r, shape[1], generator=g), torch.randn(shape[0], r, generator=g)
-        peft[f"{prefix}{layer}.lora_A.weight"], peft[f"{prefix}{layer}.lora_B.weight"] = down, up
-        expected[(which, layer)] = up @ down  # scale 1, no alpha
-    save_file(peft, str(tmp_path / "peft.safetensors"))
+        suffixes = (".lora_down.weight", ".lora_up.weight") if kind == "kohya" else (".lora_A.weight", ".lora_B.weight")
+        files[kind][stem + suffixes[0]], files[kind][stem + suffixes[1]] = down, up
+        if alpha is not None:
+            files[kind][stem + ".alpha"] = torch.tensor(float(alpha))
+        scale = 0.5 if kind == "kohya" else 1.0
+        expected[(which, layer)] = scale * (alpha or r) / r * up @ down
+
+    add("kohya", "lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 1,
+        "text_model.encoder.layers.0.self_attn.q_proj", (64, 64), alpha=1)
+    add("kohya", "lora_te2_text_model_encoder_layers_1_mlp_fc1", 2, "text_model.encoder.layers.1.mlp.fc1", (67, 64))
+    add("kohya", "lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_k", 0,
+        "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k", (64, CONTEXT))
+    add("peft", "text_encoder.text_model.encoder.layers.1.self_attn.v_proj", 1,
+        "text_model.encoder.layers.1.self_attn.v_proj", (64, 64))
+    add("peft", "text_encoder_2.text_model.encoder.layers.0.mlp.fc2", 2,
+        "text_model.encoder.layers.0.mlp.fc2", (64, 67))
+    add("peft", "unet.up_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q", 0,
+        "up_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q", (64, 64))
+    for kind, lora in files.items():
+        save_file(lora, str(tmp_path / f"{kind}.safetensors"))
 
     before = load_pipeline(root / "model")
-    pipe = load_pipeline(root / "model", loras=((tmp_path / "kohya_te.safetensors", 0.5),
+    pipe = load_pipeline(root / "model", loras=((tmp_path / "kohya.safetensors", 0.5),
                                                 (tmp_path / "peft.safetensors", 1.0)))
-    def weight(p, which, layer):  # which: 0 the U-Net, 1 the first text encoder, 2 the second
+
+    def weight(p, which, layer):
         return (p.unet, p.text.encoder, p.text_2.encoder)[which].get_parameter(layer + ".weight")
 
     for (which, layer), delta in expected.items():
@@ -192,7 +197,8 @@ def test_mismatched_parts_are_one_line(sdxl, tmp_path):
         load_pipeline(broken)
     (broken / "text_encoder_2").symlink_to(root / "model" / "text_encoder", target_is_directory=True)
     (broken / "tokenizer_2").symlink_to(root / "model" / "tokenizer", target_is_directory=True)
-    with pytest.raises(CheckpointError, match="added embedding takes 1560 features, .* 64-d pooled output and 6 time ids make 1600"):
+    with pytest.raises(CheckpointError, match="added embedding takes 1560 features, .* 64-d pooled output and 6 time "
+                                              "ids make 1600"):
         load_pipeline(broken)
     sd = load_pipeline(root / "model")
     sd.family = "sd1"

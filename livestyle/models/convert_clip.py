@@ -178,34 +178,3 @@ def _check_keys(state: dict[str, torch.Tensor], config: TextEncoderConfig) -> No
         k = wrong[0]
         raise CheckpointError(f"text encoder weight {k} has shape {tuple(state[k].shape)}, "
                               f"expected {tuple(expected[k])}")
-
-
-# -- SDXL LoRAs ------------------------------------------------------------------------------
-
-# A LoRA for SDXL names its text encoders apart; fuse_lora reads one encoder's names.
-# (prefix in the SDXL LoRA, the single-encoder spelling it stands for, which encoder)
-_SDXL_TEXT_LORA = (
-    ("lora_te1_", "lora_te_", 0),  # kohya
-    ("lora_te2_", "lora_te_", 1),
-    ("text_encoder.", "text_encoder.", 0),  # diffusers / PEFT
-    ("text_encoder_2.", "text_encoder.", 1),
-)
-
-
-def split_sdxl_lora(lora: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
-    """An SDXL LoRA -> (U-Net part, first text encoder's part, second's part), each in
-    the key names `lora.fuse_lora` reads for one U-Net or one text encoder.
-
-    kohya's lora_te1_*/lora_te2_* become lora_te_*; diffusers/PEFT text_encoder.* and
-    text_encoder_2.* become text_encoder.*; everything else (lora_unet_*, unet.*) is the
-    U-Net's, unchanged. A part may be empty.
-    """
-    parts: tuple[dict, dict, dict] = ({}, {}, {})
-    for key, value in lora.items():
-        for prefix, spelling, encoder in _SDXL_TEXT_LORA:
-            if key.startswith(prefix):
-                parts[1 + encoder][spelling + key[len(prefix):]] = value
-                break
-        else:
-            parts[0][key] = value
-    return parts

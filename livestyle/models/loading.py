@@ -37,9 +37,7 @@ from livestyle.models.checkpoint import (
     classify, describe, load_into, read_header, read_safetensors, strip_prefix, unsupported,
 )
 from livestyle.models.clip import TextEncoder, TextEncoderConfig
-from livestyle.models.convert_clip import (
-    split_sdxl_lora, text_encoder_from_original, text_encoder_from_transformers,
-)
+from livestyle.models.convert_clip import text_encoder_from_original, text_encoder_from_transformers
 from livestyle.models.controlnet import ControlNet, ControlNetConfig, controlnet_mismatch
 from livestyle.models.convert_controlnet import (
     PREFIX as CONTROLNET_PREFIX, controlnet_config_from_diffusers_shapes, controlnet_config_from_original,
@@ -590,8 +588,9 @@ def load_pipeline(path: str | Path, device="cpu", dtype=torch.float32,
         del state
     if mismatch := _text_mismatch(unet.config, [t.encoder.config for t in texts]):
         raise CheckpointError(f"{path}: {mismatch}")
-    if loras:
-        _fuse(loras, unet, texts)
+    if loras:  # SDXL: lora_te1_/text_encoder.* into the first encoder, lora_te2_/text_encoder_2.* the second
+        fuse_loras([(read_safetensors(p), scale) for p, scale in loras], unet, texts[0].encoder,
+                   texts[1].encoder if sdxl else None)
     family = "sdxl" if sdxl else "sd2" if unet.config.cross_attention_dim == 1024 else "sd1"
     return Pipeline(family, unet, vae, texts[0], schedule, path, text_2=texts[1] if sdxl else None,
                     zero_empty_negative=zero_empty_negative)
@@ -600,12 +599,14 @@ def load_pipeline(path: str | Path, device="cpu", dtype=torch.float32,
 def _text_mismatch(unet: UNetConfig, texts: list[TextEncoderConfig]) -> str | None:
     """Why these text encoders cannot condition this U-Net, or None."""
     if unet.added_conditioning != (len(texts) == 2):
-        return ("the U-Net is SDXL's (it takes pooled text and time ids), but there is one text encoder"
-                if unet.added_conditioning else "two text encoders (SDXL's) for a U-Net without SDXL's added conditioning")
+        if unet.added_conditioning:
+            return "the U-Net is SDXL's (it takes pooled text and time ids), but there is one text encoder"
+        return "two text encoders (SDXL's) for a U-Net without SDXL's added conditioning"
     context = unet.cross_attention_dim
     given = sum(t.hidden_size for t in texts)
     if context != given:
-        return f"the U-Net expects {context}-d text features, the text encoder{'s give' if len(texts) > 1 else ' gives'} {given}"
+        encoders = "the text encoders give" if len(texts) > 1 else "the text encoder gives"
+        return f"the U-Net expects {context}-d text features, {encoders} {given}"
     if unet.added_conditioning:
         pooled = texts[1].projection_dim or texts[1].hidden_size
         added = pooled + 6 * unet.addition_time_embed_dim  # text_embeds, then 6 time ids' sinusoids
@@ -613,26 +614,6 @@ def _text_mismatch(unet: UNetConfig, texts: list[TextEncoderConfig]) -> str | No
             return (f"the U-Net's added embedding takes {unet.projection_class_embeddings_input_dim} features, "
                     f"the second text encoder's {pooled}-d pooled output and 6 time ids make {added}")
     return None
-
-
-def _fuse(loras, unet: UNet, texts: tuple[TextModel, ...]) -> None:
-    """Fuse (file, scale) LoRAs into the U-Net and text encoder(s); SDXL LoRAs split per encoder.
-
-    Each model's share of every LoRA is checked before any of it is fused. If a later
-    model's share does not fit, an earlier one may already hold its LoRA weights: the
-    error aborts the load, so those models are never handed out.
-    """
-    files = [(read_safetensors(p), scale) for p, scale in loras]
-    if len(texts) == 1:
-        fuse_loras(files, unet, texts[0].encoder)
-        return
-    parts = [(split_sdxl_lora(lora), scale) for lora, scale in files]
-    if any(not lora for lora, _ in files):
-        raise CheckpointError("LoRA has no tensors")
-    for i, (u, t) in enumerate(((unet, None), (None, texts[0].encoder), (None, texts[1].encoder))):
-        share = [(split[i], scale) for split, scale in parts if split[i]]
-        if share:
-            fuse_loras(share, u, t)
 
 
 def demo_parts_mismatch(unet: UNet, autoencoder: Autoencoder, styles: StyleBank) -> str | None:
