@@ -240,7 +240,8 @@ def as_float(x):
 def check(got, expected) -> None:
     """The Triton output against the fp32 reference on the same inputs: loose enough for bf16
     attention (tests/test_kernels_parity.py holds each kernel's own tolerance); bytes within 1."""
-    for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+    pairs = zip(*(x if isinstance(x, tuple) else (x,) for x in (got, expected)))  # sampler_step returns two
+    for g, e in pairs:
         tol = 1.0 if g.dtype == torch.uint8 else 2**-6
         torch.testing.assert_close(g.float(), e.float(), rtol=0 if g.dtype == torch.uint8 else tol, atol=tol)
 
@@ -285,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda:
         print(f"device: {name}; every timed cell: not measured (no CUDA)"
               + ("; Triton kernels checked in the interpreter" if run_triton else
-                 "; Triton kernels not checked (" + ("triton is not installed" if not kernels.triton_installed()
-                                                     else "triton was imported without TRITON_INTERPRET=1") + ")"))
+                 "; Triton kernels not checked (" + _unchecked_reason(args.smoke) + ")"))
     elif device_peak:
         print(f"device: {name}, peak {device_peak[1] / 1e12:.2f} TB/s, {device_peak[2] / 1e12:.0f} TFLOP/s "
               f"fp16/bf16 dense, {device_peak[3] / 1e12:.0f} TFLOP/s fp32 (NVIDIA datasheet)")
@@ -301,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         size = row.work / 1e9 if row.unit == "flop" else row.work / 1e6
         record = {"kernel": row.kernel, "shape": row.shape, row.unit: row.work, "check": "not run"}
         start = f"{row.kernel:12} {row.shape:30} {size:8.3g}"
+        if not (run_triton or timed):
+            print(f"{start}  not measured (no CUDA); triton check: {record['check']}")
+            records.append(record)
+            continue
         inputs = row.make()
         if run_triton:
             if interpret and dtype == torch.bfloat16 and row.kernel == "attention":
@@ -366,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
 def unet_row(shapes: Shapes, args, dtype: torch.dtype, device: str, run_triton: bool, timed: bool,
              failures: list[str]) -> dict:
     """One U-Net call with kernels off (backend torch) against on (backend triton): parity, then times."""
+    if not (run_triton or timed):  # nothing to check or time: not worth building SD-Turbo's U-Net on a CPU
+        record = {"kernel": "unet", "shape": f"{shapes.unet} {args.batch}x4x{shapes.latent}x{shapes.latent}",
+                  "check": "not run"}
+        print(f"{'unet':12} {record['shape']:30} {'':>8}  not measured (no CUDA); kernels on vs off check: not run")
+        return record
     label, call = unet_call(shapes, args.batch, dtype, device, args.cache_frames)
     record = {"kernel": "unet", "shape": label, "check": "not run"}
     outputs = {}
@@ -393,6 +402,14 @@ def unet_row(shapes: Shapes, args, dtype: torch.dtype, device: str, run_triton: 
     print(f"{start}  kernels off {record['off_ms']:8.2f} ms, on {record['on_ms']:8.2f} ms "
           f"({record['off_ms'] / record['on_ms']:.2f}x), check: {record['check']}")
     return record
+
+
+def _unchecked_reason(smoke: bool) -> str:
+    if not kernels.triton_installed():
+        return "triton is not installed"
+    if not smoke:
+        return "--smoke checks them in Triton's interpreter"
+    return "triton was imported without TRITON_INTERPRET=1"
 
 
 def _positive(text: str) -> int:

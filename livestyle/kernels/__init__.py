@@ -17,7 +17,8 @@ The backend is chosen in one place:
   still takes the reference for CPU tensors there.
 
 Triton is imported only when a Triton kernel is first used, so the reference path
-works (and imports fast) where Triton is not installed.
+works (and imports fast) where Triton is not installed. Each kernel autotunes over a
+short list of configs on the GPU (tuning.py; the first config alone in the interpreter).
 """
 
 from __future__ import annotations
