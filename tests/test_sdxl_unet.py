@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from livestyle.errors import CheckpointError
 from livestyle.models import load_unet
+from livestyle.models.checkpoint import describe
 from livestyle.models.convert_unet import (
     original_module_names,
     unet_config_from_original,
@@ -135,6 +136,16 @@ def test_single_file_layout(pair, tmp_path):
     expected = ref(x, t, c, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
     assert (loaded(x, t, c, text_embeds=pooled, time_ids=time_ids) - expected).abs().max() <= 1e-4
     assert unet_from_original(original, ours.config).keys() == ref.state_dict().keys()
+
+
+def test_described_as_sdxl():
+    """What `livestyle inspect` and the error messages call these files."""
+    assert describe({"add_embedding.linear_1.weight", "time_embedding.linear_1.weight"}) == \
+        "an SDXL U-Net in the diffusers layout"
+    assert describe({"label_emb.0.0.weight", "input_blocks.0.0.weight"}) == "an SDXL U-Net in the original SD layout"
+    assert describe({PREFIX + "label_emb.0.0.weight", PREFIX + "input_blocks.0.0.weight"}) == \
+        "an SDXL single-file checkpoint (original layout)"
+    assert describe({"time_embedding.linear_1.weight"}) == "a U-Net in the diffusers layout"
 
 
 def test_full_size_sdxl_from_shapes():
