@@ -1,7 +1,7 @@
 """Each fused kernel against torch eager and torch.compile of its reference, on SD-Turbo's shapes.
 
     python benchmarks/kernels.py [--batch 1] [--dtype fp16] [--repeats 50] [--cache-frames 2]
-                                 [--no-compile] [--no-unet] [--json PATH] [--smoke]
+                                 [--no-compile] [--no-unet] [--only NAMES] [--json PATH] [--smoke]
 
 On a CUDA machine this times every row; without CUDA every timed cell says "not measured
 (no CUDA)". `--smoke` runs tiny shapes instead, in seconds: on a CPU it runs each Triton
@@ -72,6 +72,8 @@ LEVELS = [(320, 64), (640, 32), (1280, 16), (1280, 8)]  # SD-Turbo at 512x512: (
 GROUPS = 32
 HEAD = 64  # SD 2.x's channels per attention head
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ROW_NAMES = ("group_norm", "layer_norm", "geglu", "attention", "frame_in", "frame_out", "propagate", "sampler_step",
+             "unet")
 
 # (substring of torch.cuda.get_device_name, bytes/s of HBM, dense fp16/bf16 tensor FLOP/s,
 # fp32 FLOP/s), from NVIDIA's H100 and H200 datasheets; the first match wins, so the NVL and
@@ -254,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-frames", type=_positive, default=2, help="banked frames (attention, U-Net rows)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile column")
     parser.add_argument("--no-unet", action="store_true", help="leave out the U-Net row")
+    parser.add_argument("--only", type=_kernel_names, metavar="NAMES",
+                        help="comma-separated rows to run: " + ", ".join(ROW_NAMES) + " (default: all)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every row as JSON to PATH")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes; without CUDA, each Triton kernel checked once in the interpreter, untimed")
@@ -298,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     print(title)
     print("-" * len(title))
     for row in rows(shapes, args.batch, dtype, device, args.cache_frames):
+        if args.only and row.kernel not in args.only:
+            continue
         size = row.work / 1e9 if row.unit == "flop" else row.work / 1e6
         record = {"kernel": row.kernel, "shape": row.shape, row.unit: row.work, "check": "not run"}
         start = f"{row.kernel:12} {row.shape:30} {size:8.3g}"
@@ -354,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f"{fraction:6.0%}" if fraction is not None else "peak unknown" if not device_peak else "     -"))
         records.append(record)
 
-    if not args.no_unet:
+    if not args.no_unet and (not args.only or "unet" in args.only):
         records.append(unet_row(shapes, args, dtype, device, run_triton, timed, failures))
 
     if args.json:
@@ -410,6 +416,14 @@ def _unchecked_reason(smoke: bool) -> str:
     if not smoke:
         return "--smoke checks them in Triton's interpreter"
     return "triton was imported without TRITON_INTERPRET=1"
+
+
+def _kernel_names(text: str) -> frozenset[str]:
+    names = frozenset(n.strip() for n in text.split(",") if n.strip())
+    if not names or (unknown := names - set(ROW_NAMES)):
+        raise argparse.ArgumentTypeError(f"unknown row {', '.join(sorted(unknown)) if names else text!r} "
+                                         f"(choose from {', '.join(ROW_NAMES)})")
+    return names
 
 
 def _positive(text: str) -> int:
