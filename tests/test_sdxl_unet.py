@@ -168,7 +168,8 @@ def test_diffusers_folder(pair, tmp_path):
     folder = tmp_path / "unet"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(dict(ref.config)))
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(weights))
     assert load_unet(folder).config == ours.config
     bad = dict(ref.config, projection_class_embeddings_input_dim=None)
     (folder / "config.json").write_text(json.dumps(bad))

@@ -134,10 +134,11 @@ class ControlNet(nn.Module):
         different denoising steps). text_embeds / time_ids: SDXL's, as for the U-Net.
         Returns (down residuals, one per U-Net skip, mid residual), already scaled.
         """
-        expected = (sample.shape[-2] * self.config.image_scale, sample.shape[-1] * self.config.image_scale)
-        if image.ndim != 4 or tuple(image.shape[-2:]) != expected or image.shape[1] != self.config.conditioning_channels:
-            raise ValueError(f"ControlNet image {tuple(image.shape)}: expected (B, {self.config.conditioning_channels}, "
-                             f"{expected[0]}, {expected[1]}), {self.config.image_scale}x the latents' size")
+        k, channels = self.config.image_scale, self.config.conditioning_channels
+        expected = (sample.shape[-2] * k, sample.shape[-1] * k)
+        if image.ndim != 4 or tuple(image.shape[-2:]) != expected or image.shape[1] != channels:
+            raise ValueError(f"ControlNet image {tuple(image.shape)}: expected (B, {channels}, {expected[0]}, "
+                             f"{expected[1]}), {k}x the latents' size")
         if self.config.bgr:
             image = image.flip(1)
         emb = embed_conditions(self.config, self.time_embedding, self.add_embedding, sample, timestep,

@@ -98,8 +98,8 @@ class UNetConfig:
                              f"non-negative entry, or one per level ({n})")
         object.__setattr__(self, "transformer_layers_per_block", depth)  # frozen: normalised once, here
         if (self.addition_time_embed_dim is None) != (self.projection_class_embeddings_input_dim is None):
-            raise ValueError(f"{type(self).__name__}: addition_time_embed_dim and projection_class_embeddings_input_dim "
-                             "go together (SDXL's added embedding), got only one")
+            raise ValueError(f"{type(self).__name__}: addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim go together (SDXL's added embedding), got one")
 
     @property
     def added_conditioning(self) -> bool:
@@ -109,10 +109,10 @@ class UNetConfig:
     @property
     def family(self) -> str:
         """What kind of U-Net this is, for messages: "SDXL", "SD 2.x", "SD 1.x" or its context width."""
+        context = self.cross_attention_dim
         if self.added_conditioning:
-            return "SDXL" if self.cross_attention_dim == 2048 else f"an SDXL-like U-Net ({self.cross_attention_dim}-d context)"
-        return {768: "SD 1.x", 1024: "SD 2.x"}.get(self.cross_attention_dim,
-                                                  f"a {self.cross_attention_dim}-d-context U-Net")
+            return "SDXL" if context == 2048 else f"an SDXL-like U-Net ({context}-d context)"
+        return {768: "SD 1.x", 1024: "SD 2.x"}.get(context, f"a {context}-d-context U-Net")
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> UNetConfig:
