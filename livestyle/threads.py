@@ -1,27 +1,33 @@
 """How the CPU runs the model: thread count, how idle OpenMP threads wait, and how the
 allocator keeps large buffers.
 
-    threads.configure(n)     # the CLI, before torch is imported (run, serve, bench)
-    threads.worker_started() # the engine's worker thread, first thing
+    threads.configure(n)        # the CLI (run, serve, bench), before torch is imported
+    threads.keep_allocations()  # Engine, before its worker thread starts (configure does it too)
 
-Three findings on a 2-core CPU shared with other work (benchmarks/suite.py measures each):
+Findings on the project's 2-core CPU (`livestyle bench` measures each: sections unet and
+contention):
 
-- **Waiting threads must sleep.** libgomp's default is to spin (up to 300,000 checks) at
-  every barrier. With another busy process on the machine, the spinning thread takes the
-  core the working one needs, and the frame rate fell from its quiet figure to 0.8 fps.
+- **Idle threads must sleep.** libgomp's default is to spin at every barrier. With
+  another busy process on the machine the spinning thread takes the core the working one
+  needs: `livestyle run test:` fell to 0.8 fps (9.0 with one thread).
   OMP_WAIT_POLICY=PASSIVE makes an idle thread sleep at once. OpenMP reads it when
-  torch's libgomp is loaded, so it is set in the environment before `import torch`;
-  KMP_BLOCKTIME=0 is the same for Intel's OpenMP.
-- **One thread per core we may run on** (the default of `--threads`): with passive waits,
-  a busy neighbour costs a share of each core instead of a whole team's progress.
+  torch's libgomp is loaded, so it goes into the environment before `import torch`;
+  KMP_BLOCKTIME=0 says the same to Intel's OpenMP.
+- **One thread per CPU we may run on** (the default of `--threads`): with passive waits a
+  busy neighbour costs a share of each core, not the whole team's progress.
 - **Large buffers are kept.** oneDNN reorders each convolution's weight into its blocked
-  layout on every call, into a fresh buffer (59 MB for a 1280->1280 3x3 convolution).
-  glibc serves any block of more than 32 MB with mmap and unmaps it on free, so every
-  call faulted its pages in again: 14,400 minor faults and ~25 ms of system time for that
-  one convolution (28 ms in all; 13.5 ms without the faults), on any thread.
-  `keep_allocations()` turns off glibc's mmap for large blocks and its trimming, so freed
-  memory stays mapped and the next call reuses it: no faults. The cost: the process keeps
-  its peak memory.
+  layout on every call, into a fresh buffer: 59 MB for a 1280->1280 3x3 convolution,
+  118 MB for SD's 2560->1280 ones. glibc serves a block above its mmap threshold (at most
+  32 MB) with mmap and unmaps it on free, so each call faulted the pages in again (14,400
+  minor faults for the 59 MB one). A thread other than the main one allocates from its
+  own arena, whose heaps are at most 64 MB: there even with mmap off, every block above
+  that (the six largest convolutions of SD's U-Net) was mapped afresh on each call. On the
+  engine's worker thread an SD-Turbo U-Net call at 256x256 took ~306,000 faults (~0.9 s of
+  system time at the time); on the main thread, none. keep_allocations() makes every
+  thread started afterwards use the main arena, turns off mmap for large blocks and never
+  trims the heap: freed memory stays mapped, the next call reuses it, no faults. The cost:
+  the process keeps its peak memory, and threads share one arena's lock (small blocks
+  still come from each thread's own cache).
 """
 
 from __future__ import annotations
@@ -38,10 +44,9 @@ MAX_THREADS = 256
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
-TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: never give the heap's top back, the next frame asks for it again
+M_ARENA_MAX = -8
+NEVER_TRIM = 2**31 - 1  # mallopt takes an int; the heap's top is never given back (the next frame wants it)
 
-# What the process was set to (configure), applied again on each engine worker thread.
-_threads: int | None = None
 _kept = False
 _lock = threading.Lock()
 
@@ -54,99 +59,73 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def check_threads(n: int) -> int:
-    """n if it is a usable thread count, else LivestyleError naming it."""
-    if not 1 <= n <= MAX_THREADS:
-        raise LivestyleError(f"threads {n}: must be 1 to {MAX_THREADS}")
-    return n
-
-
 def configure(threads: int | None = None) -> int:
-    """Set the process's thread policy; returns the thread count. Call before `import torch`.
+    """Set the process's thread policy and return the thread count; call it before `import torch`.
 
-    Sets OMP_WAIT_POLICY=PASSIVE and KMP_BLOCKTIME=0 unless the environment already says
-    otherwise (an explicit setting wins), torch's intra-op threads to `threads` (default:
-    default_threads()), and keeps large allocations (keep_allocations). If torch's OpenMP
-    was already loaded, the wait policy cannot change any more: the rest still applies.
+    OMP_WAIT_POLICY=PASSIVE and KMP_BLOCKTIME=0 unless the environment says otherwise (an
+    explicit setting wins); large allocations kept (keep_allocations); torch's intra-op
+    threads: `threads`, default default_threads(). If torch's OpenMP is already loaded its
+    wait policy cannot change any more; the rest still applies.
     """
-    global _threads
-    n = check_threads(threads) if threads is not None else default_threads()
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise LivestyleError(f"threads {threads}: must be 1 to {MAX_THREADS}")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("KMP_BLOCKTIME", "0")
+    keep_allocations()
     import torch
 
-    torch.set_num_threads(n)
-    _threads = n
-    keep_allocations()
+    n = threads or default_threads()
+    torch.set_num_threads(n)  # other threads pick it up at their first parallel region (ATen)
     return n
-
-
-def worker_started() -> None:
-    """On a thread that will run the model (the engine's worker), before its first torch call.
-
-    Applies configure()'s thread count to this thread's OpenMP team (OpenMP keeps the
-    count per thread) and keeps large allocations, so an Engine gets the policy without
-    the CLI too (tests, benchmarks, a library user)."""
-    if _threads is not None:
-        import torch
-
-        torch.set_num_threads(_threads)
-    keep_allocations()
 
 
 def keep_allocations() -> bool:
-    """Turn off glibc's mmap for large blocks and its heap trimming (see the module
-    docstring); True if done, False where the C library is not glibc. Process-wide and
-    idempotent."""
+    """Keep large allocations mapped (see the module docstring): the main arena for every
+    thread started from now on (a thread keeps the arena it was given at its first
+    allocation), no mmap for large blocks, no trimming. True if done, False where the C
+    library is not glibc. Process-wide and idempotent."""
     global _kept
     with _lock:
-        if _kept:
-            return True
-        libc = _glibc()
-        if libc is None:
-            return False
-        # mallopt returns 1 on success. M_MMAP_MAX=0: large blocks come from the heap;
-        # a block too large for a thread's heap still gets mmap (glibc's fallback).
-        _kept = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        if not _kept:
+            libc = _glibc()
+            # mallopt returns 1 on success. A block larger than the heap can grow still gets
+            # mmap (glibc's fallback), so nothing fails for want of it.
+            _kept = libc is not None and all(libc.mallopt(p, v) == 1 for p, v in (
+                (M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, NEVER_TRIM)))
         return _kept
 
 
-def allocations_kept() -> bool:
-    return _kept
+def release_allocations() -> None:
+    """Undo keep_allocations' mmap and trim settings, back to glibc's as they settle in a
+    process that has run the model (its dynamic mmap threshold grows to at most 32 MB,
+    trimming at twice that); threads already started keep their arena. For measuring the
+    difference (benchmarks/suite.py)."""
+    global _kept
+    with _lock:
+        libc = _glibc()
+        if libc is not None:
+            for p, v in ((M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 64 << 20)):
+                libc.mallopt(p, v)
+        _kept = False
 
 
 def describe() -> str:
-    """One line for `livestyle info` and the benchmarks: threads, wait policy, allocator."""
+    """One line for the benchmarks: threads, wait policy, allocator."""
     import torch
 
-    wait = os.environ.get("OMP_WAIT_POLICY", "OpenMP default (spin, then sleep)")
-    kept = "large blocks kept" if _kept else "glibc default (large blocks mmapped per call)"
-    return f"{torch.get_num_threads()} threads of {default_threads()} CPUs, wait {wait}, allocator {kept}"
+    wait = os.environ.get("OMP_WAIT_POLICY", "OpenMP's default (spin, then sleep)")
+    kept = "large blocks kept, one arena" if _kept else "glibc's default"
+    return f"{torch.get_num_threads()} torch threads of {default_threads()} CPUs, OpenMP wait {wait}, allocator {kept}"
 
 
 def _glibc():
+    """The C library through ctypes if it is glibc (it has gnu_get_libc_version), else None."""
     if not hasattr(os, "sched_getaffinity"):  # not Linux
         return None
-    name = ctypes.util.find_library("c") or "libc.so.6"
     try:
-        libc = ctypes.CDLL(name)
-        libc.gnu_get_libc_version  # only glibc has it (musl does not)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version
     except (OSError, AttributeError):
         return None
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return libc
-
-
-def release_allocations() -> None:
-    """Undo keep_allocations(), back to glibc's behaviour as it settles in a process that has
-    run the model (its dynamic mmap threshold grows to at most 32 MB, trimming at twice
-    that). For measuring the difference (benchmarks/suite.py), not for use."""
-    global _kept
-    with _lock:
-        libc = _glibc()
-        if libc is None:
-            return
-        libc.mallopt(M_MMAP_MAX, 65536)
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
-        _kept = False

@@ -63,7 +63,7 @@ from livestyle.stream.plan import make_plan
 from livestyle.stream.state import StreamState, Tag, layout
 from livestyle.stream.stats import ModelTimer, StreamMeter, StreamStats
 from livestyle.stream.step import RENEW, Bucket, BucketKey, CapturedSteps, denoise
-from livestyle.threads import worker_started
+from livestyle.threads import keep_allocations
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,7 @@ class Engine:
         self._ids = itertools.count(1)
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
+        keep_allocations()  # livestyle/threads.py: before the worker exists, whose malloc arena is chosen at its start
         self.worker = threading.Thread(target=self._work, args=(model,), name="livestyle-engine", daemon=True)
         self.worker.start()
         self._loaded.wait()
@@ -344,7 +345,6 @@ class Engine:
         return bool(s.pending or s.requested or s.reset_requested or (s.flush_requested and s.owed))
 
     def _work(self, model: Pipeline | Callable[[], Pipeline]) -> None:
-        worker_started()  # livestyle/threads.py: this thread's torch threads, large allocations kept
         try:
             self._load(model)
         except BaseException as e:  # handed to the caller of __init__
