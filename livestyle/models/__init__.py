@@ -8,11 +8,11 @@ from livestyle.models.controlnet import ControlNet, ControlNetConfig, ControlSet
 from livestyle.models.demo import DEMO_MODEL, demo_unet_config, load_demo, save_demo_model
 from livestyle.models.lite_autoencoder import LiteAutoencoder, LiteAutoencoderConfig
 from livestyle.models.loading import (
-    NoiseSchedule, Pipeline, TextModel, load_autoencoder, load_controlnet, load_pipeline, load_text_encoder,
-    load_unet,
+    NoiseSchedule, Pipeline, TextModel, load_autoencoder, load_controlnet, load_pipeline, load_sdxl_text_encoders,
+    load_text_encoder, load_unet,
 )
 from livestyle.models.lora import fuse_lora, fuse_loras
-from livestyle.models.prompt import PromptCache, encode_prompt, parse_weights
+from livestyle.models.prompt import PromptCache, SDXLPrompt, SDXLPromptCache, encode_prompt, encode_prompt_sdxl, parse_weights
 from livestyle.models.styles import StyleBank
 from livestyle.models.taesd import TinyAutoencoder
 from livestyle.models.temporal import TemporalCache
@@ -23,8 +23,8 @@ from livestyle.models.vae import KLAutoencoder, KLAutoencoderConfig
 __all__ = [
     "ControlNet", "ControlNetConfig", "ControlSettings", "DEMO_MODEL", "KLAutoencoder", "KLAutoencoderConfig",
     "LiteAutoencoder", "LiteAutoencoderConfig", "MultiControlNet", "NoiseSchedule", "Pipeline", "PromptCache",
-    "StyleBank", "TemporalCache", "TextEncoder", "TextEncoderConfig", "TextModel", "TinyAutoencoder",
-    "Tokenizer", "UNet", "UNetConfig", "demo_unet_config", "encode_prompt", "fuse_lora", "fuse_loras",
-    "load_autoencoder", "load_controlnet", "load_demo", "load_pipeline", "load_text_encoder", "load_unet",
+    "SDXLPrompt", "SDXLPromptCache", "StyleBank", "TemporalCache", "TextEncoder", "TextEncoderConfig", "TextModel", "TinyAutoencoder",
+    "Tokenizer", "UNet", "UNetConfig", "demo_unet_config", "encode_prompt", "encode_prompt_sdxl", "fuse_lora", "fuse_loras",
+    "load_autoencoder", "load_controlnet", "load_demo", "load_pipeline", "load_sdxl_text_encoders", "load_text_encoder", "load_unet",
     "parse_weights", "save_demo_model",
 ]
