@@ -12,7 +12,9 @@ from livestyle.models.loading import (
     load_text_encoder, load_unet,
 )
 from livestyle.models.lora import fuse_lora, fuse_loras
-from livestyle.models.prompt import PromptCache, SDXLPrompt, SDXLPromptCache, encode_prompt, encode_prompt_sdxl, parse_weights
+from livestyle.models.prompt import (
+    PromptCache, SDXLPrompt, SDXLPromptCache, encode_prompt, encode_prompt_sdxl, parse_weights,
+)
 from livestyle.models.styles import StyleBank
 from livestyle.models.taesd import TinyAutoencoder
 from livestyle.models.temporal import TemporalCache
@@ -23,8 +25,9 @@ from livestyle.models.vae import KLAutoencoder, KLAutoencoderConfig
 __all__ = [
     "ControlNet", "ControlNetConfig", "ControlSettings", "DEMO_MODEL", "KLAutoencoder", "KLAutoencoderConfig",
     "LiteAutoencoder", "LiteAutoencoderConfig", "MultiControlNet", "NoiseSchedule", "Pipeline", "PromptCache",
-    "SDXLPrompt", "SDXLPromptCache", "StyleBank", "TemporalCache", "TextEncoder", "TextEncoderConfig", "TextModel", "TinyAutoencoder",
-    "Tokenizer", "UNet", "UNetConfig", "demo_unet_config", "encode_prompt", "encode_prompt_sdxl", "fuse_lora", "fuse_loras",
-    "load_autoencoder", "load_controlnet", "load_demo", "load_pipeline", "load_sdxl_text_encoders", "load_text_encoder", "load_unet",
-    "parse_weights", "save_demo_model",
+    "SDXLPrompt", "SDXLPromptCache", "StyleBank", "TemporalCache", "TextEncoder", "TextEncoderConfig",
+    "TextModel", "TinyAutoencoder", "Tokenizer", "UNet", "UNetConfig", "demo_unet_config", "encode_prompt",
+    "encode_prompt_sdxl", "fuse_lora", "fuse_loras", "load_autoencoder", "load_controlnet", "load_demo",
+    "load_pipeline", "load_sdxl_text_encoders", "load_text_encoder", "load_unet", "parse_weights",
+    "save_demo_model",
 ]
