@@ -155,6 +155,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from livestyle.errors import CheckpointError
     from livestyle.models import load_autoencoder, load_pipeline
     from livestyle.models.checkpoint import classify, read_header
+    from livestyle.models.loading import describe_controlnet
 
     path = Path(args.path)
     if args.path == "demo" and not path.exists():  # the name `run --model demo` takes
@@ -162,6 +163,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
         path = DEMO_MODEL
     dtype = _torch_dtype(args.dtype)
+    if (controlnet := describe_controlnet(path, dtype)) is not None:
+        print(controlnet)
+        return 0
     if path.is_file():
         kind, what = classify(read_header(path).keys())
         if kind == "unsupported":

@@ -17,6 +17,7 @@ from livestyle.errors import CheckpointError
 from livestyle.models import ControlNet, ControlNetConfig, ControlSettings, MultiControlNet, load_controlnet, load_unet
 from livestyle.models.checkpoint import describe
 from livestyle.models.convert_controlnet import controlnet_config_from_original, controlnet_to_original
+from livestyle.models.loading import describe_controlnet
 from livestyle.models.unet import UNet, UNetConfig
 from random_weights import perturb
 
@@ -192,7 +193,12 @@ def test_inspect_names_a_controlnet(tmp_path):
     result = subprocess.run([sys.executable, "-m", "livestyle.cli", "inspect", str(path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "an SDXL ControlNet (diffusers layout)" in result.stdout
+    assert result.stdout.startswith(f"{path}: an SDXL ControlNet (diffusers layout)\n  controlnet   for SDXL U-Nets, "
+                                    "channels (32, 64, 64), context 2048, 3-channel images at 8x the latent size")
+    sd = ControlNetModel.from_unet(UNet2DConditionModel(**dict(SD_TINY, cross_attention_dim=1024)))
+    sd.save_pretrained(tmp_path / "sd21-canny" / "controlnet", safe_serialization=True)
+    assert "for SD 2.x U-Nets" in describe_controlnet(tmp_path / "sd21-canny")
+    assert describe_controlnet(tmp_path / "missing") is None
 
 
 def test_settings():

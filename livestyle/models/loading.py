@@ -337,6 +337,32 @@ def load_controlnet(path: str | Path, device="cpu", dtype=torch.float32, unet: U
     return model
 
 
+def describe_controlnet(path: str | Path, dtype=torch.float32) -> str | None:
+    """What `livestyle inspect` prints for a ControlNet file or folder, after loading it (so a
+    broken one fails here, with its one line); None when `path` holds no ControlNet."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    if path.is_dir():
+        if _is_diffusers_pipeline(path):  # a whole pipeline, ControlNet or not: described as one
+            return None
+        folder = path / "controlnet" if (path / "controlnet").is_dir() else path
+        if not (folder / "config.json").is_file() or \
+                _read_json(folder / "config.json").get("_class_name") != "ControlNetModel":
+            return None
+        what = "a ControlNet (diffusers folder)"
+    else:
+        kind, what = classify(read_header(path).keys())
+        if kind != "controlnet":
+            return None
+    net = load_controlnet(path, dtype=dtype)
+    config = net.config
+    count = sum(p.numel() for p in net.parameters())
+    return (f"{path}: {what}\n  controlnet   for {config.family} U-Nets, channels {config.block_out_channels}, "
+            f"context {config.cross_attention_dim}, {config.conditioning_channels}-channel images at "
+            f"{config.image_scale}x the latent size, {count / 1e6:.1f}M parameters")
+
+
 # -- Autoencoders --------------------------------------------------------------------------
 
 def load_autoencoder(path: str | Path, device="cpu", dtype=torch.float32, family: str | None = None,
