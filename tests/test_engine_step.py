@@ -110,3 +110,95 @@ def test_fixed_shape_step_equals_the_engine_it_replaced_sd(sd_engine, recorded, 
 def test_fixed_shape_step_equals_the_engine_it_replaced_demo(engine, recorded, name):
     got = run_case(engine, CASES[name][1]).astype(np.int16)
     assert np.abs(got - recorded[name]).max() <= 1
+
+
+def test_guidance_rows_read_their_streams_bank(engine):
+    """Full CFG with the temporal cache on: the negative-prompt rows read the same frame's
+    ring as the positive ones (they store nothing). So with the negative style equal to
+    the style, u == c and any scale gives the unguided frames. Before, the negative rows
+    had no bank, so the bank's effect on the output was multiplied by the scale
+    (u + s (c - u), c carrying the past and u not): at scale 3 the frames moved by twice
+    the bank's own effect (mean 0.083 grey levels against the bank's 0.041 here; the
+    demo model's bank at 64x48 moves little, so means, not maxima, tell them apart)."""
+    bank = TemporalSettings(attention_frames=2, flow=False)
+    base = dict(size=SIZE, style="ink-sketch", steps=2)
+    plain = run_case(engine, [(StreamSettings(**base, temporal=bank), "coffee")]).astype(np.int16)
+    without = run_case(engine, [(StreamSettings(**base, temporal=OFF), "coffee")]).astype(np.int16)
+    guided = run_case(engine, [(StreamSettings(**base, temporal=bank, negative="ink-sketch", guidance="full",
+                                               guidance_scale=3.0), "coffee")]).astype(np.int16)
+    effect = np.abs(plain - without).mean()
+    assert effect > 0.02  # the bank does something, or this test could not fail
+    assert np.abs(guided - plain).mean() < 0.25 * effect
+
+
+def test_a_guidance_row_with_the_positive_context_is_the_positive_row():
+    """The same at the U-Net: through TemporalRings, a batch of two copies of the rows (the
+    guidance group) with equal contexts gives equal outputs, where a guidance row with no
+    bank (TemporalBatch with None, the old engine's) does not."""
+    import torch
+
+    from livestyle.models.temporal import TemporalBatch, TemporalCache, TemporalRings
+    from livestyle.models.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(block_out_channels=(8, 16), layers_per_block=1, attention_levels=(True, True),
+                           num_heads=(2, 2), cross_attention_dim=12, norm_num_groups=4)).eval()
+    hw = (6, 5)
+    t, context = torch.tensor([500.0]), torch.randn(1, 3, 12)
+    rings = TemporalRings(unet.self_attention_shapes(hw), rows=1, frames=2)
+    cache = TemporalCache.for_unet(unet, 1, hw, 2)
+    rings.active.fill_(True)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(1, 4, *hw)
+            rings.prepare([0])
+            both = unet(x.repeat(2, 1, 1, 1), t.repeat(2), context.repeat(2, 1, 1), temporal=rings)
+            rings.advance([0])
+            old = unet(x.repeat(2, 1, 1, 1), t.repeat(2), context.repeat(2, 1, 1),
+                       temporal=TemporalBatch([(cache, 1), (None, 1)]))
+            cache.advance()
+        assert (both[0] - both[1]).abs().max() <= 1e-6
+        assert (old[0] - old[1]).abs().max() > 1e-3
+
+
+def test_rings_of_rows_at_different_fill_levels_equal_separate_caches():
+    """One TemporalRings over two rows, the second joining two frames late (its ring empty
+    while the first's is full): each row gets what its own TemporalCache alone gives, the
+    read is masked per row while a stepped row fills and unmasked (kernels.cached_attention,
+    no flags) once both are full; a row not stepped stores nothing."""
+    import torch
+
+    from livestyle import kernels
+    from livestyle.models.temporal import TemporalCache, TemporalRings
+    from livestyle.models.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(block_out_channels=(8, 16), layers_per_block=1, attention_levels=(True, True),
+                           num_heads=(2, 2), cross_attention_dim=12, norm_num_groups=4)).eval()
+    hw, frames = (6, 5), 2
+    t, context = torch.tensor([500.0, 500.0]), torch.randn(2, 3, 12)
+    xs = [torch.randn(2, 4, *hw) for _ in range(5)]
+    rings = TemporalRings(unet.self_attention_shapes(hw), rows=2, frames=frames)
+    alone = [TemporalCache.for_unet(unet, 1, hw, frames) for _ in range(2)]
+    unmasked = []
+    real = kernels.cached_attention
+    with torch.no_grad():
+        for f, x in enumerate(xs):
+            active = [0] if f < 2 else [0, 1]  # row 1 joins at frame 2
+            rings.active.copy_(torch.tensor([r in active for r in range(2)]))
+            rings.prepare(active)
+            calls = []
+            kernels.cached_attention = lambda *a: calls.append(a[5]) or real(*a)
+            try:
+                out = unet(x, t, context, temporal=rings)
+            finally:
+                kernels.cached_attention = real
+            rings.advance(active)
+            unmasked.append(bool(calls) and all(c is None for c in calls))
+            for r in active:
+                expected = unet(x[r:r + 1], t[:1], context[r:r + 1], temporal=alone[r])
+                alone[r].advance()
+                assert (out[r:r + 1] - expected).abs().max() <= 1e-5, (f, r)
+    # masked while row 0 fills (frames 0, 1) and while row 1 fills (2, 3); then unmasked
+    assert unmasked == [False, False, False, False, True]
+    assert rings.counts.tolist() == [5, 3]

@@ -52,6 +52,7 @@ import cv2
 import numpy as np
 import torch
 
+from livestyle import kernels
 from livestyle.config import StreamSettings, style_blend
 from livestyle.errors import LivestyleError
 from livestyle.frame import rgb_array
@@ -261,6 +262,9 @@ class Engine:
         self.pipe = pipe
         self._step_fn = denoise
         if self.compile:
+            # Settled before tracing: read lazily inside the step, it would be guarded as unset
+            # at the first compile and recompile the second call.
+            kernels.backend()
             self._step_fn = torch.compile(denoise, backend=self._counted(self.compile), fullgraph=True, dynamic=False)
         self.graphs = CapturedSteps(self._step_fn) if self.cuda_graphs else None
         self.conditioning = Conditioning(pipe, self.device, self.dtype)
