@@ -2,6 +2,7 @@
 
     python training/train_demo.py                   # the shipped model (seed 0)
     python training/train_demo.py --quick --out /tmp/demo   # a few steps, to check it runs
+    python training/train_demo.py --init livestyle/weights/demo --out /tmp/v3 ...  # fine-tune a model
 
 Objective: distillation of a feed-forward style-transfer teacher into a rectified-flow
 bridge from frame to stylised frame, in a learned latent space.
@@ -21,6 +22,13 @@ bridge from frame to stylised frame, in a learned latent space.
   |D(z0 + v(z0, 0)) - teacher| and a shift-consistency loss: the same scene shifted
   by a few pixels (with fresh sensor-like noise) must give the same output where the
   two overlap, which makes the student steadier than the frame-by-frame teacher.
+- Sharpness (v3): L1 and gradient losses alone average plausible details into a blur
+  (the v2 student kept 0.3-3% of the teacher's variance of the Laplacian). Both stages
+  can add a Laplacian-L1 and an FFT-magnitude-L1 term (`sharpness_loss`, cf. Jiang et al.
+  2021, "Focal Frequency Loss"), which ask for the right amount of high frequencies, and
+  the bridge can add a hinge adversarial term from a small conditional patch
+  discriminator on (photo, output) pairs (pix2pix, Isola et al. 2017; the adversarial
+  half of SD-Turbo's ADD, Sauer et al. 2023), which asks for the teacher's texture.
 - Style is conditioned like a prompt: a learned embedding of 4 tokens x 64 dims per
   style, fed to the U-Net's cross-attention (`StyleBank`).
 
@@ -47,6 +55,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from livestyle.models.demo import DEMO_MODEL, demo_unet_config, save_demo_model  # noqa: E402
 from livestyle.models.lite_autoencoder import LiteAutoencoder, LiteAutoencoderConfig  # noqa: E402
+from livestyle.models.loading import load_pipeline  # noqa: E402
 from livestyle.models.styles import StyleBank  # noqa: E402
 from livestyle.models.unet import UNet  # noqa: E402
 from training.data import TRAIN, load_image, random_crops  # noqa: E402
@@ -106,6 +115,41 @@ def gradient_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         ((x[..., :, 1:] - x[..., :, :-1]) - (y[..., :, 1:] - y[..., :, :-1])).abs().mean()
 
 
+def laplacian(x: torch.Tensor) -> torch.Tensor:
+    """The 4-neighbour Laplacian of each channel of (B, C, H, W), (B, C, H-2, W-2) (valid part only)."""
+    return x[..., 1:-1, :-2] + x[..., 1:-1, 2:] + x[..., :-2, 1:-1] + x[..., 2:, 1:-1] - 4 * x[..., 1:-1, 1:-1]
+
+
+def sharpness_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """L1 between Laplacians plus L1 between FFT magnitudes of (B, 3, H, W) images.
+
+    The Laplacian term asks for edges and strokes where y has them; the FFT-magnitude term
+    asks for as much energy per frequency as y has, wherever it sits (so a texture in the
+    right place but slightly shifted is not punished as L1 punishes it).
+    """
+    fx, fy = torch.fft.rfft2(x, norm="ortho").abs(), torch.fft.rfft2(y, norm="ortho").abs()
+    return (laplacian(x) - laplacian(y)).abs().mean() + (fx - fy).abs().mean()
+
+
+class PatchDiscriminator(torch.nn.Module):
+    """Conditional patch discriminator (pix2pix): (photo, image) (B, 3, H, W) each in [0, 1]
+    -> logits (B, 1, H/4, W/4), one per ~22 px patch: is the image the teacher's stylisation
+    of the photo? Training-time only."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        w = width
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(6, w, 4, 2, 1), torch.nn.LeakyReLU(0.2),           # H/2
+            torch.nn.Conv2d(w, 2 * w, 4, 2, 1), torch.nn.GroupNorm(8, 2 * w), torch.nn.LeakyReLU(0.2),  # H/4
+            torch.nn.Conv2d(2 * w, 2 * w, 3, 1, 1), torch.nn.GroupNorm(8, 2 * w), torch.nn.LeakyReLU(0.2),
+            torch.nn.Conv2d(2 * w, 1, 3, 1, 1),
+        )  # fmt: skip
+
+    def forward(self, photo: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([photo * 2 - 1, image * 2 - 1], dim=1))
+
+
 def sensor_noise(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A camera's frame-to-frame noise: small Gaussian noise and a brightness wobble."""
     noise = torch.randn(x.shape, generator=gen) * 0.01
@@ -113,7 +157,10 @@ def sensor_noise(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (x * gain + noise).clamp(0, 1)
 
 
-def train_autoencoder(vae, crops, styled, steps, batch, size, gen, lr) -> None:
+def train_autoencoder(vae, crops, styled, steps, batch, size, gen, lr, sharp, device) -> None:
+    """sharp: weight of sharpness_loss beside L1 + gradient L1."""
+    if steps == 0:
+        return
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     n, S = crops.shape[0], styled.shape[0]
@@ -122,27 +169,37 @@ def train_autoencoder(vae, crops, styled, steps, batch, size, gen, lr) -> None:
         idx = torch.randint(0, n, (batch,), generator=gen)
         pick = torch.randint(0, S + 1, (batch,), generator=gen)  # S means the photo itself
         x = torch.where((pick == S)[:, None, None, None], crops[idx], styled[pick.clamp(max=S - 1), idx])
-        x = x[..., 4:4 + size, 4:4 + size]
+        x = x[..., 4:4 + size, 4:4 + size].to(device)
         out = vae.decode_raw(vae.encode(x))
-        loss = (out - x).abs().mean() + gradient_l1(out, x)
+        loss = (out - x).abs().mean() + gradient_l1(out, x) + sharp * sharpness_loss(out, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if step % 100 == 0 or step == steps - 1:
-            psnr = -10 * torch.log10(F.mse_loss(out.clamp(0, 1), x)).item()
+            psnr = -10 * torch.log10(F.mse_loss(out.detach().clamp(0, 1), x)).item()
             log(f"autoencoder step {step:5d}/{steps}  loss {loss.item():.4f}  psnr {psnr:.2f} dB  "
                 f"{time.perf_counter() - start:.0f} s")
 
 
-def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, weights) -> None:
-    """U-Net and style embeddings; the decoder is tuned along (at a tenth of the rate) so
-    that it renders the one-step latents sharply, while the encoder stays fixed."""
+def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, decoder_lr, weights, device) -> None:
+    """U-Net and style embeddings; the decoder is tuned along (at decoder_lr) so that it
+    renders the one-step latents sharply, while the encoder stays fixed.
+
+    weights: "flow", "pixel", "consistency", "recon", "sharp" (sharpness_loss on the
+    one-step output and the reconstruction) and "adversarial" (0 leaves the
+    discriminator out).
+    """
+    if steps == 0:
+        return
     vae.decoder.requires_grad_(True)
     params = [*unet.parameters(), *styles.parameters(), *vae.decoder.parameters()]
     opt = torch.optim.AdamW([{"params": [*unet.parameters(), *styles.parameters()]},
-                             {"params": vae.decoder.parameters(), "lr": lr / 10}], lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, lr / 10], total_steps=steps, pct_start=0.05)
+                             {"params": vae.decoder.parameters(), "lr": decoder_lr}], lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, decoder_lr], total_steps=steps, pct_start=0.05)
+    disc = PatchDiscriminator().to(device) if weights["adversarial"] else None
+    if disc is not None:
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=2e-4, betas=(0.5, 0.999), weight_decay=0)
     n, S = crops.shape[0], styled.shape[0]
     start = time.perf_counter()
     for step in range(steps):
@@ -150,55 +207,86 @@ def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, 
         style = torch.randint(0, S, (batch,), generator=gen)
         photo, target = crops[idx], styled[style, idx]  # (B,3,s+8,s+8)
         a, b, shift = views(photo, size, gen)
-        target_a = target[..., 4:4 + size, 4:4 + size]  # the teacher's view of a
-        a, b = sensor_noise(a, gen), sensor_noise(b, gen)
-        context = styles.embeddings[style]  # (B, T, D)
+        target_a = target[..., 4:4 + size, 4:4 + size].to(device)  # the teacher's view of a
+        a, b = sensor_noise(a, gen).to(device), sensor_noise(b, gen).to(device)
+        context = styles.embeddings[style.to(device)]  # (B, T, D)
         with torch.no_grad():
             z0, z0b, z1 = vae.encode(a), vae.encode(b), vae.encode(target_a)
         # Half the batch at t = 0, where one-step sampling evaluates the model.
-        t = torch.rand(batch, generator=gen) * (torch.rand(batch, generator=gen) < 0.5)
+        t = (torch.rand(batch, generator=gen) * (torch.rand(batch, generator=gen) < 0.5)).to(device)
         zt = (1 - t)[:, None, None, None] * z0 + t[:, None, None, None] * z1
         v = unet(zt, t * 1000, context)
         flow_loss = F.mse_loss(v, z1 - z0)
         # One step from t = 0 for both views: pixel loss on a, consistency between a and b.
-        v0 = unet(torch.cat([z0, z0b]), torch.zeros(2 * batch), torch.cat([context, context]))
+        v0 = unet(torch.cat([z0, z0b]), torch.zeros(2 * batch, device=device), torch.cat([context, context]))
         out_a, out_b, recon = vae.decode_raw(torch.cat([torch.cat([z0, z0b]) + v0, z0])).split(batch)
         pixel_loss = (out_a - target_a).abs().mean() + gradient_l1(out_a, target_a)
         oa, ob = overlap(out_a, out_b, shift)
         consistency = (oa - ob).abs().mean()
         # Strength 0 must still give the input back: the tuned decoder keeps reconstructing photos.
         recon_loss = (recon - a).abs().mean()
+        sharp = sharpness_loss(out_a, target_a) + sharpness_loss(recon, a) if weights["sharp"] else torch.zeros(())
+        adversarial = -disc(a, out_a).mean() if disc is not None else torch.zeros(())  # hinge GAN, generator side
         loss = weights["flow"] * flow_loss + weights["pixel"] * pixel_loss + \
-            weights["consistency"] * consistency + weights["recon"] * recon_loss
+            weights["consistency"] * consistency + weights["recon"] * recon_loss + \
+            weights["sharp"] * sharp + weights["adversarial"] * adversarial
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if disc is not None:  # hinge loss, discriminator side: teacher outputs real, one-step outputs fake
+            disc_loss = F.relu(1 - disc(a, target_a)).mean() + F.relu(1 + disc(a, out_a.detach())).mean()
+            disc_opt.zero_grad(set_to_none=True)
+            disc_loss.backward()
+            disc_opt.step()
         if step % 100 == 0 or step == steps - 1:
             log(f"bridge step {step:5d}/{steps}  flow {flow_loss.item():.4f}  pixel {pixel_loss.item():.4f}  "
-                f"consistency {consistency.item():.4f}  {time.perf_counter() - start:.0f} s")
+                f"consistency {consistency.item():.4f}  sharp {sharp.item():.4f}  adversarial {adversarial.item():.3f}  "
+                f"{time.perf_counter() - start:.0f} s")
+
+
+def device_type(text: str) -> torch.device:
+    """argparse type for --device: a torch device that exists here."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"bad device {text!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"--device {text}: this torch sees no CUDA device")
+    return device
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEMO_MODEL, help="model folder to write")
+    parser.add_argument("--init", type=Path, help="a demo model folder to fine-tune instead of starting afresh")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", type=device_type, default=torch.device("cpu"), help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--size", type=int, default=128, help="training crop side (pixels)")
     parser.add_argument("--pool", type=int, default=1600, help="crops stylised by the teacher up front")
     parser.add_argument("--ae-steps", type=int, default=1500)
     parser.add_argument("--bridge-steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--ae-lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="U-Net and style embeddings, bridge stage")
+    parser.add_argument("--decoder-lr", type=float, default=1e-4, help="decoder, tuned along in the bridge stage")
+    parser.add_argument("--sharp", type=float, default=0.0, help="weight of the sharpness loss (both stages)")
+    parser.add_argument("--adversarial", type=float, default=0.0, help="weight of the patch-GAN term (bridge)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a tiny run that only checks the script works")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.pool, args.ae_steps, args.bridge_steps, args.batch = 32, 16, 3, 3, 2
+    if args.size < 32 or args.size % 8:
+        parser.error(f"--size must be a multiple of 8 and at least 32, got {args.size}")
+    if args.init is not None and not (args.init / "model_index.json").is_file():
+        parser.error(f"--init {args.init}: not a demo model folder (no model_index.json)")
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # on the CPU whatever the device: same draws everywhere
     begin = time.perf_counter()
 
     teacher = Teacher(threads=args.threads)
@@ -206,19 +294,33 @@ def main(argv: list[str] | None = None) -> int:
     log(f"teacher pool: {args.pool} crops x {len(STYLES)} styles at {args.size + 8}px "
         f"in {time.perf_counter() - begin:.0f} s")
 
-    vae = LiteAutoencoder(LiteAutoencoderConfig(latent_channels=LATENT))
-    train_autoencoder(vae, crops, styled, args.ae_steps, args.batch * 2, args.size, gen, lr=2e-3)
+    if args.init is not None:
+        init = load_pipeline(args.init)
+        if tuple(init.styles.names) != tuple(STYLES):
+            parser.error(f"--init {args.init}: its styles {init.styles.names} are not {tuple(STYLES)}")
+        vae, unet, styles = init.autoencoder, init.unet, init.styles
+    else:
+        vae = LiteAutoencoder(LiteAutoencoderConfig(latent_channels=LATENT))
+        unet = UNet(demo_unet_config(latent_channels=LATENT, style_dim=STYLE_DIM))
+        styles = StyleBank(tuple(STYLES), torch.randn(len(STYLES), STYLE_TOKENS, STYLE_DIM) * 0.5)
+    vae, unet, styles = vae.to(args.device).train(), unet.to(args.device).train(), styles.to(args.device)
+    vae.requires_grad_(True)
+    train_autoencoder(vae, crops, styled, args.ae_steps, args.batch * 2, args.size, gen, args.ae_lr, args.sharp,
+                      args.device)
     vae.eval().requires_grad_(False)
 
-    unet = UNet(demo_unet_config(latent_channels=LATENT, style_dim=STYLE_DIM))
-    styles = StyleBank(tuple(STYLES), torch.randn(len(STYLES), STYLE_TOKENS, STYLE_DIM) * 0.5)
-    train_bridge(unet, styles, vae, crops, styled, args.bridge_steps, args.batch, args.size, gen, lr=1e-3,
-                 weights={"flow": 1.0, "pixel": 1.0, "consistency": 1.0, "recon": 0.5})
+    unet.requires_grad_(True)
+    styles.requires_grad_(True)
+    train_bridge(unet, styles, vae, crops, styled, args.bridge_steps, args.batch, args.size, gen, args.lr,
+                 args.decoder_lr, {"flow": 1.0, "pixel": 1.0, "consistency": 1.0, "recon": 0.5,
+                                   "sharp": args.sharp, "adversarial": args.adversarial}, args.device)
 
     seconds = time.perf_counter() - begin
-    training = {"seed": args.seed, "seconds": round(seconds), "threads": args.threads, "size": args.size,
-                "pool": args.pool, "ae_steps": args.ae_steps, "bridge_steps": args.bridge_steps,
-                "batch": args.batch, "teacher_styles": STYLES}
+    training = {"seed": args.seed, "seconds": round(seconds), "device": str(args.device), "threads": args.threads,
+                "init": None if args.init is None else str(args.init), "size": args.size, "pool": args.pool,
+                "ae_steps": args.ae_steps, "bridge_steps": args.bridge_steps, "batch": args.batch,
+                "ae_lr": args.ae_lr, "lr": args.lr, "decoder_lr": args.decoder_lr, "sharp": args.sharp,
+                "adversarial": args.adversarial, "teacher_styles": STYLES}
     save_demo_model(args.out, unet.eval(), vae.eval().requires_grad_(False), styles, schedule_extra={"training": training})
     log(f"wrote {args.out} after {seconds / 60:.1f} min: {json.dumps(training)}")
     return 0

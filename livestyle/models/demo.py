@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import livestyle
+from livestyle.config import processing_size
 from livestyle.errors import LivestyleError
 from livestyle.models.lite_autoencoder import LiteAutoencoder
 from livestyle.models.loading import DEMO_PIPELINE_CLASS, Pipeline, demo_parts_mismatch, load_pipeline
@@ -41,6 +42,21 @@ from livestyle.models.unet import UNet, UNetConfig
 DEMO_MODEL = Path(livestyle.__file__).parent / "weights" / "demo"  # the folder shipped in the package
 SCHEDULER_CLASS = "FlowBridgeScheduler"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# The short side the demo model is evaluated and benchmarked at (24 fps goal at 256x256).
+# Below it the latent gets too few cells for the U-Net's three levels (a 176x144 webcam at
+# its own size gives a 22x18 latent and 6x5 at the attention level), so strokes and faces
+# turn to mush; above it the CPU falls under 24 fps.
+DEMO_SHORT_SIDE = 256
+
+
+def demo_processing_size(width: int, height: int) -> tuple[int, int]:
+    """The (width, height) the demo model should process a width x height source at.
+
+    The short side at DEMO_SHORT_SIDE whatever the source: small sources are upscaled
+    (176x144 -> 312x256, a 39x32 latent), large ones downscaled (1920x1080 -> 456x256),
+    the aspect ratio kept and both sides multiples of 8 (config.processing_size).
+    """
+    return processing_size(width, height, DEMO_SHORT_SIDE)
 
 
 def demo_unet_config(latent_channels: int = 16, style_dim: int = 64) -> UNetConfig:
