@@ -159,6 +159,27 @@ def test_diffusers_folder_and_bare_file(models, tmp_path):
         load_unet(path)
 
 
+@torch.no_grad()
+def test_levels_without_transformer_layers(tmp_path):
+    """SDXL's "small"/"mid" ControlNets keep a level's norm and projections around zero
+    transformer layers (transformer_layers_per_block 0); loaded from a diffusers folder."""
+    cfg = {k: v for k, v in SDXL_TINY.items() if k not in ("up_block_types", "sample_size")}
+    torch.manual_seed(0)
+    ref = perturb(ControlNetModel(**dict(cfg, transformer_layers_per_block=(0, 0, 1))), seed=1, scale=0.1)
+    ref.save_pretrained(tmp_path / "small", safe_serialization=True)
+    ours = load_controlnet(tmp_path / "small")
+    assert ours.config.transformer_layers_per_block == (0, 0, 1)
+    assert len(ours.down_blocks[1].attentions[0].transformer_blocks) == 0
+    g = torch.Generator().manual_seed(1)
+    x, t, c = torch.randn(2, 4, *HW, generator=g), torch.tensor([999.0, 400.0]), torch.randn(2, 9, 2048, generator=g)
+    image = torch.rand(2, 3, HW[0] * 8, HW[1] * 8, generator=g)
+    added = dict(text_embeds=torch.randn(2, POOLED, generator=g),
+                 time_ids=torch.tensor([[512.0, 640.0, 0.0, 0.0, 512.0, 640.0]] * 2))
+    down, mid = ref(x, t, c, controlnet_cond=image, conditioning_scale=0.5, added_cond_kwargs=added, return_dict=False)
+    ours_down, ours_mid = ours(x, t, c, image, 0.5, **added)
+    assert max((a - b).abs().max().item() for a, b in zip([*ours_down, ours_mid], [*down, mid])) <= 1e-4
+
+
 def test_controlnet_for_another_model_is_one_line(tmp_path):
     """An SD 1.5 ControlNet with an SDXL U-Net (and the other way round) names both."""
     torch.manual_seed(0)
