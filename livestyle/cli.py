@@ -320,6 +320,27 @@ def _device(args: argparse.Namespace):
     return device, _torch_dtype(dtype)
 
 
+def check_acceleration(args: argparse.Namespace, device: str) -> None:
+    """--cuda-graphs needs CUDA: refused in one line before anything opens (run and serve)."""
+    if args.cuda_graphs and not device.startswith("cuda"):
+        raise LivestyleError(f"--cuda-graphs: CUDA graphs need a CUDA device, not {device}")
+
+
+def _acceleration(stats: dict) -> str:
+    """', step compiled Nx, N CUDA graphs' for the summary line, when there were any."""
+    return (f", step compiled {stats['compiles']}x" if stats["compiles"] else "") + \
+        (f", {stats['captures']} CUDA graphs" if stats["captures"] else "")
+
+
+def add_acceleration(group) -> None:
+    """--compile and --cuda-graphs (run and serve)."""
+    group.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                       help="torch.compile the engine's fixed-shape step (BACKEND default inductor); "
+                            "it compiles at the first frames, once per bucket size")
+    group.add_argument("--cuda-graphs", action="store_true",
+                       help="capture the fixed-shape step in CUDA graphs (CUDA only)")
+
+
 def _settings(args: argparse.Namespace, preset, size: tuple[int, int]):
     """The stream's settings: the preset's look, then each flag given on top."""
     from livestyle.config import StreamSettings, TemporalSettings
@@ -494,12 +515,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from livestyle.config import MIN_SIDE, find_model, find_preset, processing_size
     from livestyle.models import load_pipeline
     from livestyle.models.demo import load_demo
+    from livestyle.stream import precision
     from livestyle.stream.engine import Engine
 
     preset = find_preset(args.preset)
     model = args.model or preset.model
     model_path = None if model == "demo" else find_model(model)  # a missing model fails before anything opens
     device, dtype = _device(args)
+    check_acceleration(args, device)
     from livestyle import kernels
 
     kernels.use(args.kernels, device)  # --kernels triton where it cannot run fails here, not on every frame
@@ -531,7 +554,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             def load():
                 return load_demo(device, dtype) if model_path is None else load_pipeline(model_path, device, dtype)
 
-            engine = stack.enter_context(Engine(load, device=device, dtype=dtype))
+            engine = stack.enter_context(Engine(load, device=device, dtype=dtype, compile=args.compile,
+                                                cuda_graphs=args.cuda_graphs,
+                                                channels_last=precision.configure(device, dtype)))
             pipe = engine.pipe
             short_side = min(256 if pipe.family == "demo" else 512, *info.size)
             settings = settings.replace(size=args.size or processing_size(*info.size, short_side))
@@ -569,7 +594,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             began = time.perf_counter()
             stopped = _pump(reader, stream, writer, window, progress)
             elapsed = time.perf_counter() - began
-            stats, load = stream.stats(), engine.stats()["load"]
+            stats, engine_stats = stream.stats(), engine.stats()
+            load = engine_stats["load"]
             if reader.error is not None:
                 raise reader.error
     finally:
@@ -584,8 +610,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     refused = getattr(sink, "dropped", 0) if kind == "file" else 0
     audio_lost = getattr(source, "audio_lost", False) and kind == "file" and not args.no_audio
     losses = (f"; {dropped} frames dropped" if dropped else "") + (f"; {stats.errors} failed" if stats.errors else "")
-    print(f"{writer.written / elapsed:.1f} fps overall; U-Net {stats.model_ms:.1f} ms/frame, engine busy "
-          f"{100 * load:.0f}% of the last 2 s, {torch.get_num_threads()} threads{losses}")
+    print(f"{writer.written / elapsed:.1f} fps overall; U-Net {stats.model_ms:.1f} ms/frame, host "
+          f"{engine_stats['host_ms_mean']:.1f} ms/frame, engine busy {100 * load:.0f}% of the last 2 s, "
+          f"{torch.get_num_threads()} threads{_acceleration(engine_stats)}{losses}")
     file_run = kind not in LIVE_SINKS and not info.live
     if stopped and file_run:  # Ctrl-C (or SIGTERM) is how a camera recording ends, not a failure
         print(f"livestyle: stopped early; {where} holds the {writer.written} frames done", file=sys.stderr)
@@ -797,6 +824,7 @@ def _add_run(sub) -> None:
                         help="fused kernels: triton, the torch reference, or auto = Triton on cuda "
                              "(default: $LIVESTYLE_KERNELS, else auto)")
     _add_threads(device)
+    add_acceleration(device)
     run.set_defaults(func=cmd_run)
 
 

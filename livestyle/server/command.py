@@ -48,6 +48,7 @@ def register(sub) -> argparse.ArgumentParser:
     serve.add_argument("--model", help="model folder or .safetensors file, a name under $LIVESTYLE_MODELS, "
                                         "or demo (default: the preset's model)")
     serve.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    serve.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on cuda, fp32 on cpu")
     serve.add_argument("--kernels", choices=("auto", "triton", "torch"),
                        help="fused kernels: triton, the torch reference, or auto = Triton on cuda "
                             "(default: $LIVESTYLE_KERNELS, else auto)")
@@ -59,6 +60,9 @@ def register(sub) -> argparse.ArgumentParser:
     serve.add_argument("--short-side", type=int,
                        help="processing size: the short side in pixels, a multiple of 8 "
                             "(default 256 for the demo model, 512 for SD models)")
+    from livestyle.cli import add_acceleration  # the same flags as `run`
+
+    add_acceleration(serve)
     serve.set_defaults(func=cmd_serve)
     return serve
 
@@ -82,8 +86,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LivestyleError(f"--device {device}: torch sees no CUDA device")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
     from livestyle import kernels
+    from livestyle.cli import check_acceleration
+    from livestyle.stream import precision
+
+    check_acceleration(args, device)
 
     kernels.use(args.kernels, device)  # Triton where it cannot run fails now, not on every frame
 
@@ -100,7 +109,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def load():
         return load_demo(device, dtype) if model_path is None else load_pipeline(model_path, device, dtype)
 
-    with Engine(load, device=device, dtype=dtype) as engine:
+    # Compiled or captured, a step holds rows for every session from the start, so sessions
+    # joining never change its shapes (no compile, no capture mid-stream); eager, padding
+    # rows would only cost model time.
+    rows = settings.max_sessions if args.compile or args.cuda_graphs else 1
+    with Engine(load, device=device, dtype=dtype, compile=args.compile, cuda_graphs=args.cuda_graphs,
+                channels_last=precision.configure(device, dtype), bucket_rows=rows) as engine:
         if engine.family != "demo":
             if not preset.prompt:
                 raise LivestyleError(f"preset {preset.name}: an SD checkpoint needs a prompt "
