@@ -32,7 +32,7 @@ SDXL_TINY = dict(
     block_out_channels=(32, 64, 64), layers_per_block=2, attention_head_dim=(2, 4, 4), cross_attention_dim=40,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 3), use_linear_projection=True, norm_num_groups=32, sample_size=16,
+    transformer_layers_per_block=(1, 1, 2), use_linear_projection=True, norm_num_groups=32, sample_size=16,
     addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
     projection_class_embeddings_input_dim=POOLED + 6 * TIME_DIM,
 )
@@ -120,7 +120,7 @@ def test_single_file_layout(pair, tmp_path):
     ref, ours = pair
     original = unet_to_original(ref.state_dict(), ours.config)
     assert original["label_emb.0.0.weight"].shape == (32 * 4, POOLED + 6 * TIME_DIM)
-    assert "input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight" in original  # level 1: depth 2
+    assert "input_blocks.7.1.transformer_blocks.1.attn2.to_k.weight" in original  # level 2: depth 2
     assert "output_blocks.2.2.conv.weight" in original  # level 2's upsampler, after its attention
     back = convert_ldm_unet_checkpoint({PREFIX + k: v for k, v in original.items()}, dict(ref.config))
     assert back.keys() == ref.state_dict().keys()
@@ -184,9 +184,9 @@ def test_temporal_cache(pair):
     _, ours = pair
     hw = (10, 6)
     shapes = ours.self_attention_shapes(hw)
-    # level 1: 2 attentions x 2 layers, level 2: 2 x 3, mid: 3, up: 3 x 3 + 3 x 2
-    assert len(shapes) == 4 + 6 + 3 + 9 + 6
-    assert shapes[0] == (5 * 3, 64) and shapes[4] == (3 * 2, 64)
+    # level 1: 2 attentions x 1 layer, level 2: 2 x 2, mid: 2, up: 3 x 2 + 3 x 1
+    assert len(shapes) == 2 + 4 + 2 + 6 + 3
+    assert shapes[0] == (5 * 3, 64) and shapes[2] == (3 * 2, 64) and shapes[-1] == (5 * 3, 64)
     x, t, c, pooled, time_ids = inputs(ours.config, hw)
     x2 = inputs(ours.config, hw, seed=9)[0]
     plain = ours(x, t, c, text_embeds=pooled, time_ids=time_ids)
