@@ -1,5 +1,5 @@
 """ControlNet: residuals vs diffusers.ControlNetModel, the U-Net driven by two ControlNets vs
-diffusers (UNet2DConditionModel + MultiControlNetModel), SD- and SDXL-shaped; the original
+diffusers (UNet2DConditionModel + MultiControlNetModel), SD 1.x-, SD 2.x- and SDXL-shaped; the original
 single-file layout, loading, mismatches, per-net settings."""
 
 import json
@@ -28,6 +28,8 @@ SD_TINY = dict(
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     norm_num_groups=32, sample_size=16,
 )
+# SD 2.x / SD-Turbo-shaped: linear projections, per-level heads, 1024-d context.
+SD2_TINY = dict(SD_TINY, attention_head_dim=(2, 4), cross_attention_dim=1024, use_linear_projection=True)
 POOLED = 24
 SDXL_TINY = dict(
     block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=(2, 4, 4), cross_attention_dim=2048,
@@ -36,7 +38,7 @@ SDXL_TINY = dict(
     transformer_layers_per_block=(1, 1, 2), use_linear_projection=True, norm_num_groups=32, sample_size=16,
     addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=POOLED + 1536,
 )
-TINY = {"sd": SD_TINY, "sdxl": SDXL_TINY}
+TINY = {"sd": SD_TINY, "sd2": SD2_TINY, "sdxl": SDXL_TINY}
 HW = (12, 10)  # latents; the conditioning images are 8x: 96 x 80
 
 
@@ -46,7 +48,7 @@ def ours_from(ref, cls, config):
     return model
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl"])
+@pytest.fixture(scope="module", params=list(TINY))
 def models(request):
     """A diffusers U-Net and two ControlNets made from it (random weights), and ours."""
     torch.manual_seed(0)
