@@ -202,3 +202,19 @@ def test_rings_of_rows_at_different_fill_levels_equal_separate_caches():
     # masked while row 0 fills (frames 0, 1) and while row 1 fills (2, 3); then unmasked
     assert unmasked == [False, False, False, False, True]
     assert rings.counts.tolist() == [5, 3]
+
+
+def test_optical_flow_runs_on_the_submitting_thread(engine, monkeypatch):
+    """Flow is host work: submit() estimates it, the worker only warps (on the device). A
+    frame whose predecessor was dropped has no motion from the last output: the worker
+    estimates that one, counted."""
+    from livestyle.stream import flow
+
+    threads = []
+    real = flow.FlowEstimator.motion
+    monkeypatch.setattr(flow.FlowEstimator, "motion",
+                        lambda self, a, b: threads.append(threading.current_thread().name) or real(self, a, b))
+    before = engine.stats()["flow_on_worker"]
+    run_case(engine, [(StreamSettings(size=SIZE, style="ink-sketch", steps=2), "coffee")])
+    assert len(threads) == FRAMES - 1 and "livestyle-engine" not in threads
+    assert engine.stats()["flow_on_worker"] == before

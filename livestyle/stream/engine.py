@@ -58,7 +58,7 @@ from livestyle.errors import LivestyleError
 from livestyle.frame import rgb_array
 from livestyle.models.loading import Pipeline
 from livestyle.stream.conditioning import Conditioning
-from livestyle.stream.flow import Motion, flow_size, propagate, sampling_grid, small_grey
+from livestyle.stream.flow import FlowEstimator, flow_size, small_grey, warp_inputs
 from livestyle.stream.guidance import InitializeGuidance, make_guidance
 from livestyle.stream.plan import make_plan
 from livestyle.stream.state import StreamState, Tag, layout
@@ -111,6 +111,9 @@ class Stream:
         self.working = self.owed = False
         self.failure: str | None = None  # set by the worker when no settings could be applied
         self.state: StreamState | None = None  # the worker's alone
+        # submit()'s: the flow from each frame to the next, on the submitting thread(s).
+        self._flow, self._flow_lock = FlowEstimator(), threading.Lock()
+        self._previous: Tag | None = None
 
     def submit(self, frame: av.VideoFrame | np.ndarray) -> None:
         """Queue a frame (any size; RGB array or av.VideoFrame with pts/time_base).
@@ -125,6 +128,7 @@ class Stream:
         # Resizing and the grey copy happen here, on the caller's thread, beside the model.
         small = rgb if (W, H) == (w, h) else cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
         tag = Tag(pts, time_base, (W, H), time.monotonic(), small_grey(small, flow_size(w, h)))
+        self._follow(tag, (w, h))
         lock = self.engine.lock
         with lock:
             while not self.live and self.pending is not None and not self.closed and self.engine.running:
@@ -134,9 +138,26 @@ class Stream:
             if self.failure is not None:
                 raise StreamFailed(self.failure)
             replaced = self.pending is not None
+            if replaced:
+                self.pending[0].motion = None  # dropped: its motion must not keep the frame before it alive
             self.pending = (tag, small)
             self.meter.submitted(replaced)
             lock.notify_all()
+
+    def _follow(self, tag: Tag, size: tuple[int, int]) -> None:
+        """The motion from the frame submitted before to this one, and its warp inputs at the
+        latent and processing sizes: optical flow is host work, done here on the caller's
+        thread so the worker only warps, on the device. The worker uses it when that frame
+        was the last one output (no drop, no skip between them)."""
+        temporal = self.settings.temporal
+        with self._flow_lock:
+            previous, self._previous = self._previous, tag
+            if not temporal.flow or (temporal.flow_blend == 0 and temporal.output_blend == 0) \
+                    or previous is None or previous.grey.shape != tag.grey.shape:
+                return
+            motion = self._flow.motion(previous.grey, tag.grey)
+        w, h = size
+        tag.motion = (previous, motion, {s: warp_inputs(motion, s) for s in ((w // 8, h // 8), (w, h))})
 
     def update(self, settings: StreamSettings | None = None, **changes) -> StreamSettings:
         """Change settings live; checked now (an error names the field), applied from the next frame.
@@ -229,6 +250,7 @@ class Engine:
         self.buckets: dict[BucketKey, Bucket] = {}
         self.released: list[StreamState] = []  # closed streams' states: their rows are given back on the worker
         self.compiles = 0
+        self.flow_on_worker = 0  # motions estimated on the worker (the frame before was dropped or skipped)
         # Host time per frame: the worker's wall time less model calls and waits for the device.
         self.device_s = 0.0
         self.host_ms: deque[float] = deque(maxlen=60)
@@ -320,7 +342,8 @@ class Engine:
                     "batches": self.batches, "frames": self.frames, "host_ms": round(host_ms, 2),
                     "host_ms_mean": round(mean_ms, 2), "buckets": {str(b.rows): len(b.held) for b in
                                                                    self.buckets.values()},
-                    "compiles": self.compiles, "captures": self.graphs.captures if self.graphs else 0}
+                    "compiles": self.compiles, "captures": self.graphs.captures if self.graphs else 0,
+                    "flow_on_worker": self.flow_on_worker}
 
     def _prune_busy(self, now: float) -> None:
         while self.busy and now - self.busy[0][1] > 2.0:
@@ -667,27 +690,35 @@ class Engine:
 
     # -- Temporal propagation and output ----------------------------------------------
 
-    def _motion(self, state: StreamState, tag: Tag) -> Motion | None:
-        """Motion from the previous output frame to `tag`'s frame, estimated once; None
-        when there is no previous frame of the same size to follow."""
-        previous = state.previous_tag
-        if previous is None or previous.grey.shape != tag.grey.shape:
-            return None
-        if tag.motion is None or tag.motion[0] is not previous:
-            tag.motion = (previous, state.flow.motion(previous.grey, tag.grey))
-        return tag.motion[1]
+    def _warp(self, state: StreamState, tag: Tag, current: torch.Tensor, previous: torch.Tensor | None,
+              blend: float) -> torch.Tensor:
+        """current (1, C, h, w) with `previous` (the last output's latent or image) blended in
+        along the motion from the last output frame to `tag`'s, on the device
+        (kernels.propagate). The motion comes from submit() (the caller's thread) when the
+        frame before this one was the last output; otherwise (it was dropped or skipped)
+        it is estimated here, counted in stats()["flow_on_worker"]."""
+        last = state.previous_tag
+        if blend == 0 or previous is None or previous.shape != current.shape or last is None \
+                or last.grey.shape != tag.grey.shape:
+            return current
+        if tag.motion is None or tag.motion[0] is not last:
+            tag.motion = (last, state.flow.motion(last.grey, tag.grey), {})
+            self.flow_on_worker += 1
+        _, motion, warps = tag.motion
+        size = (current.shape[-1], current.shape[-2])
+        if size not in warps:
+            warps[size] = warp_inputs(motion, size)
+        # Small host tensors (the flow grid): the copies are queued, no sync.
+        back, confidence = (t.to(self.device, non_blocking=True) for t in warps[size])
+        return kernels.propagate(current, previous, back, confidence,
+                                 torch.full((1,), blend, dtype=torch.float32, device=self.device))
 
     def _prior(self, state: StreamState, tag: Tag, z: torch.Tensor) -> torch.Tensor:
         """z with the previous output latent blended in along the motion (flow-guided latents)."""
         temporal = state.settings.temporal
-        blend = temporal.flow_blend
-        if not temporal.flow or blend == 0 or state.previous_latent is None:
+        if not temporal.flow:
             return z
-        motion = self._motion(state, tag)
-        if motion is None or state.previous_latent.shape != z.shape:
-            return z
-        grid, confidence = sampling_grid(motion, (z.shape[-1], z.shape[-2]), self.device)
-        return propagate(z, state.previous_latent, grid, confidence, blend)
+        return self._warp(state, tag, z, state.previous_latent, temporal.flow_blend)
 
     def _finish(self, done: list[tuple[Stream, Tag, torch.Tensor]]) -> None:
         """Decode the finished frames (one batch) and output them. A frame that fails
@@ -714,11 +745,8 @@ class Engine:
             state = s.state
             temporal = state.settings.temporal
             try:
-                motion = self._motion(state, tag) if temporal.flow and temporal.output_blend > 0 else None
-                previous = state.previous_image
-                if motion is not None and previous is not None and previous.shape == image.shape:
-                    grid, confidence = sampling_grid(motion, (image.shape[-1], image.shape[-2]), self.device)
-                    image = propagate(image, previous, grid, confidence, temporal.output_blend)
+                if temporal.flow:
+                    image = self._warp(state, tag, image, state.previous_image, temporal.output_blend)
             except Exception as e:
                 self._fail(s, tag, _freed(e))
                 continue

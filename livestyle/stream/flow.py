@@ -83,6 +83,24 @@ class FlowEstimator:
         return Motion(back, confidence.astype(np.float32))
 
 
+def warp_inputs(motion: Motion, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The motion as kernels.propagate takes it for a warp at size = (w, h): back (1, 2, h', w')
+    fp32 in its grid's pixels and confidence (1, 1, h', w') fp32, on the host.
+
+    The flow grid as it is when size is no smaller (the kernel upsamples it bilinearly,
+    as cv2.INTER_LINEAR does); brought down to size by area averaging when smaller (a
+    latent), as `sampling_grid` does, so fine motion is averaged rather than sampled.
+    Host work on small arrays: the engine's submit() does it, off the worker."""
+    w, h = size
+    fh, fw = motion.confidence.shape
+    back, confidence = motion.back, motion.confidence
+    if w < fw or h < fh:
+        back = cv2.resize(back, (w, h), interpolation=cv2.INTER_AREA) * np.array([w / fw, h / fh], np.float32)
+        confidence = cv2.resize(confidence, (w, h), interpolation=cv2.INTER_AREA)
+    back = torch.from_numpy(np.ascontiguousarray(back.transpose(2, 0, 1)))[None]  # (1, 2, h', w')
+    return back, torch.from_numpy(np.ascontiguousarray(confidence))[None, None]
+
+
 def sampling_grid(motion: Motion, size: tuple[int, int], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """The motion resampled to size = (w, h): a grid_sample grid (1, h, w, 2) in [-1, 1]
     (align_corners=True) and the confidence (1, 1, h, w), both on `device`."""

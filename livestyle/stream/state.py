@@ -43,8 +43,9 @@ class Tag:
     the stream batch. repeats: later frames that get this frame's output with their own
     timestamps, in order: frames the similarity filter skipped, and frames that failed
     while this one was in flight (`failed`: counted as errors, not outputs).
-    motion: (previous output frame, motion from it), computed once; dropped once this
-    frame is output, or every frame would keep the one before it alive.
+    motion: (the frame before, the motion from it, its warp inputs by (w, h): see
+    flow.warp_inputs), computed once, by submit() or else the worker; dropped once this
+    frame is output or dropped, or every frame would keep the one before it alive.
     """
 
     pts: int | None
@@ -56,7 +57,7 @@ class Tag:
     emitted: bool = False
     failed: bool = False
     repeats: list[Tag] = field(default_factory=list)
-    motion: tuple[Tag, Motion] | None = None
+    motion: tuple[Tag, Motion, dict] | None = None
 
     def echo(self) -> Tag:
         return Tag(self.pts, self.time_base, self.size, self.submitted_at, self.grey, emit=False)
