@@ -1,0 +1,282 @@
+"""SD-Turbo's architecture with random weights, and the three systems that restyle frames with it.
+
+    parts = sd_turbo_parts()                 # one set of weights, shared by all three systems
+    systems = frame_systems(parts, size=256, steps=1, stream_batch=True)
+    for name, system in systems.items(): system.open(); system(frame); system.close()
+
+The weights: diffusers' UNet2DConditionModel in the SD 2.1 U-Net config (SD-Turbo's:
+64-channel heads, linear projections, 1024-d context) and AutoencoderTiny (TAESD's
+config), as diffusers initialises them (seeded). livestyle's U-Net holds the very same
+tensors (`load_state_dict(assign=True)`, no copy); its tiny autoencoder gets them through
+`tiny_from_diffusers`. Speed does not depend on the weights, and no checkpoint can be
+downloaded here.
+
+The prompt: one embedding (1, 77, 1024) of PROMPT by a one-layer livestyle text encoder,
+as the engine encodes it; the peers are handed that tensor. A prompt is encoded once per change, never per frame, so
+the text encoder is outside what is timed and its size does not matter.
+
+The frame, for each system, from a uint8 (H, W, 3) frame to a uint8 (H, W, 3) frame:
+- livestyle: `Engine` with a file stream (every frame restyled, on the engine's worker
+  thread), temporal parts off unless asked for, in each Variant asked for (kernels,
+  compile, CUDA graphs, channels_last);
+- StreamDiffusion (`streamdiffusion` 0.1.1, if installed): its own encode_image ->
+  predict_x0_batch -> decode_image, which is its `__call__` without the CUDA events that
+  call records (they need CUDA), with `use_denoising_batch` for the stream batch;
+- diffusers: StableDiffusionImg2ImgPipeline with AutoencoderTiny and LCMScheduler, the
+  same timesteps given explicitly, strength 1 (so all of them run), no guidance.
+
+All three use the same timesteps: StreamDiffusion's t_index_list into the 50-step LCM
+schedule (1 step: [32]; 2: [32, 45]; 4: [0, 16, 32, 45]).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from livestyle import kernels
+from livestyle.config import StreamSettings, TemporalSettings
+from livestyle.stream.samplers import lcm_timesteps
+
+T_INDEX = {1: [32], 2: [32, 45], 3: [16, 32, 45], 4: [0, 16, 32, 45]}
+
+# The SD 2.1 U-Net (SD-Turbo's); diffusers' names.
+SD21_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+    upcast_attention=False, norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0,
+)
+# A U-Net of the same kind small enough for a CPU smoke run in seconds (the autoencoder
+# stays TAESD's: livestyle loads only TAESD's layer count, and it is small).
+TINY_UNET = dict(
+    SD21_UNET, block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4), cross_attention_dim=32,
+    layers_per_block=1,
+)
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+@dataclass
+class Parts:
+    """One set of weights in both libraries' modules (the U-Nets share their tensors)."""
+
+    unet_config: dict
+    diffusers_unet: torch.nn.Module
+    unet: torch.nn.Module  # livestyle's
+    diffusers_autoencoder: torch.nn.Module
+    autoencoder: torch.nn.Module  # livestyle's
+    text: object  # livestyle TextModel
+    context: torch.Tensor  # (1, 77, D) the prompt's embedding
+
+    @property
+    def context_dim(self) -> int:
+        return self.unet_config["cross_attention_dim"]
+
+
+def sd_turbo_parts(tiny: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                   seed: int = 0) -> Parts:
+    """SD-Turbo's architecture (or, with `tiny`, a small one of the same kind) in diffusers'
+    and livestyle's modules, identical weights, eval mode, on `device` in `dtype`."""
+    from diffusers import AutoencoderTiny, UNet2DConditionModel
+
+    from livestyle.models.clip import TextEncoder, TextEncoderConfig
+    from livestyle.models.loading import TextModel
+    from livestyle.models.taesd import TinyAutoencoder, tiny_from_diffusers
+    from livestyle.models.tokenizer import Tokenizer
+    from livestyle.models.unet import UNet, UNetConfig
+
+    torch.manual_seed(seed)
+    cfg = TINY_UNET if tiny else SD21_UNET
+    with torch.device(device):  # initialised where they run (a GPU makes 865M parameters in seconds)
+        dunet = UNet2DConditionModel(**cfg).eval().requires_grad_(False)
+        unet = UNet(UNetConfig.from_diffusers(dict(dunet.config))).eval().requires_grad_(False)
+        unet.load_state_dict(dunet.state_dict(), strict=True, assign=True)  # the same tensors
+        dae = AutoencoderTiny(latent_channels=4).eval().requires_grad_(False)
+        ae = TinyAutoencoder.from_state_dicts(*tiny_from_diffusers(dae.state_dict())).eval().requires_grad_(False)
+        D = cfg["cross_attention_dim"]
+        encoder = TextEncoder(TextEncoderConfig(hidden_size=D, intermediate_size=4 * D, num_hidden_layers=1,
+                                                num_attention_heads=max(1, D // 64), hidden_act="gelu")).eval()
+    text = TextModel(encoder, Tokenizer.bundled(pad_token="!"))
+    parts = Parts(cfg, dunet, unet, dae, ae, text, torch.empty(0))
+    if (device, dtype) != ("cpu", torch.float32):  # (diffusers warns about any dtype cast, even a no-op one)
+        for m in (dunet, unet, dae, ae, encoder):
+            m.to(device, dtype)
+    with torch.inference_mode():
+        from livestyle.models.prompt import encode_prompt
+
+        # As the engine's Conditioning encodes it (PromptCache, no skipped layers).
+        parts.context = encode_prompt(encoder, text.tokenizer, PROMPT).to(device, dtype)
+    return parts
+
+
+PROMPT = "an oil painting"
+
+
+def timesteps(steps: int) -> list[int]:
+    return lcm_timesteps(t_index_list=T_INDEX[steps])
+
+
+# -- The frame systems: open(), __call__(uint8 frame) -> uint8 frame or None, close() ---------------
+
+@dataclass(frozen=True)
+class Variant:
+    """How livestyle's engine runs: Engine's own options, and the kernels' backend."""
+
+    temporal: bool = False
+    kernels: str = "auto"  # livestyle.kernels.set_backend
+    compile: str | None = None
+    cuda_graphs: bool = False
+    channels_last: bool = False  # converts the modules' weights in place: runs on its own copy
+
+
+class LivestyleFrames:
+    """livestyle's Engine, one file stream; __call__ submits a frame, outputs arrive on the worker."""
+
+    latency_frames = 0
+
+    def __init__(self, parts: Parts, size: int, steps: int, stream_batch: bool, variant: Variant,
+                 device: str, dtype: torch.dtype):
+        self.parts, self.variant, self.device, self.dtype = parts, variant, device, dtype
+        temporal = variant.temporal
+        self.settings = StreamSettings(size=(size, size), prompt=PROMPT, timesteps=tuple(timesteps(steps)),
+                                       steps=steps, stream_batch=stream_batch,
+                                       temporal=TemporalSettings() if temporal else TemporalSettings.off())
+        self.engine = self.stream = None
+        self.done = 0
+        self.cond = threading.Condition()
+
+    def open(self) -> None:
+        from livestyle.models.loading import NoiseSchedule, Pipeline
+        from livestyle.stream.engine import Engine
+
+        p, v = self.parts, self.variant
+        unet, autoencoder = (copy.deepcopy(p.unet), copy.deepcopy(p.autoencoder)) if v.channels_last else \
+            (p.unet, p.autoencoder)
+        pipe = Pipeline("sd2", unet, autoencoder, p.text, NoiseSchedule(), Path("sd-turbo-architecture"))
+        self.engine = Engine(pipe, self.device, self.dtype, compile=v.compile, cuda_graphs=v.cuda_graphs,
+                             channels_last=v.channels_last)
+        self.stream = self.engine.open_stream(self.settings, self._out, live=False)
+
+    def _out(self, frame) -> None:
+        with self.cond:
+            self.done += 1
+            self.cond.notify_all()
+
+    def __call__(self, frame: np.ndarray) -> None:
+        kernels.set_backend(self.variant.kernels)  # process-wide: the systems take turns, so set per frame
+        self.stream.submit(frame)
+
+    def finish(self) -> None:
+        """Wait until every submitted frame came out (the stream batch's last S - 1 too)."""
+        self.stream.flush()
+
+    def close(self) -> None:
+        stats = self.stream.stats()
+        self.latency_frames = stats.latency_frames
+        self.stream.close()
+        self.engine.close()
+        self.engine = self.stream = None
+        kernels.set_backend("auto")
+
+
+def _to_tensor(frame: np.ndarray, device, dtype) -> torch.Tensor:
+    """uint8 (H, W, 3) -> (1, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(frame).to(device).permute(2, 0, 1)[None].to(dtype) / 127.5 - 1
+
+
+def _to_frame(x: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) in [-1, 1] -> uint8 (H, W, 3)."""
+    return ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def _diffusers_pipe(parts: Parts):
+    from diffusers import LCMScheduler, StableDiffusionImg2ImgPipeline
+
+    scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                             prediction_type="epsilon", timestep_spacing="leading", steps_offset=1)
+    return StableDiffusionImg2ImgPipeline(vae=parts.diffusers_autoencoder, text_encoder=None, tokenizer=None,
+                                          unet=parts.diffusers_unet, scheduler=scheduler, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+
+
+class DiffusersFrames:
+    """diffusers' img2img pipeline with AutoencoderTiny, on the caller's thread, one frame per call."""
+
+    latency_frames = 0
+
+    def __init__(self, parts: Parts, size: int, steps: int, device: str, dtype: torch.dtype):
+        self.parts, self.size, self.steps, self.device, self.dtype = parts, size, steps, device, dtype
+
+    def open(self) -> None:
+        self.pipe = _diffusers_pipe(self.parts)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            image = _to_tensor(frame, self.device, self.dtype) * 0.5 + 0.5  # the pipeline takes [0, 1] tensors
+            out = self.pipe(prompt_embeds=self.parts.context, image=image, timesteps=timesteps(self.steps),
+                            strength=1.0, guidance_scale=1.0, output_type="pt", return_dict=False)[0]
+            return _to_frame(out * 2 - 1)
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.pipe = None
+
+
+class StreamDiffusionFrames:
+    """StreamDiffusion (the PyPI package) over the same diffusers modules, on the caller's thread."""
+
+    def __init__(self, parts: Parts, size: int, steps: int, stream_batch: bool, device: str, dtype: torch.dtype):
+        self.parts, self.size, self.steps, self.stream_batch = parts, size, steps, stream_batch
+        self.device, self.dtype = device, dtype
+        self.latency_frames = steps - 1 if stream_batch else 0
+
+    def open(self) -> None:
+        from streamdiffusion import StreamDiffusion
+
+        pipe = _diffusers_pipe(self.parts)
+        # Its prepare() encodes the prompt through the pipeline: hand it the shared embedding.
+        pipe.encode_prompt = lambda **kw: (self.parts.context, self.parts.context)
+        self.sd = StreamDiffusion(pipe, t_index_list=T_INDEX[self.steps], torch_dtype=self.dtype,
+                                  width=self.size, height=self.size, use_denoising_batch=self.stream_batch,
+                                  cfg_type="none")
+        self.sd.prepare(PROMPT, num_inference_steps=50, guidance_scale=1.0)
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            sd = self.sd
+            return _to_frame(sd.decode_image(sd.predict_x0_batch(sd.encode_image(
+                _to_tensor(frame, self.device, self.dtype)))))
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.sd = None
+
+
+def frame_systems(parts: Parts, size: int, steps: int, stream_batch: bool, variants: dict[str, Variant],
+                  device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, object | str]:
+    """name -> system, or -> the reason it is not measured (a string). variants: livestyle's rows."""
+    systems: dict[str, object | str] = {
+        name: LivestyleFrames(parts, size, steps, stream_batch, v, device, dtype) for name, v in variants.items()}
+    systems["StreamDiffusion"] = (StreamDiffusionFrames(parts, size, steps, stream_batch, device, dtype)
+                                  if installed("streamdiffusion") else "not installed")
+    if not stream_batch or steps == 1:  # diffusers has no stream batch: its row is the per-frame one
+        systems["diffusers img2img"] = (DiffusersFrames(parts, size, steps, device, dtype)
+                                        if installed("diffusers") else "not installed")
+    return systems
