@@ -740,15 +740,16 @@ def _bench_suite():
 
 
 def _add_bench(sub) -> None:
-    bench = sub.add_parser("bench", help="livestyle against diffusers and StreamDiffusion on this machine",
-                           description="Benchmarks in one run, round-robin, medians with min-max "
-                                       "(benchmarks/suite.py; the peers: pip install -e \".[bench]\").")
+    help = "livestyle against diffusers and StreamDiffusion on this machine"
     suite = _bench_suite()
-    if suite is None:  # cmd_bench says why, whatever was asked
-        bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    if suite is None:  # every word, options too, lands in `rest`: cmd_bench says why it cannot run
+        bench = sub.add_parser("bench", help=help, prefix_chars="\0", add_help=False)
+        bench.add_argument("rest", nargs="*")
     else:
+        bench = sub.add_parser("bench", help=help, description="Benchmarks in one run, round-robin, medians with "
+                               "min-max (benchmarks/suite.py; the peers: pip install -e \".[bench]\").")
         suite.add_arguments(bench)
-    _add_threads(bench)
+        _add_threads(bench)
     bench.set_defaults(func=cmd_bench)
 
 

@@ -1,0 +1,70 @@
+"""The benchmarks cannot rot: device_check.sh's CPU smoke mode and `livestyle bench --smoke` run here."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from livestyle import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_device_check_smoke_leaves_one_json_and_one_log(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable)
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--smoke", str(tmp_path)],
+                            capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["device_check.json", "device_check.log"]
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    assert result.returncode == 0, (tmp_path / "device_check.log").read_text()[-3000:]
+    assert [s["name"] for s in report["steps"]] == ["environment", "kernels", "bench"]
+    assert all(s["status"] == "ok" for s in report["steps"])
+    rows = report["bench"]["rows"]
+    assert {r["section"] for r in rows} == {"unet", "frame", "demo", "roofline"}
+    assert not report["bench"]["meta"]["failed_sections"]
+    # Every CPU row is a measurement; every GPU row says so instead of a number.
+    frames = [r for r in rows if r["section"] == "frame" and "fps" in r]
+    assert {r["system"] for r in frames} >= {"livestyle", "diffusers img2img"}
+    assert all(r["fps"]["median"] > 0 for r in frames)
+    unet = [r for r in rows if r["section"] == "unet" and "faults_per_call" in r]
+    assert len(unet) == 8  # 2 U-Nets x main/worker thread x 2 allocators
+    gpu = [r for r in rows if "cuda" in r["configuration"]]
+    assert gpu and all(r["note"] == "not measured (no CUDA)" for r in gpu)
+    assert report["kernels"] is not None
+
+
+def test_livestyle_bench_writes_json_markdown_and_says_what_of_the_plot(tmp_path):
+    out = tmp_path / "bench"
+    result = subprocess.run([sys.executable, "-m", "livestyle.cli", "bench", "--smoke", "--sections", "temporal",
+                             "contention", "--json", f"{out}.json", "--markdown", f"{out}.md", "--plot",
+                             f"{out}.png", "--threads", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(Path(f"{out}.json").read_text())
+    assert report["meta"]["threads"].startswith("1 torch threads")
+    contention = [r for r in report["rows"] if r["section"] == "contention"]
+    assert [r["system"] for r in contention] == ["quiet", "one busy process"] * 2
+    assert all(r["fps"]["median"] > 0 for r in contention)
+    temporal = {r["configuration"] for r in report["rows"] if r["section"] == "temporal"}
+    assert "64x64, all off" in temporal and "64x64, all on (default)" in temporal
+    table = Path(f"{out}.md").read_text()
+    assert "| configuration | system | figures |" in table and "torch 2." in table
+    # The plot has no frame rows to draw here: it says so rather than drawing an empty one.
+    assert "no plot:" in result.stdout and not Path(f"{out}.png").exists()
+
+
+def test_bench_refuses_bad_values_in_one_line(capsys):
+    try:
+        cli.main(["bench", "--rounds", "0"])
+    except SystemExit as e:
+        assert e.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "livestyle bench: error: argument --rounds: 0: must be 1 to 1000"
+
+
+def test_bench_without_a_checkout_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "BENCHMARKS", tmp_path / "benchmarks")
+    assert cli.main(["bench", "--json", "x.json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"livestyle: error: livestyle bench needs a source checkout's benchmarks/ (pip install -e . "
+                   f"from a clone); there is none at {tmp_path / 'benchmarks'}"]
