@@ -320,7 +320,8 @@ class App:
         try:
             settings = StreamSettings.from_preset(preset, processing_size(*DEFAULT_INPUT, self.settings.short_side))
             session.stream = await loop.run_in_executor(
-                None, functools.partial(self.engine.open_stream, settings, session.fanout.push, live=True))
+                None, functools.partial(self.engine.open_stream, settings, session.fanout.push, live=True,
+                                        scale_back=False))
             self._wire(session)
             try:
                 await session.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))

@@ -118,10 +118,25 @@ class Fanout:
 
 
 def copy_frame(frame: av.VideoFrame) -> av.VideoFrame:
-    """A new frame with the same pixels, pts and time_base (one copy of the planes)."""
+    """A new frame with the same pixels, pts, time_base and size to show it at (one copy of the planes)."""
     copy = av.VideoFrame.from_ndarray(frame.to_ndarray(), format=frame.format.name)
-    copy.pts, copy.time_base = frame.pts, frame.time_base
+    copy.pts, copy.time_base, copy.opaque = frame.pts, frame.time_base, frame.opaque
     return copy
+
+
+def shown(frame: av.VideoFrame) -> av.VideoFrame:
+    """The frame at the size it is shown at: the engine hands the server its outputs at the
+    processing size with the camera's (width, height) in `opaque` (Engine.open_stream's
+    scale_back=False), and the scaling back (swscale, bilinear) runs here, in an executor
+    thread, beside the encoder rather than on the engine's worker."""
+    size = frame.opaque
+    if not isinstance(size, tuple) or size == (frame.width, frame.height):
+        return frame
+    scaled = frame.reformat(width=size[0], height=size[1], interpolation="BILINEAR")
+    scaled.pts = frame.pts
+    if frame.time_base is not None:
+        scaled.time_base = frame.time_base
+    return scaled
 
 
 class RestyledTrack(MediaStreamTrack):
@@ -147,6 +162,8 @@ class RestyledTrack(MediaStreamTrack):
         except MediaStreamError:
             self.stop()
             raise
+        if isinstance(frame.opaque, tuple):  # to scale back: off the event loop
+            frame = await asyncio.get_running_loop().run_in_executor(None, shown, frame)
         if self.on_sent is not None:
             self.on_sent(frame)
         return frame

@@ -102,6 +102,8 @@ class Stream:
 
     def __init__(self, engine: Engine, settings: StreamSettings, on_output: OutputCallback, live: bool, sid: str):
         self.engine, self.on_output, self.live, self.id = engine, on_output, live, sid
+        self.scale_back = True  # see Engine.open_stream
+        self.copying = 0  # output frames on their way back from the device (the worker's)
         self.settings = settings
         self.meter = StreamMeter()
         # Guarded by engine.lock: what the caller asked for, taken by the worker.
@@ -188,7 +190,7 @@ class Stream:
             self.flush_requested = True
             lock.notify_all()
             done = lock.wait_for(lambda: self.closed or not self.engine.running or not (
-                self.pending or self.working or self.owed or self.requested), timeout)
+                self.pending or self.working or self.owed or self.requested or self.copying), timeout)
             self.flush_requested = False
             return done
 
@@ -212,7 +214,7 @@ class Stream:
             self.pending = None
         if self.working or self.state is None:
             return
-        self.meter.discarded(sum(1 + len(tag.repeats) for tag in self.state.owed()))
+        self.meter.discarded(sum(1 + len(tag.repeats) for tag in self.state.owed()) + self.copying)
         self.engine.released.append(self.state)  # its rows go back to the bucket on the worker
         self.state = None
 
@@ -251,6 +253,10 @@ class Engine:
         self.released: list[StreamState] = []  # closed streams' states: their rows are given back on the worker
         self.compiles = 0
         self.flow_on_worker = 0  # motions estimated on the worker (the frame before was dropped or skipped)
+        # Outputs copied back asynchronously (CUDA): (done marker, host rows, frames, h, w), oldest first.
+        self.copies_async = self.device.type == "cuda"
+        self.copies: deque = deque()
+        self._delivering = False
         # Host time per frame: the worker's wall time less model calls and waits for the device.
         self.device_s = 0.0
         self.host_ms: deque[float] = deque(maxlen=60)
@@ -308,12 +314,17 @@ class Engine:
 
     # -- The caller's side -------------------------------------------------------------
 
-    def open_stream(self, settings: StreamSettings, on_output: OutputCallback, live: bool = True) -> Stream:
+    def open_stream(self, settings: StreamSettings, on_output: OutputCallback, live: bool = True,
+                    scale_back: bool = True) -> Stream:
+        """scale_back False: outputs come at the processing size, each with the input's
+        (width, height) in `frame.opaque`, and the sink scales them in its own thread
+        (server.tracks.shown): the worker never resizes a frame to a camera's size."""
         self.check(settings)
         with self.lock:
             if not self.running:
                 raise LivestyleError("the engine is closed")
             stream = Stream(self, settings, on_output, live, f"s{next(self._ids)}")
+            stream.scale_back = scale_back
             self.streams.append(stream)
             self.lock.notify_all()
         return stream
@@ -381,7 +392,7 @@ class Engine:
             self._loaded.set()
         while True:
             with self.lock:
-                self.lock.wait_for(lambda: not self.running or bool(self.released)
+                self.lock.wait_for(lambda: not self.running or bool(self.released) or bool(self.copies)
                                    or any(self._has_work(s) for s in self.streams))
                 if not self.running:
                     return
@@ -399,7 +410,10 @@ class Engine:
                 for state in released:
                     self._leave(state)
                 with torch.inference_mode():
-                    self._step(taken)
+                    stepped = self._step(taken)
+                    # Frames copied back by an earlier call go out now; with nothing else to
+                    # do, the worker waits for them.
+                    self._deliver(block=not stepped)
             except Exception as e:  # a bug, not a bad frame: say so loudly, keep serving the other streams
                 log.exception("engine step failed: %s", e)
                 for s, *_ in taken:
@@ -417,13 +431,14 @@ class Engine:
                     self._prune_busy(now)  # here too: an engine nobody asks for stats must not grow
                     for s, *_ in taken:
                         s.working = False
-                        s.owed = s.state is not None and s.state.in_flight
+                        s.owed = s.copying > 0 or (s.state is not None and s.state.in_flight)
                         if s.closed:
                             s._discard()
                     self.lock.notify_all()
 
-    def _step(self, taken) -> None:
-        """Apply settings, then advance every stream that has a frame (or owes frames)."""
+    def _step(self, taken) -> int:
+        """Apply settings, then advance every stream that has a frame (or owes frames).
+        Returns how many streams were advanced."""
         frames = []
         for s, settings, reset, pending in taken:
             if settings is not None:
@@ -454,6 +469,7 @@ class Engine:
                 log.exception("engine: a step over streams %s failed: %s", [s.id for s, _, _ in items], e)
                 for s, tag, _ in items:
                     self._give_up(s, e, tag)
+        return len(frames)
 
     def _settle(self, s: Stream, settings: StreamSettings) -> None:
         """Apply a settings change. A failure is this stream's alone: logged, counted, and
@@ -573,8 +589,12 @@ class Engine:
                 for _, _, rgb in fresh]
 
         def encode(batch: list[np.ndarray]) -> list[torch.Tensor]:
-            images = torch.from_numpy(np.stack(batch)).to(self.device, non_blocking=True)  # (B, h, w, 3) uint8
-            images = images.permute(0, 3, 1, 2).to(self.dtype).div_(255)  # (B, 3, h, w) in [0, 1]
+            # uint8 frames cross to the device (4x fewer bytes than fp32), from pinned memory on
+            # CUDA (torch's caching host allocator: reused once its copy is done), queued.
+            host = torch.empty((len(batch), h, w, 3), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            np.stack(batch, out=host.numpy())
+            images = host.to(self.device, non_blocking=True)  # (B, h, w, 3) uint8
+            images = kernels.frame_in(images, (h, w), signed=False, dtype=self.dtype)  # (B, 3, h, w) in [0, 1]
             with self._device_time():
                 return list(self.pipe.autoencoder.encode(images).split(1))
 
@@ -763,15 +783,61 @@ class Engine:
             # A model with NaN weights gives NaN, not an image: each frame's flag rides
             # along in the same copy, so checking costs no host sync of its own.
             finite = torch.isfinite(images).flatten(1).all(1, keepdim=True).to(torch.uint8)  # (B, 1)
-            rgb = images.clamp(0, 1).mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).reshape(B, h * w * 3)
-            # The one host sync per call: the frames go back to the host for their sinks.
-            with self._device_time():
-                host = torch.cat([rgb, finite], dim=1).cpu().numpy()  # (B, h * w * 3 + 1)
+            rgb = kernels.frame_out(images, signed=False).reshape(B, h * w * 3)
+            rows = torch.cat([rgb, finite], dim=1)  # (B, h * w * 3 + 1)
+            if not self.copies_async:
+                # The one host sync per call: the frames go back to the host for their sinks.
+                with self._device_time():
+                    host = rows.cpu()
+            else:
+                # The one device-to-host copy per call, queued: the next call's upload and
+                # model run overlap it, and the frames go out once it is done (_deliver).
+                host = torch.empty(rows.shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+                host.copy_(rows, non_blocking=True)
         except Exception as e:
             error = _freed(e)
             for s, tag, _ in blended:
                 self._fail(s, tag, error)
             return
+        if self.copies_async:
+            for s, _, _ in blended:
+                s.copying += 1
+            self.copies.append((self._copied(), host, blended, h, w))
+            return
+        self._hand_out(host.numpy(), blended, h, w)
+
+    def _copied(self):
+        """A marker of the copy just queued: a CUDA event (query() without blocking)."""
+        if self.device.type != "cuda":
+            return _Done()
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def _deliver(self, block: bool) -> None:
+        """Hand out the frames whose copy back to the host is done (every one, with `block`)."""
+        delivered = []
+        while self.copies and (block or self.copies[0][0].query()):
+            marker, host, blended, h, w = self.copies.popleft()
+            with self._device_time():
+                marker.synchronize()
+            for s, _, _ in blended:
+                s.copying -= 1
+            rows = [i for i, (s, _, _) in enumerate(blended) if not s.closed]  # a closed stream counted them dropped
+            self._delivering = True  # in order, oldest first: _emit must not deliver later copies first
+            try:
+                self._hand_out(host.numpy()[rows], [blended[i] for i in rows], h, w)
+            finally:
+                self._delivering = False
+            delivered += [s for s, _, _ in blended]
+        if delivered:
+            with self.lock:
+                for s in delivered:
+                    s.owed = s.copying > 0 or (s.state is not None and s.state.in_flight)
+                self.lock.notify_all()
+
+    def _hand_out(self, host: np.ndarray, blended: list, h: int, w: int) -> None:
+        """host (B, h * w * 3 + 1) uint8: each frame and its finite flag -> the sinks."""
         self.frames += len(blended)
         for (s, tag, _), row in zip(blended, host):
             if row[-1]:
@@ -814,13 +880,15 @@ class Engine:
 
         rgb None: the frame failed; a stand-in goes out in its place, counted as an
         error: the last output, else black."""
+        if s.copying and not self._delivering:  # frames before this one are on their way back: they go first
+            self._deliver(block=True)
         state = s.state
         W, H = tag.size
         failed = rgb is None
         if failed:
             tag.failed = True
             rgb = state.last_output if state.last_output is not None else np.zeros((H, W, 3), np.uint8)
-        if rgb.shape[:2] != (H, W):
+        if rgb.shape[:2] != (H, W) and s.scale_back:
             rgb = cv2.resize(rgb, (W, H), interpolation=cv2.INTER_LINEAR)
         rgb = np.ascontiguousarray(rgb)
         if not failed:
@@ -828,6 +896,8 @@ class Engine:
         tag.emitted = True
         for t in [tag] + tag.repeats:
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            if rgb.shape[:2] != (H, W):
+                frame.opaque = (W, H)  # the size to show it at: the sink scales it (scale_back=False)
             if t.time_base is not None:  # arrays come without timestamps
                 frame.pts, frame.time_base = t.pts, t.time_base
             try:
@@ -841,6 +911,16 @@ class Engine:
             else:
                 s.meter.output(t.submitted_at)
         tag.repeats.clear()
+
+
+class _Done:
+    """The marker of a copy that was done when it was queued (off CUDA)."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
 
 
 def _freed(error: Exception) -> Exception:
