@@ -4,12 +4,16 @@
     stream = engine.open_stream(settings, on_output, live=True)
     stream.submit(frame) ... stream.update(strength=0.6) ... stream.flush(); stream.close()
 
-Per frame, on the worker (DESIGN.md's data path):
+Per frame (DESIGN.md's data path): on the submitting thread, the resize to the
+processing size, the small grey copy and the optical flow from the frame before; on
+the worker:
 
     similarity filter (small grey copy, CPU) -> skip, or
-    encode -> [flow prior into the start latent: SD] -> stream-batch step(s) of the U-Net
+    encode -> [flow prior into the start latent: SD] -> the fixed-shape step(s) (step.py)
     -> [flow prior into the finished latent: demo bridge] -> decode
     -> [flow-guided blend of the previous output image] -> on_output(frame with the input's pts)
+
+(the warps run on the device, kernels.propagate, from the small flow).
 
 - Latest frame wins: each stream holds at most one waiting frame; a newer one replaces
   it (counted as dropped), so a slow model never builds up delay. For files
@@ -19,8 +23,9 @@ Per frame, on the worker (DESIGN.md's data path):
   frame runs its S steps one after another and is output at once (no warm-up
   frames); its intermediate latents prime the slots, so from the next frame on each
   call finishes one frame, S - 1 frames late.
-- Many streams: every stream with work is advanced together; rows of streams with
-  the same latent size and temporal cache length share one U-Net call.
+- Many streams: every stream with work is advanced together; streams whose rows fit
+  one call (step.BucketKey) hold rows in one bucket of fixed size, and one
+  fixed-shape step advances them all, padding rows and all (step.py).
 - Live updates are applied by the worker between frames; one that changes buffer
   shapes first finishes the frames in flight with the old settings. An update that
   cannot be applied is the stream's alone: it keeps its previous settings, or, with
@@ -31,7 +36,11 @@ Per frame, on the worker (DESIGN.md's data path):
   flight with it go on. Batched work that fails is retried stream by stream, so one
   stream's failure never fails another's frames.
 - No host syncs per frame except the one that cannot be avoided: the restyled frame
-  coming back to the host for its sink (with a flag saying whether it is finite).
+  coming back to the host for its sink (with a flag saying whether it is finite). On
+  CUDA that copy is queued into pinned memory and the frames go out once it is done,
+  so the next call's upload and model run overlap it.
+- stats()["host_ms"]: the worker's wall time per output frame less the time in model
+  calls and waiting for the device: what a faster device would not shorten.
 """
 
 from __future__ import annotations
