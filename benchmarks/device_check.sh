@@ -17,7 +17,7 @@
 #   bench         benchmarks/suite.py: U-Net step (fp16, bf16), the 512x512 frame (eager,
 #                 CUDA graphs, kernels on/off, channels_last, fp16 and bf16) against the
 #                 peers if their wheels were carried, the demo model at 256 and 512,
-#                 the roofline                                                          160 s
+#                 the temporal parts' cost, the roofline                                160 s
 #   compile       benchmarks/suite.py --sections frame --compile: torch.compile, and
 #                 compile + CUDA graphs (what fits in its limit)                          90 s
 #
@@ -76,11 +76,11 @@ if [ $smoke = 1 ]; then
   # Looser limits: a CI machine may be shared. The U-Net kernel row is left out here: in
   # Triton's interpreter it takes minutes, and tests/test_kernels_parity.py covers it.
   step kernels 300 "$py" benchmarks/kernels.py --smoke --no-unet --json "$work/kernels.json"
-  step bench 300 "$py" benchmarks/suite.py --smoke --sections unet frame demo roofline --json "$work/bench.json"
+  step bench 300 "$py" benchmarks/suite.py --smoke --sections unet frame demo temporal roofline --json "$work/bench.json"
 else
   step parity 100 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_parity.py
   step kernels 100 "$py" benchmarks/kernels.py --json "$work/kernels.json"
-  step bench 160 "$py" benchmarks/suite.py --sections unet frame demo roofline --json "$work/bench.json"
+  step bench 160 "$py" benchmarks/suite.py --sections unet frame demo temporal roofline --json "$work/bench.json"
   step compile 90 "$py" benchmarks/suite.py --sections frame --compile --rounds 3 --json "$work/compile.json"
 fi
 

@@ -524,14 +524,15 @@ from livestyle.capture.sources import SyntheticSource
 from livestyle.config import StreamSettings
 from livestyle.models.demo import load_demo
 from livestyle.stream.engine import Engine
-clip = [f.to_ndarray(format="rgb24") for f in SyntheticSource("coffee", (size, size), 30, 4 + n)]
+warm = min(4, n)
+clip = [f.to_ndarray(format="rgb24") for f in SyntheticSource("coffee", (size, size), 30, warm + n)]
 with Engine(lambda: load_demo("cpu"), "cpu") as engine:
     if policy == "torch defaults":
         threads.release_allocations()   # the engine's worker kept them at its start: glibc's own here
     stream = engine.open_stream(StreamSettings(size=(size, size)), lambda f: None, live=False)
-    for f in clip[:4]: stream.submit(f)
+    for f in clip[:warm]: stream.submit(f)
     stream.flush(); start = time.perf_counter()
-    for f in clip[4:]: stream.submit(f)
+    for f in clip[warm:]: stream.submit(f)
     stream.flush()
     print(json.dumps({{"fps": n / (time.perf_counter() - start), "threads": torch.get_num_threads()}}))
 """
@@ -541,7 +542,7 @@ def section_contention(b: Bench) -> None:
     if b.cuda:
         b.row("contention", "demo model", "livestyle", note="CPU only (a busy CPU process barely slows a GPU)")
         return
-    size, n = (64, 4) if b.smoke else (256, 24)
+    size, n = (64, 2) if b.smoke else (256, 24)
     policies = ["torch defaults", "livestyle"] + (["1 thread"] if b.args.full else [])
     code = CONTENTION_CHILD.format(root=str(ROOT))
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS")}

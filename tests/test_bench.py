@@ -21,7 +21,7 @@ def test_device_check_smoke_leaves_one_json_and_one_log(tmp_path):
     assert [s["name"] for s in report["steps"]] == ["environment", "kernels", "bench"]
     assert all(s["status"] == "ok" for s in report["steps"])
     rows = report["bench"]["rows"]
-    assert {r["section"] for r in rows} == {"unet", "frame", "demo", "roofline"}
+    assert {r["section"] for r in rows} == {"unet", "frame", "demo", "temporal", "roofline"}
     assert not report["bench"]["meta"]["failed_sections"]
     # Every CPU row is a measurement; every GPU row says so instead of a number.
     frames = [r for r in rows if r["section"] == "frame" and "fps" in r]
@@ -32,11 +32,13 @@ def test_device_check_smoke_leaves_one_json_and_one_log(tmp_path):
     gpu = [r for r in rows if "cuda" in r["configuration"]]
     assert gpu and all(r["note"] == "not measured (no CUDA)" for r in gpu)
     assert report["kernels"] is not None
+    temporal = {r["configuration"] for r in rows if r["section"] == "temporal"}
+    assert "64x64, all off" in temporal and "64x64, all on (default)" in temporal
 
 
 def test_livestyle_bench_writes_json_markdown_and_says_what_of_the_plot(tmp_path):
     out = tmp_path / "bench"
-    result = subprocess.run([sys.executable, "-m", "livestyle.cli", "bench", "--smoke", "--sections", "temporal",
+    result = subprocess.run([sys.executable, "-m", "livestyle.cli", "bench", "--smoke", "--sections",
                              "contention", "--json", f"{out}.json", "--markdown", f"{out}.md", "--plot",
                              f"{out}.png", "--threads", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -45,8 +47,6 @@ def test_livestyle_bench_writes_json_markdown_and_says_what_of_the_plot(tmp_path
     contention = [r for r in report["rows"] if r["section"] == "contention"]
     assert [r["system"] for r in contention] == ["quiet", "one busy process"] * 2
     assert all(r["fps"]["median"] > 0 for r in contention)
-    temporal = {r["configuration"] for r in report["rows"] if r["section"] == "temporal"}
-    assert "64x64, all off" in temporal and "64x64, all on (default)" in temporal
     table = Path(f"{out}.md").read_text()
     assert "| configuration | system | figures |" in table and "torch 2." in table
     # The plot has no frame rows to draw here: it says so rather than drawing an empty one.
