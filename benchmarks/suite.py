@@ -476,9 +476,10 @@ def _demo_table(b: Bench, section: str, configs: dict, sizes: list[int]) -> None
             for _ in range(b.rounds):
                 for name, settings in named.items():
                     fps[name].append(_demo_fps(engine, settings, clip))
-            base = statistics.median(next(iter(fps.values())))
-            for name, values in fps.items():
-                extra = {} if name == next(iter(fps)) else {"cost_vs_first": f"{1 - statistics.median(values) / base:+.0%}"}
+            first = next(iter(fps))
+            for name, values in fps.items():  # the fps given up against the first row, per round
+                extra = {} if name == first else {
+                    "fps_cost_vs_first_row": spread([1 - v / f for v, f in zip(values, fps[first])])}
                 b.row(section, f"{size}x{size}, {name}", "livestyle demo model", fps=spread(values),
                       ms_per_frame=spread([1e3 / v for v in values]), **extra)
                 b.timings[(section, name, size)] = 1e3 / statistics.median(values)
@@ -634,6 +635,9 @@ def meta(b: Bench, args: argparse.Namespace) -> dict:
             "rounds": b.rounds, "frames_per_round": b.frames, "steps": b.steps, "sizes": b.sizes, "smoke": b.smoke}
 
 
+RATIOS = ("ratio", "share_of_quiet", "livestyle_speedup", "fps_cost_vs_first_row")  # two decimals
+
+
 def markdown(info: dict, rows: list[dict]) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
     sections = " ".join(info["options"].get("sections") or [])
@@ -644,8 +648,9 @@ def markdown(info: dict, rows: list[dict]) -> str:
         for r in rows:
             if r["section"] != section:
                 continue
-            figures = "; ".join(f"{k.replace('_', ' ')} {cell(v, 2 if k in ('ratio', 'share_of_quiet', 'livestyle_speedup') else 1) if isinstance(v, dict) else v}"
-                                for k, v in r.items() if k not in ("section", "configuration", "system"))
+            figures = "; ".join(
+                f"{k.replace('_', ' ')} {cell(v, 2 if k in RATIOS else 1) if isinstance(v, dict) else v}"
+                for k, v in r.items() if k not in ("section", "configuration", "system"))
             lines.append(f"| {r['configuration']} | {r['system']} | {figures} |")
         lines.append("")
     return "\n".join(lines)
