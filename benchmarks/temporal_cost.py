@@ -2,6 +2,7 @@
 
     python benchmarks/temporal_cost.py                    # 512x512, 6 rounds of 8 frames each way
     python benchmarks/temporal_cost.py --size 256x256 --rounds 8
+    python benchmarks/temporal_cost.py --parts            # each part alone against off, in the same run
 
 Two file streams on one Engine, one with the temporal parts on (the default
 TemporalSettings: a 2-frame cached self-attention, flow-guided latents and output
@@ -45,17 +46,23 @@ def main() -> None:
     parser.add_argument("--size", type=size, default=(512, 512))
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--frames", type=int, default=8, help="frames per stream per round")
+    parser.add_argument("--parts", action="store_true",
+                        help="also the cached attention alone and the flow (latents + output blend) alone")
     args = parser.parse_args()
     w, h = args.size
     clip = list(SyntheticSource("coffee", (w, h), 24, args.frames * (args.rounds + 1)))
-    fps = {"on": [], "off": []}
+    configs = {"on": TemporalSettings(), "off": TemporalSettings.off()}
+    if args.parts:
+        configs["cache only"] = TemporalSettings(flow=False)
+        configs["flow only"] = TemporalSettings(attention_frames=0)
+    fps = {name: [] for name in configs}
     with Engine(load_demo) as engine:
         streams = {name: engine.open_stream(StreamSettings(size=(w, h), style="starry-night", temporal=temporal),
                                             lambda f: None, live=False)
-                   for name, temporal in (("on", TemporalSettings()), ("off", TemporalSettings.off()))}
+                   for name, temporal in configs.items()}
         for r in range(args.rounds + 1):  # round 0 warms up (allocation, first calls), not counted
             chunk = clip[r * args.frames:(r + 1) * args.frames]
-            for name in (("on", "off") if r % 2 else ("off", "on")):
+            for name in (list(configs) if r % 2 else list(configs)[::-1]):
                 began = time.perf_counter()
                 for f in chunk:
                     streams[name].submit(f)
@@ -73,6 +80,10 @@ def main() -> None:
     print(f"temporal off {off:6.2f} fps   per round: {', '.join(f'{v:.2f}' for v in fps['off'])}")
     print(f"cost: {100 * (1 - on / off):.1f}% of the frame rate (median of per-round ratios: "
           f"{100 * (1 - ratios):.1f}%); engine host time {host:.1f} ms/frame")
+    for name in list(configs)[2:]:
+        part = statistics.median(a / b for a, b in zip(fps[name], fps["off"]))
+        print(f"{name}: {statistics.median(fps[name]):.2f} fps, cost {100 * (1 - part):.1f}% (median of per-round "
+              f"ratios)")
 
 
 if __name__ == "__main__":

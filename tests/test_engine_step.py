@@ -218,3 +218,13 @@ def test_optical_flow_runs_on_the_submitting_thread(engine, monkeypatch):
     run_case(engine, [(StreamSettings(size=SIZE, style="ink-sketch", steps=2), "coffee")])
     assert len(threads) == FRAMES - 1 and "livestyle-engine" not in threads
     assert engine.stats()["flow_on_worker"] == before
+
+
+def test_the_device_warp_gives_the_host_grids_frames(recorded):
+    """The warps as a GPU runs them (kernels.propagate from the small flow, the grid built
+    on the device), here on the CPU, against the frames recorded with the host-built grid."""
+    with Engine(load_demo) as engine:
+        engine.grid_on_device = True
+        for name in ("demo-two-streams", "demo-three-temporal"):
+            got = run_case(engine, CASES[name][1]).astype(np.int16)
+            assert np.abs(got - recorded[name]).max() <= 1, name

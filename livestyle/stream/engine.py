@@ -67,7 +67,7 @@ from livestyle.errors import LivestyleError
 from livestyle.frame import rgb_array
 from livestyle.models.loading import Pipeline
 from livestyle.stream.conditioning import Conditioning
-from livestyle.stream.flow import FlowEstimator, flow_size, small_grey, warp_inputs
+from livestyle.stream.flow import FlowEstimator, flow_size, propagate, sampling_grid, small_grey, warp_inputs
 from livestyle.stream.guidance import InitializeGuidance, make_guidance
 from livestyle.stream.plan import make_plan
 from livestyle.stream.state import StreamState, Tag, layout
@@ -264,6 +264,11 @@ class Engine:
         self.flow_on_worker = 0  # motions estimated on the worker (the frame before was dropped or skipped)
         # Outputs copied back asynchronously (CUDA): (done marker, host rows, frames, h, w), oldest first.
         self.copies_async = self.device.type == "cuda"
+        # Warps: on a GPU the sampling grid is built on the device from the small flow
+        # (kernels.propagate); on the CPU the host-built grid (flow.sampling_grid, numpy,
+        # one thread) is the faster one: 80 against 350 ms at 512x512 on the busy 2-core
+        # machine here, where every elementwise torch op pays for OpenMP. Same result.
+        self.grid_on_device = self.device.type != "cpu"
         self.copies: deque = deque()
         self._delivering = False
         # Host time per frame: the worker's wall time less model calls and waits for the device.
@@ -735,6 +740,9 @@ class Engine:
             self.flow_on_worker += 1
         _, motion, warps = tag.motion
         size = (current.shape[-1], current.shape[-2])
+        if not self.grid_on_device:
+            grid, confidence = sampling_grid(motion, size, self.device)
+            return propagate(current, previous, grid, confidence, blend)
         if size not in warps:
             warps[size] = warp_inputs(motion, size)
         # Small host tensors (the flow grid): the copies are queued, no sync.
