@@ -141,6 +141,12 @@ class Runner:
         self.thread.join()
 
 
+def rotated(items: list, r: int) -> list:
+    """Round r's order: each round starts one later, so no system always follows the same one."""
+    r %= max(len(items), 1)
+    return items[r:] + items[:r]
+
+
 def measured(fn, sync) -> dict:
     """One call of fn: wall ms, minor page faults and system CPU ms of the process meanwhile."""
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -276,8 +282,8 @@ def _unet_cpu(b: Bench, size: int, label: str) -> None:
         configs = [(system, place, policy) for system in ("livestyle", "diffusers")
                    for place in ("main", "worker") for policy in children]
         results = {k: [] for k in configs}
-        for _ in range(b.rounds):
-            for system, place, policy in configs:
+        for r in range(b.rounds):
+            for system, place, policy in rotated(configs, r):
                 results[(system, place, policy)].append(children[policy](system, place))
     finally:
         for child in children.values():
@@ -426,8 +432,8 @@ def _frame_round_robin(b: Bench, label: str, systems: dict, clip: list, size: in
         if b.cuda:
             peaks[name] = torch.cuda.max_memory_allocated() / 2**20
     fps = {k: [] for k in live}
-    for _ in range(b.rounds):
-        for name, s in live.items():
+    for r in range(b.rounds):
+        for name, s in rotated(list(live.items()), r):
             start = time.perf_counter()
             for f in clip[2:]:
                 s(f)
