@@ -65,10 +65,13 @@ def test_sharpness_loss_is_zero_for_equal_images_and_grows_with_blur():
     assert 0 < sharpness_loss(blurred, image) < sharpness_loss(more, image)
 
 
-def test_patch_discriminator_gives_one_logit_per_patch():
-    disc = PatchDiscriminator(width=16)
-    out = disc(torch.rand(2, 3, 32, 48), torch.rand(2, 3, 32, 48))
+def test_patch_discriminator_gives_one_logit_per_patch_from_the_style_head():
+    disc = PatchDiscriminator(styles=3, width=16)
+    photo, image = torch.rand(2, 3, 32, 48), torch.rand(2, 3, 32, 48)
+    out = disc(photo, image, torch.tensor([0, 2]))
     assert out.shape == (2, 1, 8, 12)
+    heads = disc.net(torch.cat([photo * 2 - 1, image * 2 - 1], dim=1))
+    assert torch.equal(out[0, 0], heads[0, 0]) and torch.equal(out[1, 0], heads[1, 2])
 
 
 def test_training_refuses_a_missing_device_in_one_line(capsys):

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEMO_MODEL)
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--clips", type=int, default=3, help="motion clips per held-out image")
+    parser.add_argument("--clips", type=int, default=3, help="motion clips, cycling through the held-out images")
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--cache-frames", type=int, default=2)
     parser.add_argument("--pictures", type=Path, help="folder for the side-by-side pictures")
