@@ -11,6 +11,9 @@ other (the order alternates between rounds), every frame restyled; fps per round
 frames over the wall time from the first submit() to flush(). On a shared machine the
 load moves during a run, so the rounds alternate and the figures are medians; the cost
 is 1 - median(fps on) / median(fps off), and also the median of the per-round ratios.
+Beside the wall-clock fps, the process's CPU time per frame (time.process_time: the
+worker and the submitting thread) is less moved by other processes' load; its ratio is
+printed too.
 
 The flow runs on the submitting thread (Stream.submit), as in `livestyle run`, so on a
 2-core machine it competes with the model for the cores: it is counted here.
@@ -56,6 +59,7 @@ def main() -> None:
         configs["cache only"] = TemporalSettings(flow=False)
         configs["flow only"] = TemporalSettings(attention_frames=0)
     fps = {name: [] for name in configs}
+    cpu = {name: [] for name in configs}  # CPU ms per frame
     with Engine(load_demo) as engine:
         streams = {name: engine.open_stream(StreamSettings(size=(w, h), style="starry-night", temporal=temporal),
                                             lambda f: None, live=False)
@@ -63,12 +67,13 @@ def main() -> None:
         for r in range(args.rounds + 1):  # round 0 warms up (allocation, first calls), not counted
             chunk = clip[r * args.frames:(r + 1) * args.frames]
             for name in (list(configs) if r % 2 else list(configs)[::-1]):
-                began = time.perf_counter()
+                began, cpu_began = time.perf_counter(), time.process_time()
                 for f in chunk:
                     streams[name].submit(f)
                 streams[name].flush()
                 if r:
                     fps[name].append(len(chunk) / (time.perf_counter() - began))
+                    cpu[name].append(1e3 * (time.process_time() - cpu_began) / len(chunk))
         host = engine.stats()["host_ms_mean"]
         for s in streams.values():
             s.close()
@@ -84,6 +89,10 @@ def main() -> None:
         part = statistics.median(a / b for a, b in zip(fps[name], fps["off"]))
         print(f"{name}: {statistics.median(fps[name]):.2f} fps, cost {100 * (1 - part):.1f}% (median of per-round "
               f"ratios)")
+    for name in configs:
+        extra = statistics.median(a / b for a, b in zip(cpu[name], cpu["off"]))
+        print(f"CPU time per frame, {name}: {statistics.median(cpu[name]):.0f} ms ({100 * (extra - 1):+.1f}% "
+              f"against off, median of per-round ratios)")
 
 
 if __name__ == "__main__":

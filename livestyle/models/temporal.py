@@ -366,6 +366,17 @@ class TemporalRings:
         self.write_index[start:stop] = 0
         self.counts[start:stop] = 0
 
+    def view(self, start: int, stop: int) -> TemporalRings:
+        """Rows [start, stop), sharing this one's buffers (writes land here): an eager call
+        over the rows it steps, not the whole bucket."""
+        view = TemporalRings.__new__(TemporalRings)
+        view.frames, view.fusion, view.masked = self.frames, self.fusion, self.masked
+        view.keys, view.values = [t[start:stop] for t in self.keys], [t[start:stop] for t in self.values]
+        view.outputs = [t[start:stop] if t is not None else None for t in self.outputs]
+        view.filled, view.write_index = self.filled[start:stop], self.write_index[start:stop]
+        view.active, view.counts = self.active[start:stop], self.counts[start:stop]
+        return view
+
     def moved(self, rows: int, keep: int) -> TemporalRings:
         """A copy with `rows` rows holding this one's first `keep` (a bucket that grows)."""
         new = TemporalRings.__new__(TemporalRings)

@@ -713,13 +713,20 @@ class Engine:
             places.append(slice(first, first + len(rows.slots)))
         active = bucket.load(parts)
         started, clock = self.timer.start(), time.perf_counter()
-        x_next, denoised, reference = self.graphs(bucket) if self.graphs else self._step_fn(*bucket.inputs())
+        if self.graphs:
+            first, (x_next, denoised, reference) = 0, self.graphs(bucket)
+        elif self.compile:
+            first, (x_next, denoised, reference) = 0, self._step_fn(*bucket.inputs())
+        else:  # eager: the span of rows stepped, no padding around it
+            first = min(active)
+            x_next, denoised, reference = self._step_fn(*bucket.inputs(slice(first, max(active) + 1)))
         self.device_s += time.perf_counter() - clock
         self.timer.stop(started, meters)
         if bucket.rings is not None:
             bucket.rings.count(active)
         self.batches += 1
         # Copies: the bucket's outputs are overwritten by its next call (in place, with CUDA graphs).
+        places = [slice(rows.start - first, rows.stop - first) for rows in places]
         return [(x_next[rows].clone(), denoised[rows].clone(), reference[rows].clone()) for rows in places]
 
     # -- Temporal propagation and output ----------------------------------------------

@@ -28,7 +28,9 @@ residual wc = s and the virtual residual noise through wr, wx), the sampler one
 Bucket sizes (rows R): powers of two, at least the engine's `bucket_rows` (default 1):
 a single stream of S steps runs at R = S with no padding (the common GPU case), a
 joining stream fits in the free rows or doubles R (one new shape, at most log2 of them),
-and padding never exceeds the rows in use. With G = 2 (full guidance, or "initialize")
+and padding never exceeds the rows in use. Eager (not compiled, not captured), a call
+runs only the span of rows it steps: shapes may change there, and padding would cost
+model time for nothing. With G = 2 (full guidance, or "initialize")
 the call is 2R rows; "initialize" then computes negative rows for every slot, not only
 the fresh one (R wasted rows, kept so that its shapes are fixed too).
 """
@@ -233,9 +235,23 @@ class Bucket:
             self.rings.prepare(active)
         return active
 
-    def inputs(self) -> tuple:
-        return (self.unet, self.x, self.reference, self.noise, self.context, self.coeffs, self.time_cond,
-                self.rings, self.key.groups)
+    def inputs(self, rows: slice | None = None) -> tuple:
+        """denoise's arguments: the whole bucket (fixed shapes: compiled, captured), or the
+        rows [start, stop) an eager call steps (padding costs model time, and eager shapes
+        are free to change)."""
+        if rows is None or (rows.start, rows.stop) == (0, self.rows):
+            return (self.unet, self.x, self.reference, self.noise, self.context, self.coeffs, self.time_cond,
+                    self.rings, self.key.groups)
+        R, (a, b) = self.rows, (rows.start, rows.stop)
+
+        def grouped(t: Tensor | None) -> Tensor | None:  # (G*R, ...) -> (G*(b-a), ...)
+            if t is None or self.key.groups == 1:
+                return None if t is None else t[a:b]
+            return torch.cat([t[a:b], t[R + a:R + b]])
+
+        return (self.unet, self.x[a:b], self.reference[a:b], self.noise[a:b], grouped(self.context),
+                self.coeffs[:, a:b], grouped(self.time_cond), self.rings.view(a, b) if self.rings else None,
+                self.key.groups)
 
 
 class CapturedSteps:
