@@ -2,7 +2,9 @@
 
     python training/train_demo.py                   # the shipped model (seed 0)
     python training/train_demo.py --quick --out /tmp/demo   # a few steps, to check it runs
-    python training/train_demo.py --init livestyle/weights/demo --out /tmp/v3 ...  # fine-tune a model
+    python training/train_demo.py --init livestyle/weights/demo --out /tmp/v3 --pool 600 --size 96 \
+        --ae-steps 200 --ae-lr 5e-4 --bridge-steps 1200 --batch 6 --lr 2e-4 --sharp 1 \
+        --adversarial 0.05 --consistency 2          # the v3 candidate (not shipped: README)
 
 Objective: distillation of a feed-forward style-transfer teacher into a rectified-flow
 bridge from frame to stylised frame, in a learned latent space.
