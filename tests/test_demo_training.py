@@ -4,14 +4,24 @@ Small images and a --quick training run; the shipped model's figures are asserte
 test_demo_model.py.
 """
 
+import json
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
 import torch
 
 from livestyle.models.demo import DEMO_MODEL, demo_processing_size
-from training.evaluate_demo import grid_ratio, sharpness
-from training.train_demo import PatchDiscriminator, laplacian, main, sharpness_loss
+from livestyle.models.lite_autoencoder import LiteAutoencoder, LiteAutoencoderConfig, Shuffle2x
+from livestyle.models.loading import load_autoencoder
+from training.evaluate_demo import decoder_speed, grid_ratio, round_trip, sharpness
+from training.train_demo import PatchDiscriminator, laplacian, main, save_autoencoder, sharpness_loss, \
+    train_autoencoder
+
+# The shipped v2 autoencoder's encode and decode of a seeded 24x40 image, recorded with the
+# code as it was before the v3 decoder was added (git 39c37ef).
+V2_RECORD = Path(__file__).with_name("test_demo_training_v2_autoencoder.npz")
 
 
 def _photo(size=64, seed=0):
@@ -104,3 +114,90 @@ def test_quick_fine_tune_with_sharpness_and_adversarial_terms_writes_a_loadable_
     assert pipe.family == "demo" and tuple(pipe.styles.names) == tuple(load_pipeline(DEMO_MODEL).styles.names)
     for name, p in pipe.unet.state_dict().items():
         assert torch.isfinite(p).all(), name
+
+
+# -- The autoencoder: v2 kept as it was, v3's sub-pixel decoder -------------------------------
+
+def test_shipped_v2_autoencoder_loads_with_its_config_and_gives_the_recorded_output():
+    if not (DEMO_MODEL / "vae" / "config.json").is_file():
+        pytest.skip("the demo model is not built")
+    vae = load_autoencoder(DEMO_MODEL / "vae").eval()
+    assert vae.config == LiteAutoencoderConfig(latent_channels=16, width=48)
+    assert (vae.config.upsample, vae.config.full_res_width) == ("nearest", 0)
+    # v2 folders keep their exact config.json: the v3 keys are written only for v3.
+    assert vae.config.to_diffusers() == json.loads((DEMO_MODEL / "vae" / "config.json").read_text())
+    record = np.load(V2_RECORD)
+    with torch.no_grad():
+        z = vae.encode(torch.from_numpy(record["images"]))
+        out = vae.decode(z)
+    assert torch.equal(z, torch.from_numpy(record["latents"]))
+    assert torch.equal(out, torch.from_numpy(record["decoded"]))
+
+
+def test_autoencoder_config_describes_v3_and_refuses_bad_fields():
+    config = LiteAutoencoderConfig(latent_channels=8, width=16, upsample="shuffle", full_res_width=6)
+    assert LiteAutoencoderConfig.from_diffusers(config.to_diffusers()) == config
+    with pytest.raises(ValueError, match="upsample"):
+        LiteAutoencoderConfig(upsample="bilinear")
+    with pytest.raises(ValueError, match="full_res_width"):
+        LiteAutoencoderConfig(full_res_width=8)  # v2's nearest decoder has no full-resolution block
+
+
+def test_shuffle2x_starts_as_a_conv_then_nearest_upsampling():
+    torch.manual_seed(0)
+    up = Shuffle2x(5, 3)
+    x = torch.randn(2, 5, 6, 7)
+    with torch.no_grad():
+        out = up(x)  # (2, 3, 12, 14)
+        phase0 = torch.nn.functional.conv2d(x, up[0].weight[::4], up[0].bias[::4], padding=1)  # (2, 3, 6, 7)
+    assert out.shape == (2, 3, 12, 14)
+    assert torch.allclose(out, torch.nn.functional.interpolate(phase0, scale_factor=2, mode="nearest"), atol=1e-6)
+
+
+@pytest.mark.parametrize("full_res_width", [0, 4])
+def test_shuffle_autoencoder_shapes(full_res_width):
+    torch.manual_seed(0)
+    vae = LiteAutoencoder(LiteAutoencoderConfig(latent_channels=8, width=16, upsample="shuffle",
+                                                full_res_width=full_res_width)).eval()
+    with torch.no_grad():
+        z = vae.encode(torch.rand(2, 3, 48, 80))
+        out = vae.decode(z)
+    assert z.shape == (2, 8, 6, 10) and out.shape == (2, 3, 48, 80)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_tiny_shuffle_autoencoder_learns_without_a_grid(tmp_path):
+    # A short run on smooth photos with hard edges: the round trip must improve and show no
+    # 8-px (or 2-, 4-px) pattern; then it is saved and loaded back with the same output.
+    torch.manual_seed(0)
+    crops = torch.from_numpy(np.stack([_photo(40, seed) for seed in range(16)])).permute(0, 3, 1, 2).contiguous()
+    styled = crops.flip(1)[None]  # a "style": the colour channels swapped
+    # Held-out photos rolled by 3 px, so that their own edges do not sit on the 8-px grid's phase.
+    held_out = np.stack([np.roll(_photo(32, seed), (3, 3), axis=(0, 1)) for seed in (100, 101)])
+    held_out = torch.from_numpy(held_out).permute(0, 3, 1, 2).contiguous()
+    vae = LiteAutoencoder(LiteAutoencoderConfig(latent_channels=8, width=16, upsample="shuffle", full_res_width=4))
+    before = round_trip(vae.eval(), held_out)
+    train_autoencoder(vae.train(), crops, styled, steps=200, batch=8, size=32, gen=torch.Generator().manual_seed(0),
+                      lr=2e-3, sharp=1.0, device=torch.device("cpu"))
+    after = round_trip(vae.eval(), held_out)
+    assert after["psnr"] > before["psnr"] + 5  # measured: 3.9 -> 11.3 dB
+    assert after["grid"] < 1.1  # measured: 0.40 (1.0: as much pattern as the input has)
+    folder = save_autoencoder(tmp_path / "ae", vae)
+    loaded = load_autoencoder(folder).eval()
+    assert loaded.config == vae.config
+    with torch.no_grad():  # fp16 weights on disk: close, not equal
+        assert torch.allclose(loaded.decode(loaded.encode(held_out)), vae.decode(vae.encode(held_out)), atol=2e-2)
+
+
+def test_decoder_speed_times_every_decoder():
+    vaes = {"v2": LiteAutoencoder(LiteAutoencoderConfig(width=8)).eval(),
+            "v3": LiteAutoencoder(LiteAutoencoderConfig(width=8, upsample="shuffle", full_res_width=4)).eval()}
+    ms = decoder_speed(vaes, 32, rounds=3)
+    assert set(ms) == {"v2", "v3"} and all(0 < t < 1e4 for t in ms.values())
+
+
+def test_training_refuses_a_bad_decoder_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--full-res-width", "8"])  # nearest (v2) decoder has no full-resolution block
+    assert exc.value.code == 2
+    assert "full_res_width" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -1,6 +1,10 @@
 """Evaluate the demo model against its teacher, on images and clips training never saw.
 
     python training/evaluate_demo.py [--model livestyle/weights/demo] [--pictures docs/demo]
+    python training/evaluate_demo.py --autoencoder /tmp/ae3    # a new autoencoder beside --model's
+
+With --autoencoder, only the round trips are measured, the model's autoencoder's and the
+given one's, then their decoders' speed at --size, timed alternately in one run.
 
 Prints the autoencoder's round trip first (the ceiling for the student): PSNR, sharpness
 kept (variance of the Laplacian, output over input) and the block-grid ratio, on the
@@ -35,7 +39,7 @@ if str(ROOT) not in sys.path:
 
 from livestyle.metrics import psnr, ssim, warp_error  # noqa: E402
 from livestyle.models.demo import DEMO_MODEL  # noqa: E402
-from livestyle.models.loading import load_pipeline  # noqa: E402
+from livestyle.models.loading import load_autoencoder, load_pipeline  # noqa: E402
 from livestyle.models.temporal import TemporalCache  # noqa: E402
 from livestyle.stream.restyle import restyle  # noqa: E402
 from training.data import HELD_OUT, held_out_images, motion_clips  # noqa: E402
@@ -93,6 +97,36 @@ def round_trip(autoencoder, images: torch.Tensor) -> dict:
             "grid": float(np.mean([grid_ratio(o, x) for o, x in pairs]))}
 
 
+@torch.inference_mode()
+def decoder_speed(autoencoders: dict, size: int, rounds: int = 30) -> dict:
+    """Median milliseconds of each autoencoder's decode of one (1, C, size/8, size/8) latent.
+
+    The decoders take turns within each round, so a load that comes and goes on a shared
+    machine falls on all of them alike; one warm-up round is not counted.
+    """
+    times = {name: [] for name in autoencoders}
+    latents = {name: torch.randn(1, ae.latent_channels, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+               for name, ae in autoencoders.items()}
+    for r in range(rounds + 1):
+        for name, ae in autoencoders.items():
+            start = time.perf_counter()
+            ae.decode(latents[name])
+            if r:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def compare_autoencoders(pipe, path: Path, teacher, images: torch.Tensor, size: int) -> dict:
+    """Round trips (held-out photos, their stylisations) and decoder speed: the model's autoencoder and path's."""
+    autoencoders = {"model": pipe.autoencoder, "new": load_autoencoder(path)}
+    styled = torch.cat([torch.from_numpy(teacher.stylize(images.numpy(), index)) for index in STYLES.values()])
+    results = {name: {"config": ae.config.to_diffusers(), "photos": round_trip(ae, images),
+                      "teacher": round_trip(ae, styled)} for name, ae in autoencoders.items()}
+    for name, ms in decoder_speed(autoencoders, size).items():
+        results[name]["decode_ms"] = ms
+    return results
+
+
 def fidelity(pipe, teacher, images: torch.Tensor, style: str) -> dict:
     """Mean PSNR/SSIM over the held-out images: student vs teacher, input vs teacher;
     and the student's sharpness over the teacher's (mean variance of the Laplacian)."""
@@ -142,14 +176,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-frames", type=int, default=2)
     parser.add_argument("--pictures", type=Path, help="folder for the side-by-side pictures")
     parser.add_argument("--json", type=Path, help="write the figures here too")
+    parser.add_argument("--autoencoder", type=Path, help="only compare this LiteAutoencoder folder's round trip "
+                        "and decoder speed with --model's autoencoder")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.size < 8 or args.size % 8:
+        parser.error(f"--size must be a positive multiple of 8, got {args.size}")
+    if args.autoencoder is not None and not (args.autoencoder / "config.json").is_file():
+        parser.error(f"--autoencoder {args.autoencoder}: not an autoencoder folder (no config.json)")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
     pipe = load_pipeline(args.model)
     teacher = Teacher(threads=args.threads)
     images = torch.from_numpy(held_out_images(args.size))  # (3,3,S,S)
+    if args.autoencoder is not None:
+        results = compare_autoencoders(pipe, args.autoencoder, teacher, images, args.size)
+        print(f"autoencoder round trips at {args.size}x{args.size} on {', '.join(HELD_OUT)} (photos | their "
+              f"stylisations, all styles) and decoder speed ({args.threads} threads, median of 30, alternating):")
+        for name, r in results.items():
+            print(f"  {name} {json.dumps(r['config'])}: decode {r['decode_ms']:.1f} ms")
+            for what in ("photos", "teacher"):
+                t = r[what]
+                print(f"    {what}: PSNR {t['psnr']:.2f} dB, sharpness kept {t['sharpness']:.3f}, "
+                      f"grid ratio {t['grid']:.3f}")
+        print(f"evaluated in {time.perf_counter() - start:.0f} s")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return 0
     clips = motion_clips(HELD_OUT, np.random.default_rng(0), args.clips, args.frames, (args.size, args.size))
     results = {}
     styled = torch.cat([torch.from_numpy(teacher.stylize(images.numpy(), index)) for index in STYLES.values()])

@@ -5,6 +5,9 @@
     python training/train_demo.py --init livestyle/weights/demo --out /tmp/v3 --pool 600 --size 96 \
         --ae-steps 200 --ae-lr 5e-4 --bridge-steps 1200 --batch 6 --lr 2e-4 --sharp 1 \
         --adversarial 0.05 --consistency 2          # the v3 candidate (not shipped: README)
+    python training/train_demo.py --ae-only --upsample shuffle --full-res-width 12 --out /tmp/ae3 ...
+                                                    # an autoencoder alone (see README for the figures)
+    python training/train_demo.py --autoencoder /tmp/ae3 --ae-steps 0 ...   # a student on that autoencoder
 
 Objective: distillation of a feed-forward style-transfer teacher into a rectified-flow
 bridge from frame to stylised frame, in a learned latent space.
@@ -50,14 +53,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from livestyle.models.demo import DEMO_MODEL, demo_unet_config, save_demo_model  # noqa: E402
-from livestyle.models.lite_autoencoder import LiteAutoencoder, LiteAutoencoderConfig  # noqa: E402
-from livestyle.models.loading import load_pipeline  # noqa: E402
+from livestyle.models.demo import DEMO_MODEL, WEIGHTS_NAME, demo_unet_config, save_demo_model  # noqa: E402
+from livestyle.models.lite_autoencoder import UPSAMPLES, LiteAutoencoder, LiteAutoencoderConfig  # noqa: E402
+from livestyle.models.loading import load_autoencoder, load_pipeline  # noqa: E402
 from livestyle.models.styles import StyleBank  # noqa: E402
 from livestyle.models.unet import UNet  # noqa: E402
 from training.data import TRAIN, load_image, random_crops  # noqa: E402
@@ -255,6 +259,18 @@ def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, 
                 f"{time.perf_counter() - start:.0f} s")
 
 
+def save_autoencoder(folder: Path, vae: LiteAutoencoder) -> Path:
+    """Write vae as a LiteAutoencoder component folder (config.json + fp16 weights, as the demo
+    model stores them), loadable by loading.load_autoencoder and by --autoencoder."""
+    state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in vae.state_dict().items()}
+    if bad := [k for k, v in state.items() if not torch.isfinite(v).all()]:
+        raise ValueError(f"save_autoencoder: weight {bad[0]} is not finite in fp16")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(vae.config.to_diffusers(), indent=2, sort_keys=True) + "\n")
+    save_file(state, str(folder / WEIGHTS_NAME))
+    return folder
+
+
 def device_type(text: str) -> torch.device:
     """argparse type for --device: a torch device that exists here."""
     try:
@@ -270,6 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEMO_MODEL, help="model folder to write")
     parser.add_argument("--init", type=Path, help="a demo model folder to fine-tune instead of starting afresh")
+    parser.add_argument("--autoencoder", type=Path, help="a LiteAutoencoder folder to start from (e.g. an --ae-only "
+                        "output) instead of a fresh one; with --ae-steps 0 the bridge trains on it as it is")
+    parser.add_argument("--ae-only", action="store_true", help="train the autoencoder only and write it to --out "
+                        "as a LiteAutoencoder folder")
+    parser.add_argument("--upsample", choices=UPSAMPLES, default="nearest",
+                        help="decoder of a fresh autoencoder: nearest (v2) or shuffle (sub-pixel convs, v3)")
+    parser.add_argument("--full-res-width", type=int, default=0,
+                        help="channels of the fresh shuffle decoder's full-resolution residual block (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", type=device_type, default=torch.device("cpu"), help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--size", type=int, default=128, help="training crop side (pixels)")
@@ -292,6 +316,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--size must be a multiple of 8 and at least 32, got {args.size}")
     if args.init is not None and not (args.init / "model_index.json").is_file():
         parser.error(f"--init {args.init}: not a demo model folder (no model_index.json)")
+    if args.init is not None and args.autoencoder is not None:
+        parser.error("--init and --autoencoder both give an autoencoder: pass one")
+    if args.autoencoder is not None and not (args.autoencoder / "config.json").is_file():
+        parser.error(f"--autoencoder {args.autoencoder}: not an autoencoder folder (no config.json)")
+    try:
+        ae_config = LiteAutoencoderConfig(latent_channels=LATENT, upsample=args.upsample,
+                                          full_res_width=args.full_res_width)
+    except ValueError as e:
+        parser.error(str(e))
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -310,7 +343,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--init {args.init}: its styles {init.styles.names} are not {tuple(STYLES)}")
         vae, unet, styles = init.autoencoder, init.unet, init.styles
     else:
-        vae = LiteAutoencoder(LiteAutoencoderConfig(latent_channels=LATENT))
+        if args.autoencoder is not None:
+            vae = load_autoencoder(args.autoencoder)
+            if not isinstance(vae, LiteAutoencoder) or vae.latent_channels != LATENT:
+                parser.error(f"--autoencoder {args.autoencoder}: not a {LATENT}-channel LiteAutoencoder")
+        else:
+            vae = LiteAutoencoder(ae_config)
         unet = UNet(demo_unet_config(latent_channels=LATENT, style_dim=STYLE_DIM))
         styles = StyleBank(tuple(STYLES), torch.randn(len(STYLES), STYLE_TOKENS, STYLE_DIM) * 0.5)
     vae, unet, styles = vae.to(args.device).train(), unet.to(args.device).train(), styles.to(args.device)
@@ -318,6 +356,13 @@ def main(argv: list[str] | None = None) -> int:
     train_autoencoder(vae, crops, styled, args.ae_steps, args.batch * 2, args.size, gen, args.ae_lr, args.sharp,
                       args.device)
     vae.eval().requires_grad_(False)
+    if args.ae_only:
+        seconds = time.perf_counter() - begin
+        save_autoencoder(args.out, vae)
+        log(f"wrote the autoencoder {args.out} ({json.dumps(vae.config.to_diffusers())}) after "
+            f"{seconds / 60:.1f} min: seed {args.seed}, {args.ae_steps} steps, device {args.device}, "
+            f"{args.threads} threads")
+        return 0
 
     unet.requires_grad_(True)
     styles.requires_grad_(True)
@@ -327,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
 
     seconds = time.perf_counter() - begin
     training = {"seed": args.seed, "seconds": round(seconds), "device": str(args.device), "threads": args.threads,
-                "init": None if args.init is None else str(args.init), "size": args.size, "pool": args.pool,
+                "init": None if args.init is None else str(args.init),
+                "autoencoder": None if args.autoencoder is None else str(args.autoencoder), "size": args.size, "pool": args.pool,
                 "ae_steps": args.ae_steps, "bridge_steps": args.bridge_steps, "batch": args.batch,
                 "ae_lr": args.ae_lr, "lr": args.lr, "decoder_lr": args.decoder_lr, "sharp": args.sharp,
                 "adversarial": args.adversarial, "consistency": args.consistency, "teacher_styles": STYLES}

@@ -6,16 +6,29 @@ A slimmer cousin of taesd.py's TinyAutoencoder, sized so that encode + decode at
 
 - the encoder downsamples first (two stride-2 convs before any residual block), so
   the residual blocks run at 1/4 and 1/8 resolution;
-- the decoder's last 2x is a PixelShuffle of a 12-channel conv (3 colours x 2 x 2),
-  so no conv ever runs at full resolution;
+- v2's decoder's last 2x is a PixelShuffle of a 12-channel conv (3 colours x 2 x 2),
+  so no conv ever runs at full resolution (v3's full-resolution block is narrow);
 - residual blocks are two convs wide instead of TAESD's three.
+
+Two decoders, chosen by the config (its defaults are the shipped v2 one):
+
+- upsample "nearest" (v2): nearest-neighbour 2x then a conv, twice, and a final
+  PixelShuffle. Cheap, but each nearest upsample copies a value into a 2x2 block
+  and the round trip shows a faint 8-px grid and keeps ~5% of a photo's sharpness.
+- upsample "shuffle": every 2x is a conv to 4x the channels and a PixelShuffle
+  (sub-pixel convolution, Shi et al. 2016, arXiv:1609.05158), initialised as
+  nearest-neighbour (ICNR, Aitken et al. 2017, arXiv:1707.02937) so that training
+  starts without the checkerboard; `full_res_width` > 0 then adds a residual block
+  of that many channels at full resolution, where fine texture is drawn.
 
 Contract shared with TinyAutoencoder and KLAutoencoder: images are (B, 3, H, W) in
 [0, 1] with H and W multiples of 8; latents are (B, C, H/8, W/8), unscaled.
 
 Weights live in a diffusers-like component folder: `config.json`
 {"_class_name": "LiteAutoencoder", "latent_channels": C, "width": w} beside
-`diffusion_pytorch_model.safetensors` (loaded by loading.load_autoencoder).
+`diffusion_pytorch_model.safetensors` (loaded by loading.load_autoencoder); the v3
+fields ("upsample", "full_res_width") are written only when they differ from v2's, so
+v2 folders read and write exactly as before.
 """
 
 from __future__ import annotations
@@ -28,19 +41,32 @@ import torch.nn as nn
 from livestyle.errors import CheckpointError
 
 CLASS_NAME = "LiteAutoencoder"  # config.json `_class_name`
+UPSAMPLES = ("nearest", "shuffle")
 
 
 @dataclass(frozen=True)
 class LiteAutoencoderConfig:
-    """latent_channels: C of the (B, C, H/8, W/8) latents; width: channels of the inner convs (even)."""
+    """latent_channels: C of the (B, C, H/8, W/8) latents; width: channels of the inner convs (even).
+
+    upsample: "nearest" (v2's decoder) or "shuffle" (sub-pixel convs at every 2x).
+    full_res_width: channels of the residual block at full resolution ("shuffle" only; 0: none).
+    """
 
     latent_channels: int = 16
     width: int = 48
+    upsample: str = "nearest"
+    full_res_width: int = 0
 
     def __post_init__(self):
         if self.latent_channels < 1 or self.width < 2 or self.width % 2:
             raise ValueError(f"LiteAutoencoderConfig: latent_channels must be >= 1 and width even and >= 2, "
                              f"got latent_channels={self.latent_channels}, width={self.width}")
+        if self.upsample not in UPSAMPLES:
+            raise ValueError(f"LiteAutoencoderConfig: upsample must be one of {', '.join(UPSAMPLES)}, "
+                             f"got {self.upsample!r}")
+        if self.full_res_width < 0 or (self.full_res_width and self.upsample != "shuffle"):
+            raise ValueError(f"LiteAutoencoderConfig: full_res_width must be >= 0, and 0 unless upsample is "
+                             f"'shuffle', got full_res_width={self.full_res_width}, upsample={self.upsample!r}")
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> LiteAutoencoderConfig:
@@ -49,13 +75,18 @@ class LiteAutoencoderConfig:
         if name != CLASS_NAME:
             raise CheckpointError(f"autoencoder config _class_name is {name!r}, expected {CLASS_NAME!r}")
         try:
-            return cls(latent_channels=int(cfg.get("latent_channels", 16)), width=int(cfg.get("width", 48)))
+            return cls(latent_channels=int(cfg.get("latent_channels", 16)), width=int(cfg.get("width", 48)),
+                       upsample=str(cfg.get("upsample", "nearest")),
+                       full_res_width=int(cfg.get("full_res_width", 0)))
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"bad LiteAutoencoder config: {e}") from None
 
     def to_diffusers(self) -> dict:
-        """The `config.json` dict that from_diffusers reads back to this config."""
-        return {"_class_name": CLASS_NAME, "latent_channels": self.latent_channels, "width": self.width}
+        """The `config.json` dict that from_diffusers reads back to this config (v2 keys only for v2)."""
+        cfg = {"_class_name": CLASS_NAME, "latent_channels": self.latent_channels, "width": self.width}
+        if self.upsample != "nearest":
+            cfg |= {"upsample": self.upsample, "full_res_width": self.full_res_width}
+        return cfg
 
 
 def conv(n_in, n_out, stride=1):
@@ -63,12 +94,12 @@ def conv(n_in, n_out, stride=1):
 
 
 class Res(nn.Module):
-    """Residual block: relu(x + conv(relu(conv(x))))."""
+    """Residual block: relu(x + conv(relu(conv(x)))), or without the outer relu (fuse=False)."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, fuse=True):
         super().__init__()
         self.conv = nn.Sequential(conv(channels, channels), nn.ReLU(), conv(channels, channels))
-        self.fuse = nn.ReLU()
+        self.fuse = nn.ReLU() if fuse else nn.Identity()
 
     def forward(self, x):
         return self.fuse(x + self.conv(x))
@@ -87,8 +118,24 @@ def Encoder(latent_channels=16, width=48):
     )  # fmt: skip
 
 
+class Shuffle2x(nn.Sequential):
+    """Sub-pixel 2x upsample: (B, n_in, h, w) -> conv -> (B, 4 n_out, h, w) -> (B, n_out, 2h, 2w).
+
+    ICNR init (Aitken et al. 2017): the 4 sub-pixel kernels of each output channel start
+    equal, so at init this is a conv followed by nearest upsampling, with no checkerboard;
+    training is then free to make the 4 phases differ where detail needs it.
+    """
+
+    def __init__(self, n_in, n_out):
+        super().__init__(conv(n_in, 4 * n_out), nn.PixelShuffle(2))
+        weight, bias = self[0].weight, self[0].bias  # (4 n_out, n_in, 3, 3): output channel c*4 + phase
+        with torch.no_grad():
+            weight.copy_(weight[::4].repeat_interleave(4, dim=0))
+            bias.copy_(bias[::4].repeat_interleave(4, dim=0))
+
+
 def Decoder(latent_channels=16, width=48):
-    """(B, latent_channels, h, w) -> (B, 3, 8h, 8w), roughly [0, 1] (not clamped)."""
+    """v2: (B, latent_channels, h, w) -> (B, 3, 8h, 8w), roughly [0, 1] (not clamped)."""
     w = width
     return nn.Sequential(
         conv(latent_channels, w), nn.ReLU(),
@@ -100,6 +147,36 @@ def Decoder(latent_channels=16, width=48):
     )  # fmt: skip
 
 
+def ShuffleDecoder(latent_channels=16, width=48, full_res_width=0):
+    """v3: (B, latent_channels, h, w) -> (B, 3, 8h, 8w), roughly [0, 1] (not clamped).
+
+    v2's layout with every upsample a Shuffle2x; the last one keeps f = full_res_width
+    channels at full resolution for a residual block before the colour conv. That path
+    has no relu outside the block's inner one: with few channels, relus there died in
+    training (all negative, no gradient) and left a black image.
+    """
+    w, f = width, full_res_width
+    if not f:
+        return nn.Sequential(
+            conv(latent_channels, w), nn.ReLU(),
+            Res(w), Res(w),
+            Shuffle2x(w, w), nn.ReLU(),                                 # 2h
+            Res(w),
+            Shuffle2x(w, w // 2), nn.ReLU(),                            # 4h
+            Shuffle2x(w // 2, 3),                                       # 8h
+        )  # fmt: skip
+    return nn.Sequential(
+        conv(latent_channels, w), nn.ReLU(),
+        Res(w), Res(w),
+        Shuffle2x(w, w), nn.ReLU(),                                     # 2h
+        Res(w),
+        Shuffle2x(w, w // 2), nn.ReLU(),                                # 4h
+        Shuffle2x(w // 2, f),                                           # 8h: (B, f, 8h, 8w)
+        Res(f, fuse=False),
+        conv(f, 3),
+    )  # fmt: skip
+
+
 class LiteAutoencoder(nn.Module):
     """Encoder + decoder; `LiteAutoencoder(config)`, weights from loading.load_autoencoder."""
 
@@ -108,7 +185,10 @@ class LiteAutoencoder(nn.Module):
         self.config = config
         self.latent_channels = config.latent_channels
         self.encoder = Encoder(config.latent_channels, config.width)
-        self.decoder = Decoder(config.latent_channels, config.width)
+        if config.upsample == "nearest":
+            self.decoder = Decoder(config.latent_channels, config.width)
+        else:
+            self.decoder = ShuffleDecoder(config.latent_channels, config.width, config.full_res_width)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1], H and W multiples of 8 -> latents (B, C, H/8, W/8)."""
