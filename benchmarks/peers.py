@@ -135,7 +135,7 @@ class Variant:
     """How livestyle's engine runs: Engine's own options, and the kernels' backend."""
 
     temporal: bool = False
-    kernels: str = "auto"  # livestyle.kernels.set_backend
+    kernels: str | None = None  # livestyle.kernels.set_backend; None: the bench's own (--kernels, else auto)
     compile: str | None = None
     cuda_graphs: bool = False
     channels_last: bool = False  # converts the modules' weights in place: runs on its own copy
@@ -149,6 +149,8 @@ class LivestyleFrames:
     def __init__(self, parts: Parts, size: int, steps: int, stream_batch: bool, variant: Variant,
                  device: str, dtype: torch.dtype):
         self.parts, self.variant, self.device, self.dtype = parts, variant, device, dtype
+        self.outside = kernels.backend()  # the bench's backend, given back on close()
+        self.backend = variant.kernels or self.outside
         temporal = variant.temporal
         self.settings = StreamSettings(size=(size, size), prompt=PROMPT, timesteps=tuple(timesteps(steps)),
                                        steps=steps, stream_batch=stream_batch,
@@ -175,7 +177,7 @@ class LivestyleFrames:
             self.cond.notify_all()
 
     def __call__(self, frame: np.ndarray) -> None:
-        kernels.set_backend(self.variant.kernels)  # process-wide: the systems take turns, so set per frame
+        kernels.set_backend(self.backend)  # process-wide: the systems take turns, so set per frame
         self.stream.submit(frame)
 
     def finish(self) -> None:
@@ -188,7 +190,7 @@ class LivestyleFrames:
         self.stream.close()
         self.engine.close()
         self.engine = self.stream = None
-        kernels.set_backend("auto")
+        kernels.set_backend(self.outside)
 
 
 def _to_tensor(frame: np.ndarray, device, dtype) -> torch.Tensor:

@@ -512,7 +512,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from livestyle.capture.sources import open_source
     from livestyle.capture.threads import Reader, RealTime, Writer
-    from livestyle.config import MIN_SIDE, find_model, find_preset, processing_size
+    from livestyle.config import MIN_SIDE, find_model, find_preset
     from livestyle.models import load_pipeline
     from livestyle.models.demo import load_demo
     from livestyle.stream import precision
@@ -538,10 +538,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise LivestyleError(f"{args.input}: {info.size[0]}x{info.size[1]} frames are too small to "
                                      f"restyle (at least {MIN_SIDE} px on a side)")
             # The look is checked before anything is written; the size is settled once the model is known.
-            short_side = min(256 if model_path is None else 512, *info.size)  # small inputs are not upscaled
-            _check_size(args.size or processing_size(*info.size, short_side), args.size is not None, info,
+            _check_size(args.size or _auto_size(info.size, model_path is None), args.size is not None, info,
                         device, dtype)
-            settings = _settings(args, preset, args.size or processing_size(*info.size, min(256, *info.size)))
+            settings = _settings(args, preset, args.size or _auto_size(info.size, model_path is None))
             kind, where = _output_target(args, preset.name)
             if kind not in LIVE_SINKS and not info.live and not args.verbose:
                 stack.enter_context(held_back.over("livestyle.stream", "livestyle.capture"))
@@ -558,8 +557,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                                 cuda_graphs=args.cuda_graphs,
                                                 channels_last=precision.configure(device, dtype)))
             pipe = engine.pipe
-            short_side = min(256 if pipe.family == "demo" else 512, *info.size)
-            settings = settings.replace(size=args.size or processing_size(*info.size, short_side))
+            settings = settings.replace(size=args.size or _auto_size(info.size, pipe.family == "demo"))
             if pipe.family != "demo" and not settings.prompt:
                 raise LivestyleError(f"preset {preset.name}: an SD checkpoint needs a prompt "
                                      '(pass --prompt "..." or use a preset with prompt = "...")')
@@ -630,6 +628,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         more = f" ({held_back.count - 1} more like it; -v shows each)" if held_back.count > 1 else ""
         print(f"livestyle: warning: {held_back.first[:200]}{more}", file=sys.stderr)
     return 0
+
+
+def _auto_size(size: tuple[int, int], demo: bool) -> tuple[int, int]:
+    """The processing size for a (width, height) input when --size is not given.
+
+    The demo model works at a 256 short side whatever the source (a 176x144 webcam would
+    otherwise leave it a 22x18 latent); SD checkpoints take the short side up to 512 and
+    never upscale.
+    """
+    from livestyle.config import processing_size
+    from livestyle.models.demo import demo_processing_size
+
+    return demo_processing_size(*size) if demo else processing_size(*size, min(512, *size))
 
 
 def _describe(preset: str, family: str, device: str, settings) -> str:
@@ -728,6 +739,12 @@ def _add_threads(parser) -> None:
                              "sleep instead of spinning, so a busy machine slows it gracefully)")
 
 
+def _add_kernels(parser) -> None:
+    parser.add_argument("--kernels", choices=("auto", "triton", "torch"),
+                        help="fused kernels: triton, the torch reference, or auto = Triton on cuda "
+                             "(default: $LIVESTYLE_KERNELS, else auto)")
+
+
 def _bench_suite():
     """benchmarks/suite.py of the source checkout, or None where livestyle was installed without one."""
     path = BENCHMARKS / "suite.py"
@@ -750,6 +767,7 @@ def _add_bench(sub) -> None:
                                "min-max (benchmarks/suite.py; the peers: pip install -e \".[bench]\").")
         suite.add_arguments(bench)
         _add_threads(bench)
+        _add_kernels(bench)
     bench.set_defaults(func=cmd_bench)
 
 
@@ -758,6 +776,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if suite is None:
         raise LivestyleError(f"livestyle bench needs a source checkout's benchmarks/ (pip install -e . from a clone); "
                              f"there is none at {BENCHMARKS}")
+    if args.kernels is not None:
+        import torch
+
+        from livestyle import kernels
+
+        kernels.use(args.kernels, "cuda" if torch.cuda.is_available() else "cpu")
     return suite.run(args)
 
 
@@ -803,7 +827,8 @@ def _add_run(sub) -> None:
                           help="run each frame's steps one after another (no steps - 1 frames of latency)")
     media = run.add_argument_group("input and output")
     media.add_argument("--size", type=_processing_size, help="processing WxH, multiples of 8 (default: the "
-                       "input's aspect with the short side at 256 for the demo model, 512 for SD)")
+                       "input's aspect with the short side at 256 for the demo model, small inputs too; up to 512 "
+                       "for SD, never upscaled)")
     media.add_argument("--input-size", type=_size, help="WxH to ask of a camera, or of test: (default 256x256)")
     media.add_argument("--fps", type=_fps, help="frame rate to ask of a camera; the rate of test: and image "
                        "folders (default 24)")
@@ -821,9 +846,7 @@ def _add_run(sub) -> None:
     device = run.add_argument_group("device")
     device.add_argument("--device", type=_device_name, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     device.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on cuda, fp32 on cpu")
-    device.add_argument("--kernels", choices=("auto", "triton", "torch"),
-                        help="fused kernels: triton, the torch reference, or auto = Triton on cuda "
-                             "(default: $LIVESTYLE_KERNELS, else auto)")
+    _add_kernels(device)
     _add_threads(device)
     add_acceleration(device)
     run.set_defaults(func=cmd_run)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from livestyle import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +42,7 @@ def test_livestyle_bench_writes_json_markdown_and_says_what_of_the_plot(tmp_path
     out = tmp_path / "bench"
     result = subprocess.run([sys.executable, "-m", "livestyle.cli", "bench", "--smoke", "--sections",
                              "contention", "--json", f"{out}.json", "--markdown", f"{out}.md", "--plot",
-                             f"{out}.png", "--threads", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                             f"{out}.png", "--threads", "1", "--kernels", "torch"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(Path(f"{out}.json").read_text())
     assert report["meta"]["threads"].startswith("1 torch threads")
@@ -68,3 +70,17 @@ def test_bench_without_a_checkout_says_so(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"livestyle: error: livestyle bench needs a source checkout's benchmarks/ (pip install -e . "
                    f"from a clone); there is none at {tmp_path / 'benchmarks'}"]
+
+
+def test_bench_refuses_triton_kernels_where_they_cannot_run(monkeypatch, capsys):
+    import torch
+
+    from livestyle import kernels
+
+    if torch.cuda.is_available() or kernels.interpreted():
+        pytest.skip("Triton can run here (CUDA or the interpreter): nothing to refuse")
+    monkeypatch.setattr(kernels, "_backend", None)  # the refused choice must not leak into later tests
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cli.main(["bench", "--smoke", "--sections", "roofline", "--kernels", "triton"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("livestyle: error: --kernels triton: ")

@@ -314,3 +314,19 @@ def test_sizes_beyond_the_device_are_refused_before_anything_is_allocated(tmp_pa
                        "-o", tmp_path / "out.mp4")
     assert code == 2 and "--size 4096x4096: needs at least 6.2 GiB on cpu, 1.0 GiB is free" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_default_processing_size_puts_the_demo_model_at_a_256_short_side():
+    # A 176x144 webcam would leave the demo model a 22x18 latent at its own size.
+    assert cli._auto_size((176, 144), demo=True) == (312, 256)
+    assert cli._auto_size((1920, 1080), demo=True) == (456, 256)
+    # SD checkpoints take up to a 512 short side and never upscale.
+    assert cli._auto_size((176, 144), demo=False) == (176, 144)
+    assert cli._auto_size((1920, 1080), demo=False) == (912, 512)
+
+
+def test_a_small_camera_is_processed_at_the_demo_model_s_size(tmp_path, capsys):
+    code, out, err = run(capsys, "test:", "--input-size", "176x144", "--seconds", "0.125", "--fps", "8",
+                         "-o", tmp_path / "out.mp4")
+    assert code == 0, err
+    assert "at 312x256" in out

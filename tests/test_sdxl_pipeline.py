@@ -202,3 +202,14 @@ def test_mismatched_parts_are_one_line(sdxl, tmp_path):
     sd1 = Pipeline("sd1", unet=None, autoencoder=None, text=None, schedule=NoiseSchedule(), source=root)
     with pytest.raises(ValueError, match="SDXL's conditioning"):
         sd1.time_ids(64, 64)
+
+
+def test_the_engine_refuses_sdxl_in_one_line(sdxl, tmp_path, capsys):
+    from livestyle.cli import main
+
+    root, _ = sdxl
+    code = main(["run", "test:", "--model", str(root / "model"), "--prompt", "a fox", "--input-size", "64x48",
+                 "--seconds", "0.1", "-o", str(tmp_path / "out.mp4")])
+    err = capsys.readouterr().err
+    assert code == 2 and "the streaming engine does not run them yet" in err and "Traceback" not in err
+    assert not (tmp_path / "out.mp4").exists()

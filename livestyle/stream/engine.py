@@ -295,6 +295,11 @@ class Engine:
     def _load(self, model: Pipeline | Callable[[], Pipeline]) -> None:
         """On the worker: load the model if need be, move it to the device, get ready."""
         pipe = model() if callable(model) else model
+        if pipe.family == "sdxl":
+            # The step does not pass SDXL's added conditioning (text_embeds, time_ids) yet: refused
+            # once here rather than failing on every frame.
+            raise LivestyleError("SDXL checkpoints load (livestyle inspect, livestyle.models) but the streaming "
+                                 "engine does not run them yet; use an SD 1.x/2.x or SD-Turbo checkpoint")
         for module in (pipe.unet, pipe.autoencoder, pipe.text.encoder if pipe.text else None, pipe.styles):
             if module is not None:
                 module.to(self.device, self.dtype).eval().requires_grad_(False)
