@@ -108,7 +108,8 @@ def test_flags_reach_the_stream_settings(tmp_path, capsys, monkeypatch):
                        "--skip-similar", "0.9", "--no-stream-batch", "--style", "sepia-oil")
     assert code == 0, err
     settings, live = seen[0]
-    assert not live and settings.size == (64, 48) and settings.strength == 0.6 and settings.steps == 2
+    # the demo model's 256 short side (demo_processing_size), small input or not
+    assert not live and settings.size == (344, 256) and settings.strength == 0.6 and settings.steps == 2
     assert settings.seed == 3 and settings.style == "sepia-oil" and not settings.stream_batch
     assert settings.temporal.attention_frames == 1 and not settings.temporal.flow
     assert settings.temporal.similarity == 0.9
@@ -143,7 +144,7 @@ def test_camera_recording_is_live_and_keeps_real_timing(tmp_path, capsys, monkey
 
     monkeypatch.setattr(camera, "sys", types.SimpleNamespace(platform="darwin"))  # no /dev/video* check
     monkeypatch.setattr(camera.cv2, "VideoCapture", Camera)
-    code, out, err = run(capsys, "cam:0", "-o", tmp_path / "rec.mp4", "--seconds", "0.6")
+    code, out, err = run(capsys, "cam:0", "-o", tmp_path / "rec.mp4", "--seconds", "0.6", "--size", "64x48")
     assert code == 0, err
     facts = video_facts(tmp_path / "rec.mp4")
     assert facts["size"] == (64, 48) and 6 <= facts["frames"] <= 19
