@@ -24,7 +24,7 @@ import torch
 from livestyle.errors import CheckpointError
 from livestyle.models.controlnet import ControlNet, ControlNetConfig
 from livestyle.models.convert_unet import (
-    SDXL_TIME_EMBED_DIM, _expected_shapes, _few, _module_map, encoder_config_from_original, rename_keys,
+    SDXL_TIME_EMBED_DIM, _expected_shapes, _few, _module_map, encoder_config_from_original, rename_keys, renamed,
 )
 
 PREFIX = "control_model."
@@ -75,19 +75,8 @@ def controlnet_config_from_original(shapes: dict[str, tuple[int, ...]],
 def controlnet_from_original(state: dict[str, torch.Tensor], config: ControlNetConfig) -> dict[str, torch.Tensor]:
     """Rename an original-layout ControlNet state dict (no prefix) to diffusers keys;
     CheckpointError naming a few missing, unexpected or misshapen keys."""
-    to_diffusers = {orig: diff for diff, orig in _key_map(config).items()}
-    missing = [k for k in to_diffusers if k not in state]
-    unexpected = [k for k in state if k not in to_diffusers]
-    if missing or unexpected:
-        raise CheckpointError("ControlNet weights do not fit the inferred config: "
-                              + "; ".join(f"{what} {_few(keys)}" for what, keys in
-                                          [("missing", missing), ("unexpected", unexpected)] if keys))
-    out = {to_diffusers[k]: v for k, v in state.items()}
-    expected = _expected_shapes(config, ControlNet)
-    wrong = [f"{k} {tuple(v.shape)} (expected {expected[k]})" for k, v in out.items() if tuple(v.shape) != expected[k]]
-    if wrong:
-        raise CheckpointError(f"ControlNet weights with wrong shapes: {_few(wrong, 2)}")
-    return out
+    return renamed(state, {orig: diff for diff, orig in _key_map(config).items()},
+                   _expected_shapes(config, ControlNet), "ControlNet")
 
 
 def controlnet_to_original(state: dict[str, torch.Tensor], config: ControlNetConfig) -> dict[str, torch.Tensor]:

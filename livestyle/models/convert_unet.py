@@ -210,18 +210,24 @@ def unet_from_original(state_dict: dict[str, torch.Tensor], config: UNetConfig) 
     """
     if config.time_cond_proj_dim is not None:
         raise CheckpointError(_LCM)
-    to_diffusers = {orig: diff for diff, orig in _key_map(config).items()}
+    return renamed(state_dict, {orig: diff for diff, orig in _key_map(config).items()}, _expected_shapes(config),
+                   "U-Net")
+
+
+def renamed(state_dict: dict[str, torch.Tensor], to_diffusers: dict[str, str],
+            expected: dict[str, tuple[int, ...]], what: str) -> dict[str, torch.Tensor]:
+    """state_dict with its keys renamed by to_diffusers, every key there and every shape as expected;
+    CheckpointError naming a few missing, unexpected or misshapen keys of `what` ("U-Net", "ControlNet")."""
     missing = [k for k in to_diffusers if k not in state_dict]
     unexpected = [k for k in state_dict if k not in to_diffusers]
     if missing or unexpected:
-        raise CheckpointError("U-Net weights do not fit the inferred config: "
-                              + "; ".join(f"{what} {_few(keys)}" for what, keys in
+        raise CheckpointError(f"{what} weights do not fit the inferred config: "
+                              + "; ".join(f"{kind} {_few(keys)}" for kind, keys in
                                           [("missing", missing), ("unexpected", unexpected)] if keys))
     out = {to_diffusers[k]: v for k, v in state_dict.items()}
-    expected = _expected_shapes(config)
     wrong = [f"{k} {tuple(v.shape)} (expected {expected[k]})" for k, v in out.items() if tuple(v.shape) != expected[k]]
     if wrong:
-        raise CheckpointError(f"U-Net weights with wrong shapes: {_few(wrong, 2)}")
+        raise CheckpointError(f"{what} weights with wrong shapes: {_few(wrong, 2)}")
     return out
 
 
