@@ -22,8 +22,8 @@ contention):
   minor faults for the 59 MB one). A thread other than the main one allocates from its
   own arena, whose heaps are at most 64 MB: there even with mmap off, every block above
   that (the six largest convolutions of SD's U-Net) was mapped afresh on each call. On the
-  engine's worker thread an SD-Turbo U-Net call at 256x256 took ~306,000 faults (~0.9 s of
-  system time at the time); on the main thread, none. keep_allocations() makes every
+  engine's worker thread an SD-Turbo U-Net call at 256x256 took ~306,000 faults (~0.7 s of
+  system time), and so did the main thread of a fresh process. keep_allocations() makes every
   thread started afterwards use the main arena, turns off mmap for large blocks and never
   trims the heap: freed memory stays mapped, the next call reuses it, no faults. The cost:
   the process keeps its peak memory, and threads share one arena's lock (small blocks
