@@ -5,9 +5,9 @@
     python training/train_demo.py --init livestyle/weights/demo --out /tmp/v3 --pool 600 --size 96 \
         --ae-steps 200 --ae-lr 5e-4 --bridge-steps 1200 --batch 6 --lr 2e-4 --sharp 1 \
         --adversarial 0.05 --consistency 2          # the v3 candidate (not shipped: README)
-    python training/train_demo.py --ae-only --upsample shuffle --full-res-width 12 --out /tmp/ae3 ...
-                                                    # an autoencoder alone (see README for the figures)
-    python training/train_demo.py --autoencoder /tmp/ae3 --ae-steps 0 ...   # a student on that autoencoder
+    python training/train_demo.py --ae-only --upsample shuffle --full-res-width 12 --sharp 1 --threads 1 \
+        --out /tmp/livestyle-ae3                    # the v3 autoencoder alone (figures: README)
+    python training/train_demo.py --autoencoder /tmp/livestyle-ae3 --ae-steps 0 ...   # a student on it
 
 Objective: distillation of a feed-forward style-transfer teacher into a rectified-flow
 bridge from frame to stylised frame, in a learned latent space.
