@@ -156,25 +156,17 @@ def ShuffleDecoder(latent_channels=16, width=48, full_res_width=0):
     training (all negative, no gradient) and left a black image.
     """
     w, f = width, full_res_width
-    if not f:
-        return nn.Sequential(
-            conv(latent_channels, w), nn.ReLU(),
-            Res(w), Res(w),
-            Shuffle2x(w, w), nn.ReLU(),                                 # 2h
-            Res(w),
-            Shuffle2x(w, w // 2), nn.ReLU(),                            # 4h
-            Shuffle2x(w // 2, 3),                                       # 8h
-        )  # fmt: skip
-    return nn.Sequential(
+    layers = [
         conv(latent_channels, w), nn.ReLU(),
         Res(w), Res(w),
         Shuffle2x(w, w), nn.ReLU(),                                     # 2h
         Res(w),
         Shuffle2x(w, w // 2), nn.ReLU(),                                # 4h
-        Shuffle2x(w // 2, f),                                           # 8h: (B, f, 8h, 8w)
-        Res(f, fuse=False),
-        conv(f, 3),
-    )  # fmt: skip
+        Shuffle2x(w // 2, f or 3),                                      # 8h: colour, or (B, f, 8h, 8w)
+    ]  # fmt: skip
+    if f:
+        layers += [Res(f, fuse=False), conv(f, 3)]
+    return nn.Sequential(*layers)
 
 
 class LiteAutoencoder(nn.Module):
