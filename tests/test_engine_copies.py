@@ -5,22 +5,12 @@ way, a failing frame's stand-in waits for the frames before it, and the counts a
 
 import numpy as np
 import pytest
+from file_streams import run
 
 from livestyle.capture.sources import SyntheticSource
 from livestyle.config import StreamSettings
 from livestyle.models.demo import load_demo
 from livestyle.stream.engine import Engine
-
-
-def run(engine, frames, settings):
-    outputs = []
-    stream = engine.open_stream(settings, outputs.append, live=False)
-    for f in frames:
-        stream.submit(f)
-    assert stream.flush(timeout=60)
-    stats = stream.stats()
-    stream.close()
-    return outputs, stats
 
 
 @pytest.fixture
@@ -34,7 +24,7 @@ def test_deferred_copies_give_every_frame_in_order(engines, monkeypatch):
     plain, deferred = engines
     frames = list(SyntheticSource("coffee", (64, 48), 24, 8))
     settings = StreamSettings(size=(64, 48), style="ink-sketch", steps=3)
-    expected, _ = run(plain, frames, settings)
+    expected, _ = run(plain, settings, frames)
     decode = deferred.pipe.autoencoder.decode
     calls = {"n": 0}
 
@@ -60,7 +50,7 @@ def test_deferred_copies_give_every_frame_in_order(engines, monkeypatch):
     markers = []
     monkeypatch.setattr(deferred, "_copied", lambda: markers.append(Slow()) or markers[-1])
     monkeypatch.setattr(deferred.pipe.autoencoder, "decode", failing_once)
-    got, stats = run(deferred, frames, settings)
+    got, stats = run(deferred, settings, frames)
     assert len(markers) == 7  # one copy per decoded call (the failed one has none)
     assert [f.pts for f in got] == list(range(8))
     assert (stats.frames_out, stats.errors, stats.dropped) == (7, 1, 0)

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from file_streams import run
 
 import livestyle.stream.engine as engine_module
 from livestyle.capture.sources import SyntheticSource
@@ -33,17 +34,6 @@ def clip(n, size=(72, 56), image="coffee"):
 
 def accounted(stats):
     return stats.frames_in == stats.frames_out + stats.errors + stats.dropped
-
-
-def run(engine, settings, frames):
-    outputs = []
-    stream = engine.open_stream(settings, outputs.append, live=False)
-    for f in frames:
-        stream.submit(f)
-    assert stream.flush(timeout=60)
-    stats = stream.stats()
-    stream.close()
-    return outputs, stats
 
 
 def arrays(outputs):
