@@ -43,6 +43,19 @@ def _offsets(pid_bg, e, G, CG, HW, stride_b, stride_c, stride_s, CHANNELS_LAST: 
     return b, c, b * stride_b + c * stride_c + s * stride_s
 
 
+@triton.jit
+def _tile(x_ptr, shift_ptr, pid_bg, tile, G, CG, HW, N, C, stride_b, stride_c, stride_s,
+          HAS_SHIFT: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """One tile of group (b, g) plus its channels' shift, in fp32: (x, mask, channel, offset); masked lanes 0."""
+    e = tile * BLOCK + tl.arange(0, BLOCK)
+    mask = e < N
+    b, c, offs = _offsets(pid_bg, e, G, CG, HW, stride_b, stride_c, stride_s, CHANNELS_LAST)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        x += tl.load(shift_ptr + b * C + c, mask=mask, other=0.0).to(tl.float32)
+    return x, mask, c, offs
+
+
 @autotune(_CONFIGS, key=["N", "CHANNELS_LAST"])
 @triton.jit
 def _stats_kernel(x_ptr, shift_ptr, mean_ptr, m2_ptr, G, CG, HW, N, C, stride_b, stride_c, stride_s, TILES,
@@ -50,12 +63,8 @@ def _stats_kernel(x_ptr, shift_ptr, mean_ptr, m2_ptr, G, CG, HW, N, C, stride_b,
     """Program (b*G + g, tile): the tile's mean and sum of squared deviations, in fp32."""
     pid_bg = tl.program_id(0)
     tile = tl.program_id(1)
-    e = tile * BLOCK + tl.arange(0, BLOCK)
-    mask = e < N
-    b, c, offs = _offsets(pid_bg, e, G, CG, HW, stride_b, stride_c, stride_s, CHANNELS_LAST)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SHIFT:
-        x += tl.load(shift_ptr + b * C + c, mask=mask, other=0.0).to(tl.float32)
+    x, mask, c, offs = _tile(x_ptr, shift_ptr, pid_bg, tile, G, CG, HW, N, C, stride_b, stride_c, stride_s,
+                             HAS_SHIFT, CHANNELS_LAST, BLOCK)
     n = tl.minimum(N - tile * BLOCK, BLOCK).to(tl.float32)
     mean = tl.sum(x, axis=0) / n  # masked lanes loaded 0
     d = tl.where(mask, x - mean, 0.0)
@@ -86,12 +95,8 @@ def _apply_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, m2_ptr, G, CG
     var = (tl.sum(m2s, axis=0) + tl.sum(counts * dm * dm, axis=0)) / N
     rstd = 1.0 / tl.sqrt(var + eps)
 
-    e = tile * BLOCK + tl.arange(0, BLOCK)
-    mask = e < N
-    b, c, offs = _offsets(pid_bg, e, G, CG, HW, stride_b, stride_c, stride_s, CHANNELS_LAST)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SHIFT:
-        x += tl.load(shift_ptr + b * C + c, mask=mask, other=0.0).to(tl.float32)
+    x, mask, c, offs = _tile(x_ptr, shift_ptr, pid_bg, tile, G, CG, HW, N, C, stride_b, stride_c, stride_s,
+                             HAS_SHIFT, CHANNELS_LAST, BLOCK)
     y = (x - mean) * rstd
     if HAS_WEIGHT:
         y = y * tl.load(w_ptr + c, mask=mask, other=1.0).to(tl.float32)
