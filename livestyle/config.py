@@ -234,17 +234,62 @@ def _check_types(config) -> None:
             object.__setattr__(config, field.name, float(value))  # frozen: set once, in __post_init__
             value = float(value)
         if kind is tuple:
-            ok = type(value) is tuple and all(type(v) is int for v in value)
+            item = _TUPLE_ITEMS.get(field.name, int)
+            ok = type(value) is tuple and all(type(v) is item for v in value)
         else:
             ok = type(value) is kind or (kind.__module__ == __name__ and isinstance(value, kind))
         if not ok:
-            raise SettingsError(f"{field.name} = {shown(value)}: must be {_KIND_NAMES.get(kind, kind.__name__)}")
+            what = _KIND_NAMES.get(kind, kind.__name__)
+            if kind is tuple and _TUPLE_ITEMS.get(field.name, int) is not int:
+                what = f"a tuple of {_TUPLE_ITEMS[field.name].__name__}"
+            raise SettingsError(f"{field.name} = {shown(value)}: must be {what}")
         if kind is float and not math.isfinite(value):
             raise SettingsError(f"{field.name} = {value}: must be a finite number")
 
 
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
                tuple: "a tuple of integers"}
+_TUPLE_ITEMS: dict[str, type] = {}  # tuple fields that hold something other than ints (filled below)
+
+
+CONTROL_INPUTS = ("canny", "soft_edges", "temporalnet")  # and "depth:NAME", a registered depth estimator
+MAX_CONTROLS = 4  # ControlNets on one stream: each is most of a U-Net encoder per call
+
+
+@dataclass(frozen=True)
+class Control:
+    """One ControlNet on a stream (diffusers' controlnet_conditioning_scale,
+    control_guidance_start/end).
+
+    net: the ControlNet: a diffusers folder or single .safetensors file, or a name under
+        models_dir() (as a model is found); checked against the stream's U-Net by the engine.
+    input: what it sees: "canny" or "soft_edges" (edges of the input frame, OpenCV),
+        "temporalnet" (the previous output frame, flow-warped when flow is on), or
+        "depth:NAME" (a depth estimator registered with control_inputs.register_depth_estimator).
+    scale: the strength of its residuals, 0 to 2; 0 is off (a live switch that keeps shapes).
+    start, end: the fraction of the denoising steps in which it acts, 0 <= start < end <= 1.
+    """
+
+    net: str = ""
+    input: str = "canny"
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self):
+        _check_types(self)
+        if not self.net.strip():
+            raise SettingsError("control net: empty (a ControlNet folder, .safetensors file or model name)")
+        if len(self.net) > MAX_TEXT:
+            raise SettingsError(f"control net is {len(self.net)} characters long (at most {MAX_TEXT})")
+        name, _, estimator = self.input.partition(":")
+        if not (self.input in CONTROL_INPUTS or (name == "depth" and estimator.strip())):
+            raise SettingsError(f"control input = {shown(self.input)}: must be one of {', '.join(CONTROL_INPUTS)} "
+                                "or depth:NAME")
+        if not 0.0 <= self.scale <= 2.0:
+            raise SettingsError(f"control scale = {self.scale}: must be 0 to 2 (0 = off)")
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise SettingsError(f"control start = {self.start}, end = {self.end}: must satisfy 0 <= start < end <= 1")
 
 
 @dataclass(frozen=True)
@@ -307,6 +352,7 @@ class StreamSettings:
         residual CFG); guidance_scale > 1 to have an effect.
     stream_batch: run the steps of consecutive frames as one batched U-Net call (adds
         steps - 1 frames of latency, one U-Net call per frame instead of `steps`).
+    controls: the ControlNets applied (Control), their residuals summed.
     """
 
     size: tuple[int, int] = (256, 256)
@@ -321,9 +367,12 @@ class StreamSettings:
     guidance_scale: float = 1.0
     stream_batch: bool = True
     temporal: TemporalSettings = TemporalSettings()
+    controls: tuple[Control, ...] = ()
 
     def __post_init__(self):
         _check_types(self)
+        if len(self.controls) > MAX_CONTROLS:
+            raise SettingsError(f"controls: {len(self.controls)} ControlNets (at most {MAX_CONTROLS})")
         w, h = self.size
         if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE) or w % 8 or h % 8:
             raise SettingsError(f"size = {w}x{h}: width and height must be multiples of 8 from {MIN_SIDE} "
@@ -360,6 +409,9 @@ class StreamSettings:
         if unknown:
             raise SettingsError(f"unknown stream setting {sorted(unknown)[0]!r}")
         return dataclasses.replace(self, **changes)
+
+
+_TUPLE_ITEMS["controls"] = Control
 
 
 def processing_size(width: int, height: int, short_side: int = 256) -> tuple[int, int]:
