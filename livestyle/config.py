@@ -52,6 +52,8 @@ class Preset:
     model: "demo" (the embedded model), a checkpoint path, or a name under $LIVESTYLE_MODELS.
     style: a style of the demo model (its StyleBank names); prompt/negative: for SD checkpoints.
     strength: 0 returns the input, 1 the full style. steps: denoising steps, 1 to 4.
+    controls: ControlNets (Control), written as [[control]] tables with the keys net,
+        input, scale, start and end; SD and SDXL models only.
     """
 
     name: str
@@ -64,27 +66,59 @@ class Preset:
     steps: int = 1
     seed: int = 0
     temporal: bool = True
+    controls: tuple[Control, ...] = ()
 
 
 _TYPES = {"name": str, "description": str, "model": str, "style": str, "prompt": str, "negative": str,
           "strength": float, "steps": int, "seed": int, "temporal": bool}
+_CONTROL_TYPES = {"net": str, "input": str, "scale": float, "start": float, "end": float}
+
+
+def _checked(key: str, value, kind: type, source: str):
+    """`value` as a `kind` (a TOML integer is taken where a float is expected), or PresetError."""
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind:  # exact: TOML's true is not an int here
+        raise PresetError(f"{source}: {key} = {shown(value)} is not a {kind.__name__}")
+    if kind is str and len(value) > MAX_TEXT:
+        raise PresetError(f"{source}: {key} is {len(value)} characters long (at most {MAX_TEXT})")
+    return value
+
+
+def parse_controls(tables, source: str) -> tuple[Control, ...]:
+    """The ControlNets of a preset's [[control]] tables; `source` names the file in errors."""
+    if type(tables) is not list or not all(type(t) is dict for t in tables):
+        raise PresetError(f"{source}: control must be [[control]] tables (keys: {', '.join(_CONTROL_TYPES)})")
+    if len(tables) > MAX_CONTROLS:
+        raise PresetError(f"{source}: {len(tables)} [[control]] tables (at most {MAX_CONTROLS})")
+    controls = []
+    for n, table in enumerate(tables, 1):
+        where = f"{source}: [[control]] {n}"
+        values = {}
+        for key, value in table.items():
+            if key not in _CONTROL_TYPES:
+                raise PresetError(f"{where}: unknown key {key!r} (allowed: {', '.join(_CONTROL_TYPES)})")
+            values[key] = _checked(key, value, _CONTROL_TYPES[key], where)
+        if "net" not in values:
+            raise PresetError(f"{where}: no net (a ControlNet folder, .safetensors file or model name)")
+        try:
+            controls.append(Control(**values))
+        except SettingsError as e:  # a range: the message names the key and what is allowed
+            raise PresetError(f"{where}: {e}") from None
+    return tuple(controls)
 
 
 def parse_preset(data: dict, source: str, name: str) -> Preset:
     """A Preset from a TOML table; `source` names the file in errors."""
-    allowed = ", ".join(f.name for f in dataclasses.fields(Preset))
+    allowed = ", ".join([*_TYPES, "control"])
     values = {"name": name}
     for key, value in data.items():
+        if key == "control":
+            values["controls"] = parse_controls(value, source)
+            continue
         if key not in _TYPES:
             raise PresetError(f"{source}: unknown key {key!r} (allowed: {allowed})")
-        kind = _TYPES[key]
-        if kind is float and type(value) is int:
-            value = float(value)
-        if type(value) is not kind:  # exact: TOML's true is not an int here
-            raise PresetError(f"{source}: {key} = {shown(value)} is not a {kind.__name__}")
-        if kind is str and len(value) > MAX_TEXT:
-            raise PresetError(f"{source}: {key} is {len(value)} characters long (at most {MAX_TEXT})")
-        values[key] = value
+        values[key] = _checked(key, value, _TYPES[key], source)
     preset = Preset(**values)
     if not 0 <= preset.seed < SEED_RANGE:
         raise PresetError(f"{source}: seed = {preset.seed} is outside 0 to 2**63 - 1")
@@ -94,6 +128,8 @@ def parse_preset(data: dict, source: str, name: str) -> Preset:
         raise PresetError(f"{source}: steps = {preset.steps} is outside 1 to 4")
     if preset.model == "demo" and not preset.style:
         raise PresetError(f"{source}: a preset for the demo model needs a style")
+    if preset.model == "demo" and preset.controls:
+        raise PresetError(f"{source}: the demo model has no ControlNets; [[control]] needs an SD or SDXL model")
     return preset
 
 
@@ -400,7 +436,8 @@ class StreamSettings:
         """A preset's look at a processing size; `changes` override single fields."""
         base = cls(size=size, style=preset.style or DEFAULT_PRESET, prompt=preset.prompt,
                    negative=preset.negative, strength=preset.strength, steps=preset.steps, seed=preset.seed,
-                   temporal=TemporalSettings() if preset.temporal else TemporalSettings.off())
+                   temporal=TemporalSettings() if preset.temporal else TemporalSettings.off(),
+                   controls=preset.controls)
         return base.replace(**changes)
 
     def replace(self, **changes) -> StreamSettings:

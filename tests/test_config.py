@@ -3,8 +3,8 @@
 import pytest
 
 from livestyle.config import (
-    BUILTIN_PRESETS, DEFAULT_PRESET, PresetError, find_model, find_preset, load_preset, model_names, models_dir,
-    preset_files, preset_origin, user_preset_dir,
+    BUILTIN_PRESETS, DEFAULT_PRESET, Control, PresetError, StreamSettings, find_model, find_preset, load_preset,
+    model_names, models_dir, preset_files, preset_origin, user_preset_dir,
 )
 from livestyle.errors import LivestyleError
 
@@ -79,3 +79,47 @@ def test_preset_origin(tmp_path, monkeypatch):
     assert preset_origin(BUILTIN_PRESETS / "ink-sketch.toml") == "built-in"
     assert preset_origin(user_preset_dir() / "mine.toml") == "user"
     assert preset_origin(tmp_path / "x" / "look.toml") == str(tmp_path / "x")
+
+
+SD_LOOK = 'model = "sd-turbo"\nprompt = "an ink drawing"\n'
+
+
+def test_control_tables(tmp_path):
+    path = tmp_path / "edges.toml"
+    path.write_text(SD_LOOK + '[[control]]\nnet = "cn-canny"\nscale = 1\n\n'
+                    '[[control]]\nnet = "~/nets/temporal.safetensors"\ninput = "temporalnet"\nscale = 0.4\n'
+                    'start = 0\nend = 0.5\n')
+    preset = load_preset(path)
+    assert preset.controls == (Control("cn-canny", "canny", 1.0),
+                               Control("~/nets/temporal.safetensors", "temporalnet", 0.4, 0.0, 0.5))
+    settings = StreamSettings.from_preset(preset, (64, 48))
+    assert settings.controls == preset.controls
+    assert StreamSettings.from_preset(preset, (64, 48), controls=()).controls == ()
+    assert load_preset(BUILTIN_PRESETS / f"{DEFAULT_PRESET}.toml").controls == ()
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[control]]\nnet = "cn"\nweight = 1\n', "[[control]] 1: unknown key 'weight' (allowed: net, input, scale, start, end)"),
+    ('[[control]]\nnet = "cn"\n[[control]]\nnet = "cn"\nscale = "high"\n', "[[control]] 2: scale = 'high' is not a float"),
+    ('[[control]]\nnet = "cn"\nscale = 2.5\n', "[[control]] 1: control scale = 2.5: must be 0 to 2"),
+    ('[[control]]\nnet = "cn"\nstart = 0.6\nend = 0.5\n', "[[control]] 1: control start = 0.6, end = 0.5"),
+    ('[[control]]\nnet = "cn"\ninput = "depth"\n', "[[control]] 1: control input = 'depth': must be one of"),
+    ('[[control]]\nnet = 7\n', "[[control]] 1: net = 7 is not a str"),
+    ('[[control]]\ninput = "canny"\n', "[[control]] 1: no net"),
+    ('control = "cn-canny"\n', "control must be [[control]] tables"),
+    ('[control]\nnet = "cn"\n', "control must be [[control]] tables"),
+    ('[[control]]\nnet = "cn"\n' * 5, "5 [[control]] tables (at most 4)"),
+])
+def test_bad_control_tables(tmp_path, text, message):
+    path = tmp_path / "mine.toml"
+    path.write_text(SD_LOOK + text)
+    with pytest.raises(PresetError) as caught:
+        load_preset(path)
+    assert str(caught.value).startswith(f"{path}: {message}") and "\n" not in str(caught.value)
+
+
+def test_a_demo_preset_with_controls_is_refused(tmp_path):
+    path = tmp_path / "demo.toml"
+    path.write_text('style = "ink-sketch"\n[[control]]\nnet = "cn-canny"\n')
+    with pytest.raises(PresetError, match="demo.toml: the demo model has no ControlNets"):
+        load_preset(path)
