@@ -143,6 +143,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
             rows.append((name, preset_origin(path), "-", f"(broken: {e})"))
             continue
         look = f"style {preset.style}" if preset.style else f"prompt {preset.prompt!r}"
+        if preset.controls:
+            look += f", {len(preset.controls)} ControlNet{'s' * (len(preset.controls) > 1)}"
         rows.append((name, preset_origin(path), preset.model, f"{look}; {preset.description}"))
     width = max(len(r[0]) for r in rows)
     for name, origin, model, text in rows:
@@ -341,6 +343,41 @@ def add_acceleration(group) -> None:
                        help="capture the fixed-shape step in CUDA graphs (CUDA only)")
 
 
+def control(text: str):
+    """`--control INPUT=NET[@SCALE]` -> config.Control, for argparse (run and serve).
+
+    The text after the last @ is the scale when it holds no path separator (a path such
+    as ~/nets/v@2/cn keeps its @); without one the scale is 1."""
+    from livestyle.config import Control, SettingsError
+
+    kind, eq, rest = text.partition("=")
+    if not eq or not kind.strip() or not rest.strip():
+        raise argparse.ArgumentTypeError(f"control {text!r} is not INPUT=NET[@SCALE], e.g. canny=cn-canny@0.8")
+    net, at, scale = rest.rpartition("@")
+    if not at or "/" in scale or os.sep in scale:
+        net, scale = rest, "1"
+    try:
+        value = float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"control {text!r}: scale {scale!r} is not a number "
+                                         "(INPUT=NET[@SCALE], e.g. canny=cn-canny@0.8)") from None
+    try:
+        return Control(net=net.strip(), input=kind.strip(), scale=value)
+    except SettingsError as e:
+        raise argparse.ArgumentTypeError(f"control {text!r}: {e}") from None
+
+
+def add_controls(group, more: str = "") -> None:
+    """--control (run and serve); `more` ends its help."""
+    group.add_argument("--control", type=control, action="append", metavar="INPUT=NET[@SCALE]",
+                       help="a ControlNet (repeatable, up to 4; replaces the preset's): INPUT is what it sees: "
+                            "canny, soft_edges (edges of the input), temporalnet (the previous output) or "
+                            "depth:NAME; NET a ControlNet folder, .safetensors file or a name under "
+                            "$LIVESTYLE_MODELS; SCALE its strength, 0 to 2 (default 1), e.g. "
+                            "--control canny=~/models/cn-canny@0.8 (start and end steps: a preset's [[control]])"
+                            + more)
+
+
 def _settings(args: argparse.Namespace, preset, size: tuple[int, int]):
     """The stream's settings: the preset's look, then each flag given on top."""
     from livestyle.config import StreamSettings, TemporalSettings
@@ -356,6 +393,8 @@ def _settings(args: argparse.Namespace, preset, size: tuple[int, int]):
     changes = {k: v for k, v in changes.items() if v is not None}
     if args.no_stream_batch:
         changes["stream_batch"] = False
+    if args.control:
+        changes["controls"] = tuple(args.control)
     return StreamSettings.from_preset(preset, size, temporal=temporal, **changes)
 
 
@@ -645,12 +684,17 @@ def _auto_size(size: tuple[int, int], demo: bool) -> tuple[int, int]:
 
 def _describe(preset: str, family: str, device: str, settings) -> str:
     """The look and the model in a few words, for the summary line."""
+    from livestyle.config import control_names
+
     w, h = settings.size
     t = settings.temporal
     temporal = ", ".join(([f"cache {t.attention_frames} frames"] if t.attention_frames else [])
                          + (["flow"] if t.flow else []) + ([f"skip similar {t.similarity}"] if t.similarity else []))
+    controls = ", ".join(f"{c.input} {name} at {c.scale:g}"
+                         for c, name in zip(settings.controls, control_names(settings.controls)))
     return (f"preset {preset}: {family} model on {device} at {w}x{h}, strength {settings.strength}, "
-            f"{settings.steps} step{'s' * (settings.steps > 1)}, temporal {temporal or 'off'}")
+            f"{settings.steps} step{'s' * (settings.steps > 1)}, temporal {temporal or 'off'}"
+            + (f", ControlNet {controls}" if controls else ""))
 
 
 def _size(text: str, largest: int = MAX_INPUT_SIDE) -> tuple[int, int]:
@@ -810,6 +854,7 @@ def _add_run(sub) -> None:
     look.add_argument("--guidance", choices=("none", "full", "self", "initialize"),
                       help="classifier-free guidance variant (default: none)")
     look.add_argument("--guidance-scale", type=float, help="guidance strength, > 1 to have an effect")
+    add_controls(look)
     temporal = run.add_argument_group("temporal consistency")
     temporal.add_argument("--temporal", action=argparse.BooleanOptionalAction, default=None,
                           help="all temporal parts on or off (default: the preset's)")

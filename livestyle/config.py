@@ -108,6 +108,17 @@ def parse_controls(tables, source: str) -> tuple[Control, ...]:
     return tuple(controls)
 
 
+def control_names(controls: tuple[Control, ...]) -> tuple[str, ...]:
+    """What each ControlNet is called where its path must not show (the server's pages,
+    summary lines): its file or folder name without .safetensors; a name that comes again
+    gets #2, #3."""
+    names: list[str] = []
+    for c in controls:
+        name = Path(c.net.rstrip("/\\")).name.removesuffix(".safetensors") or c.net
+        names.append(name if name not in names else f"{name}#{sum(n.split('#')[0] == name for n in names) + 1}")
+    return tuple(names)
+
+
 def parse_preset(data: dict, source: str, name: str) -> Preset:
     """A Preset from a TOML table; `source` names the file in errors."""
     allowed = ", ".join([*_TYPES, "control"])

@@ -3,7 +3,7 @@
     GET  /               the camera page            (static, no token needed)
     GET  /view           the viewer page (WHEP), for an OBS Browser Source
     GET  /static/NAME    the pages' scripts and styles, from the package's static/ folder
-    GET  /config         what a page needs: ICE servers, the model's styles, the default preset
+    GET  /config         what a page needs: ICE servers, the model's styles, the default preset, the ControlNets
     GET  /presets        the presets a client may pick
     GET  /stats          sessions (fps, latency, dropped, skipped) and the engine's load
     POST /offer          JSON {sdp, type: "offer", preset?, name?} -> {sdp, type: "answer", session}
@@ -34,10 +34,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.exceptions import InvalidAccessError, InvalidStateError, OperationError
 
-from livestyle.config import DEFAULT_PRESET, PresetError, StreamSettings, find_preset, preset_files, processing_size
+from livestyle.config import (
+    DEFAULT_PRESET, MAX_CONTROLS, Control, PresetError, StreamSettings, find_preset, preset_files, processing_size,
+)
 from livestyle.errors import LivestyleError
 from livestyle.server import security
-from livestyle.server.controls import ControlError, Controller, preset_by_name, shown
+from livestyle.server.controls import ControlError, Controller, controls_list, preset_by_name, shown
 from livestyle.server.sdp import PARSE_ERRORS, OfferError, check_offer
 from livestyle.server.sessions import Session, Viewer
 from livestyle.server.tracks import drain, install_encoder
@@ -68,6 +70,8 @@ class ServerSettings:
     by default (host candidates only). idle_timeout: seconds without video (or, for a
     viewer, without receiver reports) after which a peer counts as gone.
     connect_timeout: seconds a new peer has to start sending. max_viewers: WHEP viewers per session.
+    controls: the ControlNets every session streams with (a session's preset does not
+    change them); a client may change their scales (control messages), never add one.
     """
 
     host: str = "127.0.0.1"
@@ -81,9 +85,12 @@ class ServerSettings:
     idle_timeout: float = 3.0
     connect_timeout: float = 5.0
     max_viewers: int = 4
+    controls: tuple[Control, ...] = ()
 
     def __post_init__(self):
         security.check_bind(self.host, self.token)
+        if len(self.controls) > MAX_CONTROLS:
+            raise LivestyleError(f"--control: {len(self.controls)} ControlNets (at most {MAX_CONTROLS})")
         if not 0 <= self.port <= 65535:
             raise LivestyleError(f"--port {self.port}: must be 0 to 65535 (0: any free port)")
         if not 1 <= self.max_sessions <= 64:
@@ -237,6 +244,7 @@ class App:
         return web.json_response({
             "family": self.engine.family, "styles": list(self.engine.styles), "default_preset": self.preset.name,
             "ice_servers": servers, "max_sessions": self.settings.max_sessions, "bitrate": self.settings.bitrate,
+            "controls": controls_list(self.settings.controls),
         })
 
     async def presets(self, _request: web.Request) -> web.Response:
@@ -318,7 +326,8 @@ class App:
         session = Session(kind, RTCPeerConnection(self.rtc_configuration()), loop, name, self.settings.short_side)
         self.sessions[session.id] = session  # counted from now on, so concurrent offers cannot overfill
         try:
-            settings = StreamSettings.from_preset(preset, processing_size(*DEFAULT_INPUT, self.settings.short_side))
+            settings = StreamSettings.from_preset(preset, processing_size(*DEFAULT_INPUT, self.settings.short_side),
+                                                  controls=self.settings.controls)
             session.stream = await loop.run_in_executor(
                 None, functools.partial(self.engine.open_stream, settings, session.fanout.push, live=True,
                                         scale_back=False))

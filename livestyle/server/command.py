@@ -60,8 +60,10 @@ def register(sub) -> argparse.ArgumentParser:
     serve.add_argument("--short-side", type=int,
                        help="processing size: the short side in pixels, a multiple of 8 "
                             "(default 256 for the demo model, 512 for SD models)")
-    from livestyle.cli import add_acceleration  # the same flags as `run`
+    from livestyle.cli import add_acceleration, add_controls  # the same flags as `run`
 
+    add_controls(serve, ". Every session streams with them; the camera page sets their scales live "
+                        "(0 = off), never which nets")
     add_acceleration(serve)
     serve.set_defaults(func=cmd_serve)
     return serve
@@ -81,6 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               preset=args.preset, short_side=args.short_side or 256, bitrate=args.bitrate,
                               ice_servers=tuple(args.ice_server))  # the bind rule is checked here, first
     preset = find_preset(settings.preset)  # a typo fails now, not after the model has loaded
+    # The ControlNets every session streams with: viewers change their scales, never which files.
+    settings = dataclasses.replace(settings, controls=tuple(args.control) if args.control else preset.controls)
     model = args.model or preset.model
     model_path = None if model == "demo" else find_model(model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,7 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if args.short_side is None:
                 settings = dataclasses.replace(settings, short_side=512)  # SD models are trained at 512
         # The preset must suit the model (an SD model needs a prompt): say so before serving.
-        engine.check(StreamSettings.from_preset(preset, processing_size(*DEFAULT_INPUT, settings.short_side)))
+        engine.check(StreamSettings.from_preset(preset, processing_size(*DEFAULT_INPUT, settings.short_side),
+                                                controls=settings.controls))
         try:
             asyncio.run(serve(App(engine, settings), ready))
         except KeyboardInterrupt:

@@ -6,11 +6,15 @@
                                             encoder, so its "prompt" must name a style
     {"strength": 0.6}  {"seed": 3}  {"steps": 2}  {"temporal": false}
     {"reset": true}                         forget temporal state (a scene cut)
+    {"controls": {"cn-canny": 0.5}}         ControlNet scales by name (0 to 2, 0 = off): only the
+                                            ControlNets the server streams with (GET /config names
+                                            them); a client never names a file or a new net
     {"token": "..."}                        authenticates the channel when the server has a token
     {"id": 7, ...}                          echoed in the reply, to match replies to requests
 
 Several keys in one message are one update; "preset" is applied first, so
-{"preset": "ink-sketch", "strength": 0.5} is the preset at half strength. Messages that
+{"preset": "ink-sketch", "strength": 0.5} is the preset at half strength (a preset's
+look only: the ControlNets stay the server's). Messages that
 arrive while an update is being applied are applied together, in order, as one update
 when they can be (the reply to each carries the settings after its batch).
 Replies: {"ok": true, "settings": {...}} or {"error": "one line"}. The server also sends
@@ -29,13 +33,14 @@ import re
 import time
 from collections.abc import Callable
 
-from livestyle.config import Preset, StreamSettings, TemporalSettings, find_preset, preset_files
+from livestyle.config import Control, Preset, StreamSettings, TemporalSettings, control_names, find_preset, preset_files
 from livestyle.errors import LivestyleError
 from livestyle.server.security import MAX_CONTROL_BYTES, InputError, load_json, token_matches
 
 log = logging.getLogger(__name__)
 
-KEYS = ("id", "token", "preset", "style", "prompt", "negative", "strength", "seed", "steps", "temporal", "reset")
+KEYS = ("id", "token", "preset", "style", "prompt", "negative", "strength", "seed", "steps", "temporal", "reset",
+        "controls")
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_TEXT = 1000  # characters in a prompt or style
 RATE = 20.0  # control messages a second, sustained: the page's slider sends at most 12.5
@@ -93,12 +98,37 @@ def _text(message: dict, key: str) -> str:
     return value.strip()
 
 
-def changes_for(message: dict, family: str, styles: tuple[str, ...]) -> dict:
+def _scales(value, controls: tuple[Control, ...]) -> tuple[Control, ...]:
+    """`controls` with the scales of {"NAME": SCALE, ...} (names from control_names)."""
+    if not controls:
+        raise ControlError("this stream has no ControlNets (the server starts with them: serve --control INPUT=NET)")
+    names = control_names(controls)
+    if not isinstance(value, dict) or not value:
+        raise ControlError(f"controls = {shown(value)}: send scales by name, such as "
+                           f"{{\"controls\": {{\"{names[0]}\": 0.5}}}} (0 to 2, 0 = off)")
+    changed = list(controls)
+    for name, scale in value.items():
+        if name not in names:
+            # Names only, never paths: a client chooses among the server's ControlNets, it cannot load one.
+            raise ControlError(f"unknown ControlNet {shown(name)}: this stream has {', '.join(names)} "
+                               "(a client sets their scales, it cannot name another)")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise ControlError(f"controls {name!r} = {shown(scale)} is not a number (a scale, 0 to 2; 0 = off)")
+        if not 0 <= scale <= 2:
+            raise ControlError(f"controls {name!r} = {shown(scale)}: a scale is 0 to 2 (0 = off)")
+        i = names.index(name)
+        changed[i] = dataclasses.replace(changed[i], scale=float(scale))
+    return tuple(changed)
+
+
+def changes_for(message: dict, family: str, styles: tuple[str, ...], controls: tuple[Control, ...] = ()) -> dict:
     """The StreamSettings changes a control message asks for; raises ControlError for
     unknown keys and wrong types (ranges are checked by the stream's update(), which
     names the field).
 
-    family: the engine's model family ("demo", "sd1", "sd2"); styles: the demo model's styles.
+    family: the engine's model family ("demo", "sd1", "sd2", "sdxl"); styles: the demo
+    model's styles; controls: the stream's ControlNets as they are (a scale change is
+    made to them).
     """
     unknown = [k for k in message if k not in KEYS]
     if unknown:
@@ -141,7 +171,15 @@ def changes_for(message: dict, family: str, styles: tuple[str, ...]) -> dict:
         if not isinstance(message["temporal"], bool):
             raise ControlError(f"temporal = {shown(message['temporal'])} is not true or false")
         changes["temporal"] = TemporalSettings() if message["temporal"] else TemporalSettings.off()
+    if "controls" in message:
+        changes["controls"] = _scales(message["controls"], controls)
     return changes
+
+
+def controls_list(controls: tuple[Control, ...]) -> list[dict]:
+    """ControlNets as JSON-ready data for clients: each one's name, never its path."""
+    return [{"name": name, "input": c.input, "scale": c.scale, "start": c.start, "end": c.end}
+            for c, name in zip(controls, control_names(controls))]
 
 
 def settings_dict(settings: StreamSettings) -> dict:
@@ -151,6 +189,7 @@ def settings_dict(settings: StreamSettings) -> dict:
     data["timesteps"] = list(settings.timesteps)
     t = settings.temporal
     data["temporal_on"] = t.attention_frames > 0 or t.flow or t.similarity > 0
+    data["controls"] = controls_list(settings.controls)  # the server's file paths stay on the server
     return data
 
 
@@ -264,9 +303,11 @@ class Controller:
         message, in order, only when the batch as a whole is refused, to tell which)."""
         stream = self.session.stream
         outcomes: list[dict | LivestyleError] = []
+        controls = stream.settings.controls  # each message's scales on top of the ones before it
         for message in batch:
             try:
-                outcomes.append(changes_for(message, self.family, self.styles))
+                outcomes.append(changes_for(message, self.family, self.styles, controls))
+                controls = outcomes[-1].get("controls", controls)
             except LivestyleError as e:
                 outcomes.append(e)
         merged = {k: v for changes in outcomes if isinstance(changes, dict) for k, v in changes.items()}

@@ -14,6 +14,7 @@ const ui = {
   styles: $("styles"), negative: $("negative"), strength: $("strength"), strengthValue: $("strength-value"),
   seed: $("seed"), reseed: $("reseed"), temporal: $("temporal"), viewer: $("viewer"), viewerUrl: $("viewer-url"),
   copy: $("copy"), tokenBox: $("token-box"), token: $("token"), message: $("message"),
+  controlnets: $("controlnets"), controlnetList: $("controlnet-list"),
 };
 
 let token = takeToken();
@@ -27,6 +28,7 @@ let counter = null;
 let serverStats = null;
 let statsTimer = null;
 let previous = null; // the last getStats() figures, for rates
+let controlnets = []; // the server's ControlNets: { name, scale, on } each, as the sliders show them
 
 const stats = {
   state: "idle", session: null, fpsIn: 0, fpsOut: 0, framesOut: 0, framesDecoded: 0, latencyMs: null,
@@ -60,9 +62,64 @@ async function loadPresets() {
     ui.negative.placeholder = family === "demo" ? "a style to move away from" : "what to avoid";
     showPreset(ui.preset.value);
     if (data.errors.length) say(data.errors.join("; "), true);
+    showControlNets((await (await call("/config", token)).json()).controls || []);
   } catch (e) {
     handleError(e);
   }
+}
+
+// One row per ControlNet the server streams with: on/off and a scale slider. A client
+// only sets their scales (by name); which ControlNets there are is the server's choice.
+function showControlNets(list) {
+  controlnets = list.map((c) => ({ name: c.name, scale: c.scale > 0 ? c.scale : 1, on: c.scale > 0 }));
+  ui.controlnetList.replaceChildren(...list.map((c, i) => controlNetRow(c, controlnets[i])));
+  ui.controlnets.hidden = list.length === 0;
+}
+
+function controlNetRow(info, state) {
+  const label = document.createElement("label");
+  label.className = "controlnet";
+  const row = document.createElement("span");
+  row.className = "row";
+  const on = document.createElement("input");
+  on.type = "checkbox";
+  on.checked = state.on;
+  on.title = "on or off";
+  const name = document.createElement("span");
+  name.textContent = `${info.name} (${info.input})`; // text, never markup: names come from file names
+  name.title = name.textContent;
+  const value = document.createElement("output");
+  value.textContent = state.scale.toFixed(2);
+  row.append(on, name, value);
+  const slider = document.createElement("input");
+  Object.assign(slider, { type: "range", min: "0", max: "2", step: "0.05", value: String(state.scale) });
+  slider.disabled = !state.on;
+  slider.addEventListener("input", () => {
+    state.scale = Number(slider.value);
+    value.textContent = state.scale.toFixed(2);
+    sendScales();
+  });
+  on.addEventListener("change", () => {
+    state.on = on.checked;
+    slider.disabled = !on.checked;
+    sendScales();
+  });
+  label.append(row, slider);
+  return label;
+}
+
+function controlScales() {
+  return Object.fromEntries(controlnets.map((c) => [c.name, c.on ? c.scale : 0]));
+}
+
+// Like the strength slider: at most one message per 80 ms, with every scale as it is then.
+let scalesTimer = null;
+function sendScales() {
+  if (scalesTimer) return;
+  scalesTimer = setTimeout(() => {
+    scalesTimer = null;
+    apply({ controls: controlScales() });
+  }, 80);
 }
 
 function showPreset(name) {
@@ -211,6 +268,7 @@ async function start() {
       const changes = { strength: Number(ui.strength.value), seed: Number(ui.seed.value), temporal: ui.temporal.checked };
       if (ui.prompt.value) changes.prompt = ui.prompt.value;
       if (ui.negative.value) changes.negative = ui.negative.value;
+      if (controlnets.length) changes.controls = controlScales();
       await apply(changes);
     };
     pc.ontrack = (event) => {
