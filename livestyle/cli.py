@@ -85,7 +85,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from livestyle.capture.camera import camera_help
     from livestyle.capture.window import display_problem
-    from livestyle.config import BUILTIN_PRESETS, model_names, models_dir, preset_files, user_preset_dir
+    from livestyle.config import BUILTIN_PRESETS, find_model, model_names, models_dir, preset_files, user_preset_dir
     from livestyle.models.demo import DEMO_MODEL
 
     opencv = next((v for v in map(_version, ("opencv-python", "opencv-python-headless", "opencv-contrib-python"))
@@ -115,7 +115,11 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{len(files)} presets: {', '.join(files)}")
     source = "$LIVESTYLE_MODELS" if os.environ.get("LIVESTYLE_MODELS") else "default; set LIVESTYLE_MODELS to move it"
     names = model_names()
-    print(f"models       {models_dir()} ({source}): {', '.join(names) if names else 'none'}")
+    nets = [name for name in names if _is_controlnet(find_model(name))]
+    models = [name for name in names if name not in nets]
+    print(f"models       {models_dir()} ({source}): {', '.join(models) if models else 'none'}")
+    if nets:
+        print(f"controlnets  {', '.join(nets)} (there too: --control INPUT=NAME)")
     print(f"demo model   {DEMO_MODEL}" + ("" if (DEMO_MODEL / "model_index.json").is_file() else " (missing!)"))
     print(f"cameras      {camera_help()}")
     vcam = _version("pyvirtualcam")
@@ -123,6 +127,21 @@ def cmd_info(args: argparse.Namespace) -> int:
                               else 'not installed (pip install "livestyle[vcam]")'))
     print(f"window       {display_problem() or 'available'}")
     return 0
+
+
+def _is_controlnet(path: Path) -> bool:
+    """Does `path` hold a ControlNet (read from its config or its file's header, not its weights)?"""
+    import json
+
+    from livestyle.models.checkpoint import classify, read_header
+
+    try:
+        if path.is_dir():
+            config = path / "config.json"
+            return config.is_file() and json.loads(config.read_text())["_class_name"] == "ControlNetModel"
+        return classify(read_header(path).keys())[0] == "controlnet"
+    except (OSError, ValueError, KeyError, TypeError, LivestyleError):  # unreadable or not ours: listed as a model
+        return False
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
