@@ -2,7 +2,8 @@
 // look changed live over the `control` data channel, and a stats overlay.
 //
 // window.livestyle exposes the state for scripts and tests: start(), stop(), send(msg),
-// stats (updated every second) and sample() (mean colours of the camera and the output).
+// stats (updated every second), sample() (mean colours of the camera and the output) and
+// controlScales() (the ControlNet scales the page would send, 0 for those switched off).
 
 import { FrameCounter, HttpError, call, gathered, iceServers, setToken, takeToken } from "./common.js";
 
@@ -415,6 +416,6 @@ function sample() {
   return { preview: a?.rgb ?? null, output: b?.rgb ?? null, diff };
 }
 
-window.livestyle = { start, stop, send, stats, sample };
+window.livestyle = { start, stop, send, stats, sample, controlScales };
 setState("idle");
 loadPresets();
