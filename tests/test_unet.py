@@ -12,6 +12,7 @@ from livestyle.models.convert_unet import (
     unet_from_original,
     unet_to_original,
 )
+from livestyle.models.packed import pack
 from livestyle.models.temporal import TemporalBatch, TemporalCache
 from livestyle.models.unet import UNet, UNetConfig
 from livestyle.stream.samplers import guidance_scale_embedding
@@ -427,3 +428,41 @@ def test_feature_fusion_in_the_unet(tiny_unet):
         cache.advance()
     # the same frame again: every token's nearest banked output is itself, so nothing moves
     assert (tiny_unet(xa, t, c, temporal=fused) - tiny_unet(xa, t, c, temporal=plain)).abs().max() <= 1e-4
+
+
+# -- oneDNN-packed weights (livestyle.models.packed) ---------------------------------------------
+
+
+@pytest.mark.parametrize("hw", [(13, 22)])
+@torch.no_grad()
+def test_packed_unet_matches_diffusers(pair, hw):
+    ref, config = pair
+    packed = pack(ours_from(ref.state_dict(), config).requires_grad_(False))
+    assert not any(type(m) in (torch.nn.Conv2d, torch.nn.Linear) for m in packed.modules())
+    x, t, c = inputs(config, hw, tokens=5)
+    assert (packed(x, t, c) - ref(x, t, c).sample).abs().max() <= 1e-4
+    # a batch and a size other than the first call's: the packed weights are not tied to one shape
+    x, t, c = inputs(config, (8, 9), batch=1)
+    assert (packed(x, t, c) - ref(x, t, c).sample).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_packed_unet_with_the_temporal_cache(tiny_unet):
+    packed = pack(ours_from(tiny_unet.state_dict(), tiny_unet.config).requires_grad_(False))
+    caches = [TemporalCache.for_unet(tiny_unet, batch=2, latent_hw=HW, frames=2, fusion=0.5) for _ in range(2)]
+    for x, t, c in frames(tiny_unet, 3, seed=17):
+        expected, got = tiny_unet(x, t, c, temporal=caches[0]), packed(x, t, c, temporal=caches[1])
+        assert (got - expected).abs().max() <= 1e-4
+        for cache in caches:
+            cache.advance()
+
+
+def test_pack_refuses_what_it_cannot_run(tiny_unet):
+    with pytest.raises(ValueError, match=r"pack: conv_in is torch.bfloat16 on cpu; packing is for fp32 on the CPU"):
+        pack(UNet(tiny_unet.config).to(torch.bfloat16).requires_grad_(False))
+    with pytest.raises(ValueError, match="pack: conv_in requires grad; packed layers are for inference"):
+        pack(UNet(tiny_unet.config))
+    with pytest.raises(ValueError, match="pack: give the model that holds this Linear"):
+        pack(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="cannot be packed"):
+        pack(torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")).requires_grad_(False))

@@ -1,0 +1,87 @@
+"""Convolutions and linear layers whose weights are reordered for oneDNN once, for fp32
+inference on a CPU.
+
+Eager PyTorch hands oneDNN a plain weight (OIHW for a convolution) on every call, and
+oneDNN first copies it into its blocked layout: for SD's U-Net at 256x256 that copy of
+every weight on every call costs about as much as the convolutions of the lowest levels
+themselves. Linear layers go to MKL's sgemm, which repacks its operand on each call too
+(and on AMD CPUs takes a slower path than oneDNN's own matmul). pack() reorders every
+weight once and calls oneDNN's kernels with the reordered weight, as inductor does with
+freezing on (torch/_inductor/fx_passes/mkldnn_fusion.py: `_convolution_pointwise` and
+`_linear_pointwise` with a reordered weight), without compiling anything.
+
+    unet = pack(unet)   # after loading and LoRA fusing: CPU, fp32, inference only
+
+The packed weights replace the plain ones (no second copy is kept), so a packed module
+no longer has them in its state_dict: pack last, and reload to change weights. Outputs
+match the plain modules' to float rounding (oneDNN may sum in another order).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class PackedConv2d(nn.Module):
+    """nn.Conv2d with its weight in oneDNN's blocked layout: (B, C_in, h, w) -> (B, C_out, h', w')."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"pack: a convolution with padding={conv.padding!r}, padding_mode={conv.padding_mode!r} "
+                             "cannot be packed (only explicit zero padding)")
+        self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
+        self.padding, self.stride = list(conv.padding), list(conv.stride)
+        self.dilation, self.groups = list(conv.dilation), conv.groups
+        weight = torch._C._nn.mkldnn_reorder_conv2d_weight(conv.weight.detach().to_mkldnn(), self.padding,
+                                                           self.stride, self.dilation, self.groups)
+        # Not persistent: an opaque oneDNN tensor, meaningless in a state_dict.
+        self.register_buffer("weight", weight, persistent=False)
+        self.bias = conv.bias
+
+    def forward(self, x):
+        return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, self.padding, self.stride,
+                                                       self.dilation, self.groups, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, oneDNN-packed")
+
+
+class PackedLinear(nn.Module):
+    """nn.Linear with its weight packed for oneDNN's matmul: (..., in) -> (..., out)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach()),
+                             persistent=False)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"
+
+
+def pack(module: nn.Module) -> nn.Module:
+    """Replace every nn.Conv2d and nn.Linear inside `module` (in place) by its packed form;
+    returns `module`. ValueError where it cannot run: weights not on the CPU or not fp32,
+    a PyTorch without oneDNN, or gradients wanted (the packed kernels have none)."""
+    if not torch.backends.mkldnn.is_available():
+        raise ValueError("pack: this PyTorch was built without oneDNN (torch.backends.mkldnn)")
+    if type(module) in (nn.Conv2d, nn.Linear):
+        raise ValueError(f"pack: give the model that holds this {type(module).__name__}; it is replaced in its parent")
+    layers = [(name, m) for name, m in module.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    for name, m in layers:
+        if m.weight.device.type != "cpu" or m.weight.dtype != torch.float32:
+            raise ValueError(f"pack: {name} is {m.weight.dtype} on {m.weight.device}; packing is for fp32 on the CPU")
+        if m.weight.requires_grad:
+            raise ValueError(f"pack: {name} requires grad; packed layers are for inference (requires_grad_(False))")
+    for name, m in layers:
+        parent, _, child = name.rpartition(".")
+        packed = PackedConv2d(m) if isinstance(m, nn.Conv2d) else PackedLinear(m)
+        setattr(module.get_submodule(parent), child, packed)
+    return module
