@@ -13,10 +13,10 @@
     {"id": 7, ...}                          echoed in the reply, to match replies to requests
 
 Several keys in one message are one update; "preset" is applied first, so
-{"preset": "ink-sketch", "strength": 0.5} is the preset at half strength (a preset's
-look only: the ControlNets stay the server's). Messages that
-arrive while an update is being applied are applied together, in order, as one update
-when they can be (the reply to each carries the settings after its batch).
+{"preset": "ink-sketch", "strength": 0.5} is the preset at half strength (its look only:
+the ControlNets stay the server's). Messages that arrive while an update is being
+applied are applied together, in order, as one update when they can be (the reply to
+each carries the settings after its batch).
 Replies: {"ok": true, "settings": {...}} or {"error": "one line"}. The server also sends
 {"stats": {...}} about once a second. Beyond RATE messages a second (BURST at once)
 messages are dropped and answered {"error": "too many control messages ..."}, as long
