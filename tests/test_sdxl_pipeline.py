@@ -34,9 +34,9 @@ def components():
         norm_num_groups=32, addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
         projection_class_embeddings_input_dim=POOLED + 6 * TIME_DIM,
     ), 1, scale=0.1)
-    vae = perturb(AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
+    vae = perturb(AutoencoderKL(  # 4 levels: SD's 8x reduction, as the streaming engine needs
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
         scaling_factor=0.13025, force_upcast=True,
     ), 2)
     common = dict(vocab_size=VOCAB, max_position_embeddings=77, bos_token_id=49406, eos_token_id=2, pad_token_id=1)
@@ -204,12 +204,14 @@ def test_mismatched_parts_are_one_line(sdxl, tmp_path):
         sd1.time_ids(64, 64)
 
 
-def test_the_engine_refuses_sdxl_in_one_line(sdxl, tmp_path, capsys):
+def test_livestyle_run_streams_an_sdxl_checkpoint(sdxl, tmp_path, capsys):
     from livestyle.cli import main
 
     root, _ = sdxl
+    out = tmp_path / "out.mp4"
     code = main(["run", "test:", "--model", str(root / "model"), "--prompt", "a fox", "--input-size", "64x48",
-                 "--seconds", "0.1", "-o", str(tmp_path / "out.mp4")])
-    err = capsys.readouterr().err
-    assert code == 2 and "the streaming engine does not run them yet" in err and "Traceback" not in err
-    assert not (tmp_path / "out.mp4").exists()
+                 "--size", "64x48", "--seconds", "0.25", "-o", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert "restyled 6 frames" in stdout and "sdxl model" in stdout and "failed" not in stdout + err
+    assert "Traceback" not in err and out.stat().st_size > 0

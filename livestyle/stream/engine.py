@@ -66,13 +66,14 @@ from livestyle.config import StreamSettings, style_blend
 from livestyle.errors import LivestyleError
 from livestyle.frame import rgb_array
 from livestyle.models.loading import Pipeline
+from livestyle.models.vae import KLAutoencoder
 from livestyle.stream.conditioning import Conditioning
 from livestyle.stream.flow import FlowEstimator, flow_size, propagate, sampling_grid, small_grey, warp_inputs
 from livestyle.stream.guidance import InitializeGuidance, make_guidance
 from livestyle.stream.plan import make_plan
 from livestyle.stream.state import StreamState, Tag, layout
 from livestyle.stream.stats import ModelTimer, StreamMeter, StreamStats
-from livestyle.stream.step import RENEW, Bucket, BucketKey, CapturedSteps, denoise
+from livestyle.stream.step import RENEW, Bucket, BucketKey, CapturedSteps, Part, denoise
 from livestyle.threads import keep_allocations
 
 log = logging.getLogger(__name__)
@@ -295,14 +296,19 @@ class Engine:
     def _load(self, model: Pipeline | Callable[[], Pipeline]) -> None:
         """On the worker: load the model if need be, move it to the device, get ready."""
         pipe = model() if callable(model) else model
-        if pipe.family == "sdxl":
-            # The step does not pass SDXL's added conditioning (text_embeds, time_ids) yet: refused
-            # once here rather than failing on every frame.
-            raise LivestyleError("SDXL checkpoints load (livestyle inspect, livestyle.models) but the streaming "
-                                 "engine does not run them yet; use an SD 1.x/2.x or SD-Turbo checkpoint")
-        for module in (pipe.unet, pipe.autoencoder, pipe.text.encoder if pipe.text else None, pipe.styles):
+        for module in (pipe.unet, pipe.text.encoder if pipe.text else None,
+                       pipe.text_2.encoder if pipe.text_2 else None, pipe.styles):
             if module is not None:
                 module.to(self.device, self.dtype).eval().requires_grad_(False)
+        # SDXL's KL VAE overflows in fp16: loading keeps it in fp32 there (its weights say
+        # so), and it takes and returns the engine's dtype; moved, not converted.
+        upcast = (pipe.family == "sdxl" and isinstance(pipe.autoencoder, KLAutoencoder)
+                  and self.dtype == torch.float16 and next(pipe.autoencoder.parameters()).dtype == torch.float32)
+        if upcast:
+            pipe.autoencoder.to(self.device)
+        else:
+            pipe.autoencoder.to(self.device, self.dtype)
+        pipe.autoencoder.eval().requires_grad_(False)
         if self.channels_last:
             for module in (pipe.unet, pipe.autoencoder):
                 module.to(memory_format=torch.channels_last)
@@ -518,14 +524,16 @@ class Engine:
         guidance = make_guidance(settings.guidance, settings.guidance_scale, plan)
         cond = self.conditioning.positive(settings.style, settings.prompt)
         uncond = self.conditioning.negative(settings.negative) if guidance.needs_negative else None
-        if uncond is not None and uncond.shape != cond.shape:
-            raise LivestyleError(f"the negative prompt is {uncond.shape[1]} tokens and the prompt {cond.shape[1]}: "
-                                 "guidance rows need the same length (shorten the longer one)")
+        if uncond is not None and uncond.context.shape != cond.context.shape:
+            raise LivestyleError(f"the negative prompt is {uncond.context.shape[1]} tokens and the prompt "
+                                 f"{cond.context.shape[1]}: guidance rows need the same length (shorten the longer one)")
         w, h = settings.size
         frames = settings.temporal.attention_frames
+        time_ids = self.pipe.time_ids(h, w).to(self.device) if self.pipe.family == "sdxl" else None
         key = BucketKey((self.pipe.autoencoder.latent_channels, h // 8, w // 8), 2 if guidance.needs_negative else 1,
-                        tuple(cond.shape[1:]), self.pipe.unet.config.time_cond_proj_dim or 0, frames,
-                        settings.temporal.fusion if frames else 0.0)
+                        tuple(cond.context.shape[1:]), self.pipe.unet.config.time_cond_proj_dim or 0, frames,
+                        settings.temporal.fusion if frames else 0.0,
+                        cond.pooled.shape[1] if cond.pooled is not None else 0)
         old = s.state
         if old is not None and old.layout == layout(settings, plan.steps) and old.place[0].key == key:
             old.retune(settings, plan, guidance, cond, uncond)
@@ -534,7 +542,7 @@ class Engine:
             while old.in_flight:  # finish the frames in flight the old way: none is lost
                 self._advance([(s, None, None)])
         state = StreamState(settings, plan, guidance, cond, uncond, self.pipe.unet,
-                            self.pipe.autoencoder.latent_channels, self.device, self.dtype)
+                            self.pipe.autoencoder.latent_channels, self.device, self.dtype, time_ids)
         bucket = self.buckets.get(key)
         if bucket is None:
             bucket = Bucket(key, max(self.bucket_rows, 1 << (plan.steps - 1).bit_length()), self.pipe.unet,
@@ -713,8 +721,10 @@ class Engine:
             table = state.table[:, rows.slots.start:rows.slots.stop].copy()
             if rows.fresh and isinstance(state.guidance, InitializeGuidance):
                 table[RENEW, 0] = 1.0  # its negative-prompt estimate becomes the frame's reference
-            parts.append((first, rows.x, rows.reference, rows.noise, state.cond, state.uncond, state.timestep_cond,
-                          table))
+            uncond = state.uncond
+            parts.append(Part(first, rows.x, rows.reference, rows.noise, state.cond.context,
+                              uncond.context if uncond else None, table, state.timestep_cond, state.cond.pooled,
+                              uncond.pooled if uncond else None, state.time_ids))
             places.append(slice(first, first + len(rows.slots)))
         active = bucket.load(parts)
         started, clock = self.timer.start(), time.perf_counter()

@@ -7,6 +7,8 @@
     noise      (S, C, h, w)  the stream's fixed noise, by seed: noise[0] starts a frame,
                              renoise[k] re-noises after step k
     table      (K, S) fp32   each slot's coefficients for the fixed-shape step (step.py)
+    cond, uncond             the prompt's and the negative's Condition (context, SDXL's pooled)
+    time_ids   (1, 6) fp32   SDXL's size conditioning at the processing size, else None
     place      (bucket, first row): the stream's S rows in a step.Bucket (its temporal
                              rings live there, one per slot), set by the engine
     previous   the last output frame's latent, image and tag (flow-guided propagation)
@@ -28,6 +30,7 @@ from livestyle.config import StreamSettings
 from livestyle.models.unet import UNet
 from livestyle.stream.flow import FlowEstimator, Motion
 from livestyle.stream.guidance import NoGuidance
+from livestyle.stream.conditioning import Condition
 from livestyle.stream.plan import Plan
 from livestyle.stream.samplers import guidance_scale_embedding
 from livestyle.stream.similarity import SimilarityFilter
@@ -70,13 +73,13 @@ def layout(settings: StreamSettings, steps: int) -> tuple:
 
 
 class StreamState:
-    def __init__(self, settings: StreamSettings, plan: Plan, guidance: NoGuidance, cond: torch.Tensor,
-                 uncond: torch.Tensor | None, unet: UNet, latent_channels: int, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(self, settings: StreamSettings, plan: Plan, guidance: NoGuidance, cond: Condition,
+                 uncond: Condition | None, unet: UNet, latent_channels: int, device: torch.device,
+                 dtype: torch.dtype, time_ids: torch.Tensor | None = None):
         w, h = settings.size
         S = plan.steps
         self.settings, self.plan, self.guidance = settings, plan, guidance
-        self.cond, self.uncond = cond, uncond
+        self.cond, self.uncond, self.time_ids = cond, uncond, time_ids
         self.layout = layout(settings, S)
         shape = (S, latent_channels, h // 8, w // 8)
         self.x = torch.zeros(shape, device=device, dtype=dtype)
@@ -123,8 +126,8 @@ class StreamState:
     def in_flight(self) -> bool:
         return bool(self.owed())
 
-    def retune(self, settings: StreamSettings, plan: Plan, guidance: NoGuidance, cond: torch.Tensor,
-               uncond: torch.Tensor | None) -> None:
+    def retune(self, settings: StreamSettings, plan: Plan, guidance: NoGuidance, cond: Condition,
+               uncond: Condition | None) -> None:
         """A live update that keeps the buffers' shapes: new coefficients, contexts, switches."""
         if settings.temporal.similarity != self.settings.temporal.similarity:
             self.similar = self._similarity_filter(settings)

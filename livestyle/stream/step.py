@@ -2,7 +2,8 @@
 
 gpt-fast's static caches and k-diffusion's "a step returns new state", for the stream
 engine: every stream whose rows can share a U-Net call (same latent size, guidance rows,
-context shape, time-cond input, temporal ring length and fusion: a `BucketKey`) has rows
+context shape, time-cond input, temporal ring length and fusion, SDXL's added
+conditioning: a `BucketKey`) has rows
 in one `Bucket`, whose buffers have a fixed row count R. A stream holds S rows (one per
 denoising slot) for as long as it keeps its settings' shapes; rows a call does not step
 (another stream's with no frame now, unused rows) are padding: zeros in, output ignored,
@@ -19,6 +20,8 @@ A call's inputs, written in place into the bucket's buffers (`Bucket.load`):
     coeffs     (K, R) fp32    per row: model time, guidance weights, sampler coefficients
     time_cond  (G*R, P)       full LCM checkpoints' guidance-scale embedding, else None
     rings      TemporalRings  R rows, or None (no temporal cache), with `active`, the rows stepped
+    text_embeds (G*R, E)      SDXL's pooled prompt embeddings (positive, then negative), else None
+    time_ids   (G*R, 6) fp32  SDXL's size conditioning (uncropped, the processing size), else None
 
 `denoise(...)` -> (x_next, denoised, reference), each (R, C, h, w). Guidance is one linear
 mix per row (guidance.py's kinds as weights: none wc = 1; full wc = s, wu = 1 - s;
@@ -86,14 +89,16 @@ def coefficients(plan: Plan, guidance: NoGuidance) -> np.ndarray:
 
 
 def denoise(unet: UNet, x: Tensor, reference: Tensor, noise: Tensor, context: Tensor, coeffs: Tensor,
-            time_cond: Tensor | None, rings: TemporalRings | None, groups: int) -> tuple[Tensor, Tensor, Tensor]:
+            time_cond: Tensor | None, rings: TemporalRings | None, groups: int, text_embeds: Tensor | None = None,
+            time_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One U-Net call and sampler step for R rows (see the module docstring); pure but for
     the rings, which store the stepped rows' keys/values and advance. -> (x_next, denoised,
     reference) (R, C, h, w) in x's dtype."""
     R = x.shape[0]
     t = coeffs[T].repeat(groups)  # (G*R,)
     x_in = x if groups == 1 else x.repeat(groups, 1, 1, 1)  # (G*R, C, h, w)
-    out = unet(x_in, t, context, temporal=rings, timestep_cond=time_cond)
+    added = {} if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+    out = unet(x_in, t, context, temporal=rings, timestep_cond=time_cond, **added)
 
     def w(i: int) -> Tensor:
         return coeffs[i][:, None, None, None]  # (R, 1, 1, 1)
@@ -123,6 +128,29 @@ class BucketKey:
     time_cond: int  # the guidance-scale embedding's width, 0 without
     frames: int  # temporal ring length, 0 without
     fusion: float
+    added: int = 0  # SDXL's pooled text width (text_embeds), 0 without added conditioning
+
+
+@dataclass
+class Part:
+    """One stream's rows in a call, for Bucket.load: n rows from `start`.
+
+    x, reference, noise (n, C, h, w); positive, negative: contexts (1, L, D) (negative
+    None without guidance rows); pooled, negative_pooled (1, E) SDXL's text_embeds or
+    None; time_cond (1, P) or None; time_ids (1, 6) or None; table (K, n) the rows'
+    coefficients."""
+
+    start: int
+    x: Tensor
+    reference: Tensor
+    noise: Tensor
+    positive: Tensor
+    negative: Tensor | None
+    table: np.ndarray
+    time_cond: Tensor | None = None
+    pooled: Tensor | None = None
+    negative_pooled: Tensor | None = None
+    time_ids: Tensor | None = None
 
 
 class Bucket:
@@ -147,13 +175,14 @@ class Bucket:
         C, h, w = self.key.latent
         G = self.key.groups
         memory = torch.channels_last if self.channels_last else torch.contiguous_format
-        latent = lambda: torch.zeros(rows, C, h, w, device=self.device, dtype=self.dtype).to(  # noqa: E731
-            memory_format=memory)
-        self.x, self.reference, self.noise = latent(), latent(), latent()
-        self.context = torch.zeros(G * rows, *self.key.context, device=self.device, dtype=self.dtype)
-        self.time_cond = (torch.zeros(G * rows, self.key.time_cond, device=self.device, dtype=self.dtype)
-                          if self.key.time_cond else None)
-        self.coeffs = torch.zeros(K, rows, device=self.device, dtype=torch.float32)
+        zeros = lambda *shape, dtype=self.dtype: torch.zeros(*shape, device=self.device, dtype=dtype)  # noqa: E731
+        self.x, self.reference, self.noise = (zeros(rows, C, h, w).to(memory_format=memory) for _ in range(3))
+        self.context = zeros(G * rows, *self.key.context)
+        self.time_cond = zeros(G * rows, self.key.time_cond) if self.key.time_cond else None
+        self.text_embeds = zeros(G * rows, self.key.added) if self.key.added else None
+        # fp32: sizes in pixels, which bf16 would round (1080 is not a bf16 number)
+        self.time_ids = zeros(G * rows, 6, dtype=torch.float32) if self.key.added else None
+        self.coeffs = zeros(K, rows, dtype=torch.float32)
         # The host side of the coefficients, pinned on CUDA so its upload is asynchronous.
         self.staged = torch.zeros(K, rows, dtype=torch.float32, pin_memory=self.device.type == "cuda")
         self.graphs: dict = {}  # captured CUDA graphs of this bucket's buffers, by variant
@@ -201,31 +230,34 @@ class Bucket:
 
     # -- one call --------------------------------------------------------------------------
 
-    def load(self, parts: list[tuple[int, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, np.ndarray]]
-             ) -> list[int]:
-        """Write a call's inputs into the buffers. parts: per stream (first row, x (n, C, h, w),
-        reference, noise, positive context (1, L, D), negative context or None, time_cond
-        (1, P) or None, coefficients (K, n)). Rows not named are zeroed: padding. Returns
-        the rows stepped (host side)."""
+    def load(self, parts: list[Part]) -> list[int]:
+        """Write a call's inputs (one Part per stream) into the buffers. Rows not named are
+        zeroed: padding. Returns the rows stepped (host side)."""
         R, G = self.rows, self.key.groups
         for buffer in (self.x, self.reference, self.noise, self.context):
             buffer.zero_()
         staged = self.staged.numpy()
         staged[:] = 0
         active = []
-        for start, x, reference, noise, positive, negative, time_cond, table in parts:
-            n = x.shape[0]
-            rows = slice(start, start + n)
-            self.x[rows], self.reference[rows], self.noise[rows] = x, reference, noise
-            self.context[rows] = positive
+        for part in parts:
+            n = part.x.shape[0]
+            rows, negative = slice(part.start, part.start + n), slice(R + part.start, R + part.start + n)
+            self.x[rows], self.reference[rows], self.noise[rows] = part.x, part.reference, part.noise
+            self.context[rows] = part.positive
             if G == 2:
-                self.context[R + start:R + start + n] = negative
-            if self.time_cond is not None:
-                self.time_cond[rows] = time_cond
+                self.context[negative] = part.negative
+            # Conditions that are the same for a guidance row as for its positive row.
+            for buffer, value in ((self.time_cond, part.time_cond), (self.time_ids, part.time_ids)):
+                if buffer is not None:
+                    buffer[rows] = value
+                    if G == 2:
+                        buffer[negative] = value
+            if self.text_embeds is not None:
+                self.text_embeds[rows] = part.pooled
                 if G == 2:
-                    self.time_cond[R + start:R + start + n] = time_cond
-            staged[:, rows] = table
-            active += range(start, start + n)
+                    self.text_embeds[negative] = part.negative_pooled
+            staged[:, rows] = part.table
+            active += range(part.start, part.start + n)
         # From pinned memory: the copy is queued, the host goes on.
         self.coeffs.copy_(self.staged, non_blocking=True)
         if self.rings is not None:
@@ -241,7 +273,7 @@ class Bucket:
         are free to change)."""
         if rows is None or (rows.start, rows.stop) == (0, self.rows):
             return (self.unet, self.x, self.reference, self.noise, self.context, self.coeffs, self.time_cond,
-                    self.rings, self.key.groups)
+                    self.rings, self.key.groups, self.text_embeds, self.time_ids)
         R, (a, b) = self.rows, (rows.start, rows.stop)
 
         def grouped(t: Tensor | None) -> Tensor | None:  # (G*R, ...) -> (G*(b-a), ...)
@@ -251,7 +283,7 @@ class Bucket:
 
         return (self.unet, self.x[a:b], self.reference[a:b], self.noise[a:b], grouped(self.context),
                 self.coeffs[:, a:b], grouped(self.time_cond), self.rings.view(a, b) if self.rings else None,
-                self.key.groups)
+                self.key.groups, grouped(self.text_embeds), grouped(self.time_ids))
 
 
 class CapturedSteps:
