@@ -46,3 +46,25 @@ def test_an_sd_checkpoint_without_a_prompt_is_refused(sd_folder, tmp_path, capsy
     code = cli.main(["run", str(clip), "-o", str(tmp_path / "out.mp4"), "--model", str(sd_folder)])
     assert code == 2 and "needs a prompt" in capsys.readouterr().err
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_run_an_sdxl_folder_at_the_inputs_size(tmp_path, capsys):
+    """An SDXL pipeline (test_sdxl_pipeline's tiny one, saved by diffusers): no --size keeps a
+    small input's own size (SD's rule: the short side up to 512, never upscaled)."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+
+    from test_sdxl_pipeline import components, tokenizers
+
+    unet, vae, text, text_2 = components()
+    tok, tok_2 = tokenizers(tmp_path / "tok")
+    StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok, tokenizer_2=tok_2,
+                              unet=unet, scheduler=EulerAncestralDiscreteScheduler(timestep_spacing="trailing")
+                              ).save_pretrained(tmp_path / "sdxl")
+    clip = make_clip(tmp_path / "in.mp4", size=(80, 64), frames=4)
+    out = tmp_path / "out.mp4"
+    code = cli.main(["run", str(clip), "-o", str(out), "--model", str(tmp_path / "sdxl"), "--prompt", "a fox"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    assert "sdxl model" in stdout and "at 80x64" in stdout
+    facts = video_facts(out)
+    assert facts["frames"] == 4 and facts["size"] == (80, 64)
