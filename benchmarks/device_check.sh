@@ -6,20 +6,24 @@
 #   bash benchmarks/device_check.sh --smoke [OUTDIR]   # a CPU, tiny shapes, about a minute (CI)
 #
 # Leaves OUTDIR/device_check.json ({"mode", "date", "steps": [{name, exit, seconds,
-# limit}], "kernels": benchmarks/kernels.py --json, "bench": benchmarks/suite.py --json})
+# limit}], "kernels": benchmarks/kernels.py --json, "bench", "sdxl" and "compile":
+# benchmarks/suite.py --json})
 # and OUTDIR/device_check.log (everything printed). Exit 0 only if every step exited 0.
 #
 # Steps, each under its own time limit (so one that hangs cannot spend the others' time;
-# the limits add up to 470 s):
+# the limits add up to 470 s; none has been timed on a GPU yet):
 #   environment   versions, the GPU (nvidia-smi)                                      20 s
-#   parity        tests/test_kernels_parity.py on CUDA (smoke: not run, CI runs it)    100 s
-#   kernels       benchmarks/kernels.py: each kernel against eager and torch.compile  100 s
+#   parity        tests/test_kernels_parity.py on CUDA (smoke: not run, CI runs it)     90 s
+#   kernels       benchmarks/kernels.py: each kernel against eager and torch.compile   90 s
 #   bench         benchmarks/suite.py: U-Net step (fp16, bf16), the 512x512 frame (eager,
 #                 CUDA graphs, kernels on/off, channels_last, fp16 and bf16) against the
 #                 peers if their wheels were carried, the demo model at 256 and 512,
-#                 the temporal parts' cost, the roofline                                160 s
+#                 the temporal parts' cost, the roofline                                150 s
+#   sdxl          benchmarks/suite.py --sections sdxl: SDXL-Turbo's architecture at
+#                 512x512, 1 step, fp16 and bf16: the U-Net step against diffusers',
+#                 the frame (eager, all temporal parts, CUDA graphs)                      60 s
 #   compile       benchmarks/suite.py --sections frame --compile: torch.compile, and
-#                 compile + CUDA graphs (what fits in its limit)                          90 s
+#                 compile + CUDA graphs (what fits in its limit)                          60 s
 #
 # Wheels the GPU machine lacks (PyAV, which the engine needs; diffusers and streamdiffusion,
 # the peers): put them in .whl/ at the repository's root and carry it; they are installed
@@ -77,11 +81,13 @@ if [ $smoke = 1 ]; then
   # Triton's interpreter it takes minutes, and tests/test_kernels_parity.py covers it.
   step kernels 300 "$py" benchmarks/kernels.py --smoke --no-unet --json "$work/kernels.json"
   step bench 300 "$py" benchmarks/suite.py --smoke --sections unet frame demo temporal roofline --json "$work/bench.json"
+  step sdxl 300 "$py" benchmarks/suite.py --smoke --sections sdxl --json "$work/sdxl.json"
 else
-  step parity 100 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_parity.py
-  step kernels 100 "$py" benchmarks/kernels.py --json "$work/kernels.json"
-  step bench 160 "$py" benchmarks/suite.py --sections unet frame demo temporal roofline --json "$work/bench.json"
-  step compile 90 "$py" benchmarks/suite.py --sections frame --compile --rounds 3 --json "$work/compile.json"
+  step parity 90 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_parity.py
+  step kernels 90 "$py" benchmarks/kernels.py --json "$work/kernels.json"
+  step bench 150 "$py" benchmarks/suite.py --sections unet frame demo temporal roofline --json "$work/bench.json"
+  step sdxl 60 "$py" benchmarks/suite.py --sections sdxl --json "$work/sdxl.json"
+  step compile 60 "$py" benchmarks/suite.py --sections frame --compile --rounds 3 --json "$work/compile.json"
 fi
 
 "$py" - "$work" "$json" "$smoke" <<'EOF' | tee -a "$log"
@@ -102,7 +108,7 @@ def read(name):
 report = {"mode": "smoke (CPU, tiny shapes)" if smoke else "device",
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
           "steps": steps, "kernels": read("kernels.json"), "bench": read("bench.json"),
-          "compile": read("compile.json")}
+          "sdxl": read("sdxl.json"), "compile": read("compile.json")}
 if smoke:
     report["parity"] = "not run in smoke mode: CI runs tests/test_kernels_parity.py itself"
 target.write_text(json.dumps(report, indent=1) + "\n")

@@ -27,6 +27,15 @@ The frame, for each system, from a uint8 (H, W, 3) frame to a uint8 (H, W, 3) fr
 
 All three use the same timesteps: StreamDiffusion's t_index_list into the 50-step LCM
 schedule (1 step: [32]; 2: [32, 45]; 4: [0, 16, 32, 45]).
+
+SDXL-Turbo (`sdxl_turbo_parts`): the SDXL base U-Net config (SDXL-Turbo's: no attention at
+the first level, transformer depth 1, 2 and 10 at the next two, 2048-d context, the
+text_time added embedding of a 1280-d pooled text embedding and 6 time ids) in both
+libraries, and AutoencoderTiny in TAESD's config, which is TAESDXL's too (the two differ
+only in their weights). The prompt: two small random text encoders of SDXL's widths (768
+and 1280, the second with a 1280-d pooled projection), so the context (1, 77, 2048) and
+the pooled embedding (1, 1280) have SDXL's shapes; the engine encodes the prompt with
+them, the U-Net rows are handed those tensors.
 """
 
 from __future__ import annotations
@@ -62,6 +71,27 @@ TINY_UNET = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4), cross_attention_dim=32,
     layers_per_block=1,
 )
+# The SDXL base U-Net (stabilityai/sdxl-turbo unet/config.json is the same); diffusers' names.
+SDXL_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, upcast_attention=False, norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True,
+    freq_shift=0, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=1280 + 6 * 256,
+)
+SDXL_TEXT_WIDTHS = (768, 1280)  # CLIP ViT-L's and OpenCLIP ViT-bigG's hidden sizes; bigG's pooled projection: 1280
+# The same kind, small: no attention at level 0, two transformer layers at level 1, the
+# added embedding with SDXL's 256-d time ids and a 32-d pooled embedding.
+TINY_SDXL_UNET = dict(
+    SDXL_UNET, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+    attention_head_dim=(2, 4), cross_attention_dim=64, layers_per_block=1,
+    projection_class_embeddings_input_dim=32 + 6 * 256,
+)
+TINY_SDXL_TEXT_WIDTHS = (32, 32)
 
 
 def installed(module: str) -> bool:
@@ -79,10 +109,28 @@ class Parts:
     autoencoder: torch.nn.Module  # livestyle's
     text: object  # livestyle TextModel
     context: torch.Tensor  # (1, 77, D) the prompt's embedding
+    family: str = "sd2"  # livestyle's Pipeline.family: "sd2" (SD-Turbo) or "sdxl" (SDXL-Turbo)
+    text_2: object = None  # SDXL: the second TextModel (with the pooled projection)
+    pooled: torch.Tensor | None = None  # SDXL: (1, P) the prompt's pooled embedding
 
     @property
     def context_dim(self) -> int:
         return self.unet_config["cross_attention_dim"]
+
+    def unet_calls(self, x: torch.Tensor, t: torch.Tensor) -> dict:
+        """{"livestyle": fn, "diffusers": fn}: one call of each U-Net on latents x (B, 4, h, w)
+        at timestep t (B,), with the prompt's conditioning (SDXL: the pooled embedding and the
+        time ids of an uncropped frame of x's size, in pixels, as the engine passes them)."""
+        c = self.context.expand(len(x), -1, -1)
+        if self.family != "sdxl":
+            return {"livestyle": lambda: self.unet(x, t, c),
+                    "diffusers": lambda: self.diffusers_unet(x, t, encoder_hidden_states=c).sample}
+        h, w = x.shape[-2] * 8, x.shape[-1] * 8
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=x.device, dtype=torch.float32)  # fp32, as the engine's
+        added = {"text_embeds": self.pooled.expand(len(x), -1), "time_ids": time_ids.expand(len(x), -1)}
+        return {"livestyle": lambda: self.unet(x, t, c, **added),
+                "diffusers": lambda: self.diffusers_unet(x, t, encoder_hidden_states=c,
+                                                         added_cond_kwargs=added).sample}
 
 
 def sd_turbo_parts(tiny: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -118,6 +166,49 @@ def sd_turbo_parts(tiny: bool = False, device: str = "cpu", dtype: torch.dtype =
 
         # As the engine's Conditioning encodes it (PromptCache, no skipped layers).
         parts.context = encode_prompt(encoder, text.tokenizer, PROMPT).to(device, dtype)
+    return parts
+
+
+def sdxl_turbo_parts(tiny: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                     seed: int = 0) -> Parts:
+    """SDXL-Turbo's architecture (or, with `tiny`, a small one of the same kind) in diffusers'
+    and livestyle's modules, identical weights, eval mode, on `device` in `dtype`; the
+    context and pooled embedding from two small random text encoders of SDXL's widths."""
+    from diffusers import AutoencoderTiny, UNet2DConditionModel
+
+    from livestyle.models.clip import TextEncoder, TextEncoderConfig
+    from livestyle.models.loading import TextModel
+    from livestyle.models.prompt import encode_prompt_sdxl
+    from livestyle.models.taesd import TinyAutoencoder, tiny_from_diffusers
+    from livestyle.models.tokenizer import Tokenizer
+    from livestyle.models.unet import UNet, UNetConfig
+
+    torch.manual_seed(seed)
+    cfg = TINY_SDXL_UNET if tiny else SDXL_UNET
+    widths = TINY_SDXL_TEXT_WIDTHS if tiny else SDXL_TEXT_WIDTHS
+    pooled_dim = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+    with torch.device(device):
+        dunet = UNet2DConditionModel(**cfg).eval().requires_grad_(False)
+        # On the meta device, then given diffusers' tensors: one copy of SDXL's 10 GB (fp32), not two.
+        with torch.device("meta"):
+            unet = UNet(UNetConfig.from_diffusers(dict(dunet.config)))
+        unet.load_state_dict(dunet.state_dict(), strict=True, assign=True)
+        unet.eval().requires_grad_(False)
+        dae = AutoencoderTiny(latent_channels=4).eval().requires_grad_(False)  # TAESDXL's config
+        ae = TinyAutoencoder.from_state_dicts(*tiny_from_diffusers(dae.state_dict())).eval().requires_grad_(False)
+        # Two layers each: SDXL takes the penultimate hidden state.
+        encoders = [TextEncoder(TextEncoderConfig(hidden_size=D, intermediate_size=4 * D, num_hidden_layers=2,
+                                                  num_attention_heads=max(1, D // 64), hidden_act=act,
+                                                  projection_dim=projection)).eval()
+                    for D, act, projection in zip(widths, ("quick_gelu", "gelu"), (None, pooled_dim))]
+    texts = [TextModel(encoders[0], Tokenizer.bundled()), TextModel(encoders[1], Tokenizer.bundled(pad_token="!"))]
+    parts = Parts(cfg, dunet, unet, dae, ae, texts[0], torch.empty(0), family="sdxl", text_2=texts[1])
+    if (device, dtype) != ("cpu", torch.float32):
+        for m in (dunet, unet, dae, ae, *encoders):
+            m.to(device, dtype)
+    with torch.inference_mode():
+        prompt = encode_prompt_sdxl(encoders[0], texts[0].tokenizer, encoders[1], texts[1].tokenizer, PROMPT)
+    parts.context, parts.pooled = prompt.context.to(device, dtype), prompt.pooled.to(device, dtype)
     return parts
 
 
@@ -166,7 +257,8 @@ class LivestyleFrames:
         p, v = self.parts, self.variant
         unet, autoencoder = (copy.deepcopy(p.unet), copy.deepcopy(p.autoencoder)) if v.channels_last else \
             (p.unet, p.autoencoder)
-        pipe = Pipeline("sd2", unet, autoencoder, p.text, NoiseSchedule(), Path("sd-turbo-architecture"))
+        pipe = Pipeline(p.family, unet, autoencoder, p.text, NoiseSchedule(), Path(f"{p.family}-turbo-architecture"),
+                        text_2=p.text_2)
         self.engine = Engine(pipe, self.device, self.dtype, compile=v.compile, cuda_graphs=v.cuda_graphs,
                              channels_last=v.channels_last)
         self.stream = self.engine.open_stream(self.settings, self._out, live=False)

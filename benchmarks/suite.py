@@ -33,11 +33,18 @@ Sections (see benchmarks/peers.py for the systems and their weights):
 - roofline: FLOPs of one frame counted by torch.utils.flop_counter (U-Net, encode and
   decode), divided by the median time of those calls: achieved TFLOP/s, and the share of
   the device's peak where the peak is known (a CPU's is not: "peak unknown").
+- sdxl: SDXL-Turbo's architecture (the SDXL base U-Net, TAESDXL's config; peers.py) at
+  512x512, 1 step, batch 1: the U-Net step, livestyle's against diffusers' holding the
+  same tensors, alternating (ms per call, FLOPs counted, achieved TFLOP/s), and the frame
+  through livestyle's engine (fps, ms per frame). fp16 and bf16 on CUDA (eager, CUDA
+  graphs for the frame, torch.compile with --compile); fp32 on a CPU only with --full
+  (one call of the 2.6-billion-parameter U-Net takes tens of seconds on 2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -59,7 +66,7 @@ if str(ROOT) not in sys.path:  # python benchmarks/suite.py from a checkout
 
 from livestyle import threads  # noqa: E402  (imports no torch: the thread policy comes first)
 
-SECTIONS = ("unet", "frame", "demo", "contention", "temporal", "roofline")
+SECTIONS = ("unet", "frame", "demo", "contention", "temporal", "roofline", "sdxl")
 NO_CUDA = "not measured (no CUDA)"
 # Dense fp16/bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s), by device name.
 PEAKS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -175,14 +182,19 @@ class Bench:
         self._parts = {}
         self.timings: dict = {}  # for the roofline: (what, size) -> median ms
 
-    def parts(self, dtype=None):
-        from peers import sd_turbo_parts
+    def parts(self, dtype=None, family: str = "sd2"):
+        """The weights of SD-Turbo's architecture (family "sd2") or SDXL-Turbo's ("sdxl") in dtype."""
+        import gc
 
-        dtype = dtype or self.torch.float32
-        if dtype not in self._parts:
-            self._parts.clear()  # one set of full-size weights at a time
-            self._parts[dtype] = sd_turbo_parts(tiny=self.smoke, device=self.device, dtype=dtype)
-        return self._parts[dtype]
+        from peers import sd_turbo_parts, sdxl_turbo_parts
+
+        key = (family, dtype or self.torch.float32)
+        if key not in self._parts:
+            self._parts.clear()  # one set of full-size weights at a time (SDXL's: 10 GB in fp32)
+            gc.collect()
+            make = sdxl_turbo_parts if family == "sdxl" else sd_turbo_parts
+            self._parts[key] = make(tiny=self.smoke, device=self.device, dtype=key[1])
+        return self._parts[key]
 
     def sync(self):
         if self.cuda:
@@ -415,12 +427,12 @@ def section_frame(b: Bench) -> None:
 
 
 def _frame_round_robin(b: Bench, label: str, systems: dict, clip: list, size: int, steps: int,
-                       stream_batch: bool) -> None:
+                       stream_batch: bool, section: str = "frame") -> None:
     torch = b.torch
     live = {k: s for k, s in systems.items() if not isinstance(s, str)}
     for name, reason in systems.items():
         if isinstance(reason, str):
-            b.row("frame", label, name, note=reason)
+            b.row(section, label, name, note=reason)
     peaks = {}
     for name, s in live.items():
         if b.cuda:
@@ -449,9 +461,9 @@ def _frame_round_robin(b: Bench, label: str, systems: dict, clip: list, size: in
             extra["livestyle_speedup"] = spread([a / v for a, v in zip(base, values)])
         peak = f"{peaks[name]:.0f} MB (CUDA, this system)" if name in peaks else \
             f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (process peak RSS, all systems)"
-        b.row("frame", label, name, fps=spread(values), ms_per_frame=spread([1e3 / v for v in values]),
+        b.row(section, label, name, fps=spread(values), ms_per_frame=spread([1e3 / v for v in values]),
               latency_frames=live[name].latency_frames, peak_memory=peak, **extra)
-        b.timings[("frame", name, size, steps, stream_batch)] = 1e3 / statistics.median(values)
+        b.timings[(section, name, size, steps, stream_batch)] = 1e3 / statistics.median(values)
 
 
 def _demo_fps(engine, settings, clip: list) -> float:
@@ -617,8 +629,109 @@ def section_roofline(b: Bench) -> None:
                   ms=spread(ms), achieved_tflops=round(achieved, 4), of_peak=share)
 
 
+SDXL_ON_CPU = ("not run without --full: SDXL's U-Net is 2.6 billion parameters (10 GB in fp32); one 512x512 "
+               "call took 40-60 s on 2 CPU cores, and --full makes 8 of them and 5 frames")
+
+
+def section_sdxl(b: Bench) -> None:
+    """SDXL-Turbo's architecture: the U-Net step against diffusers', and the frame through the engine."""
+    torch = b.torch
+    size = 64 if b.smoke else 512
+    if b.cuda:
+        dtypes = [torch.float16, torch.bfloat16]
+    elif b.smoke or b.args.full:
+        dtypes = [torch.float32]
+    else:
+        dtypes = []
+        b.row("sdxl", f"U-Net step and frame, fp32, cpu, {size}x{size}, 1 step", "livestyle, diffusers",
+              note=SDXL_ON_CPU)
+    threads.keep_allocations()  # as section_frame: the engine's worker keeps them anyway
+    for dtype in dtypes:
+        parts = b.parts(dtype, "sdxl")
+        _sdxl_unet(b, parts, size, dtype)
+        _sdxl_frame(b, parts, size, dtype)
+        del parts  # before the next dtype's are made: one set at a time
+    if not b.cuda:
+        b.row("sdxl", "U-Net step and frame, fp16 and bf16, cuda, 512x512, 1 step (eager, CUDA graphs, compile)",
+              "livestyle, diffusers", note=NO_CUDA)
+
+
+def _short(dtype) -> str:
+    """torch.float16 -> "fp16", as the unet section's labels name them."""
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[str(dtype).removeprefix("torch.")]
+
+
+def _compiled(b: Bench, module):
+    if not b.cuda:  # as _unet_compiled: the weights folded in, prepacked for oneDNN once
+        b.torch._inductor.config.freezing = True
+    return b.torch.compile(module)
+
+
+def _sdxl_unet(b: Bench, parts, size: int, dtype) -> None:
+    """livestyle's and diffusers' U-Net, the same tensors, alternating; FLOPs counted on the warm-up call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch = b.torch
+    label = f"U-Net step, {_short(dtype)}, {b.device}, {size}x{size}, batch 1, main thread"
+    x = torch.randn(1, 4, size // 8, size // 8, device=b.device, dtype=dtype,
+                    generator=torch.Generator(b.device).manual_seed(0))
+    t = torch.tensor([359.0], device=b.device)
+    calls = parts.unet_calls(x, t)
+    if b.args.compile:
+        compiled = dataclasses.replace(parts, unet=_compiled(b, parts.unet),
+                                       diffusers_unet=_compiled(b, parts.diffusers_unet))
+        calls.update({f"{k}, torch.compile (inductor)": fn for k, fn in compiled.unet_calls(x, t).items()})
+    flops, outputs, runs = {}, {}, {k: [] for k in calls}
+    with torch.inference_mode():
+        for name, fn in calls.items():
+            with FlopCounterMode(display=False) as counter:  # also the warm-up (and the compile)
+                outputs[name] = fn()
+            flops[name] = counter.get_total_flops()
+            if b.cuda:
+                for _ in range(2):
+                    fn()
+        for r in range(max(b.rounds, 5) if b.cuda else b.rounds):
+            for name, fn in rotated(list(calls.items()), r):
+                runs[name].append(_cuda_ms(torch, fn, 10) if b.cuda else measured(fn, b.sync)["ms"])
+    # That both compute the same thing: each livestyle output against diffusers' in the same mode.
+    differs = {name: (outputs[name] - outputs[name.replace("livestyle", "diffusers")]).abs().max().item()
+               for name in outputs if name.startswith("livestyle")}
+    for name, ms in runs.items():
+        achieved = flops[name] / (statistics.median(ms) * 1e-3) / 1e12
+        extra = {"max_abs_diff_vs_diffusers": float(f"{differs[name]:.2g}")} if name in differs else {}
+        b.row("sdxl", label, name, ms=spread(ms), gflop_per_call=round(flops[name] / 1e9, 3),
+              achieved_tflops=round(achieved, 4), **extra)
+    for mode in ("", ", torch.compile (inductor)"):
+        if f"livestyle{mode}" in runs:
+            ratio = [d / o for o, d in zip(runs[f"livestyle{mode}"], runs[f"diffusers{mode}"])]
+            b.row("sdxl", label, f"livestyle vs diffusers{mode} (speed-up)", ratio=spread(ratio))
+
+
+def _sdxl_frame(b: Bench, parts, size: int, dtype) -> None:
+    """The whole frame, uint8 in to uint8 out, through livestyle's engine (no peer streams SDXL here)."""
+    from peers import LivestyleFrames, Variant
+
+    from livestyle.capture.sources import SyntheticSource
+
+    variants = {"livestyle": Variant()}
+    if b.cuda or b.smoke:  # on a CPU at full size each row is minutes: the plain engine only
+        variants["livestyle, all temporal parts"] = Variant(temporal=True)
+    if b.cuda:
+        variants["livestyle, CUDA graphs"] = Variant(cuda_graphs=True)
+    if b.args.compile:
+        variants["livestyle, torch.compile (inductor)"] = Variant(compile="inductor")
+        if b.cuda:
+            variants["livestyle, torch.compile + CUDA graphs"] = Variant(compile="inductor", cuda_graphs=True)
+    # On a CPU at full size a frame takes as long as a U-Net call: one frame per round unless told.
+    frames = b.frames if b.cuda or b.smoke or b.args.frames else 1
+    clip = [f.to_ndarray(format="rgb24") for f in SyntheticSource("coffee", (size, size), 30, 2 + frames)]
+    label = f"frame, {_short(dtype)}, {b.device}, {size}x{size}, 1 step, batch 1"
+    systems = {name: LivestyleFrames(parts, size, 1, False, v, b.device, dtype) for name, v in variants.items()}
+    _frame_round_robin(b, label, systems, clip, size, 1, False, section="sdxl")
+
+
 RUNNERS = {"unet": section_unet, "frame": section_frame, "demo": section_demo, "contention": section_contention,
-           "temporal": section_temporal, "roofline": section_roofline}
+           "temporal": section_temporal, "roofline": section_roofline, "sdxl": section_sdxl}
 
 
 # -- Report --------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def test_device_check_smoke_leaves_one_json_and_one_log(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["device_check.json", "device_check.log"]
     report = json.loads((tmp_path / "device_check.json").read_text())
     assert result.returncode == 0, (tmp_path / "device_check.log").read_text()[-3000:]
-    assert [s["name"] for s in report["steps"]] == ["environment", "kernels", "bench"]
+    assert [s["name"] for s in report["steps"]] == ["environment", "kernels", "bench", "sdxl"]
     assert all(s["status"] == "ok" for s in report["steps"])
     rows = report["bench"]["rows"]
     assert {r["section"] for r in rows} == {"unet", "frame", "demo", "temporal", "roofline"}
@@ -36,6 +36,17 @@ def test_device_check_smoke_leaves_one_json_and_one_log(tmp_path):
     assert report["kernels"] is not None
     temporal = {r["configuration"] for r in rows if r["section"] == "temporal"}
     assert "64x64, all off" in temporal and "64x64, all on (default)" in temporal
+    # SDXL-Turbo's architecture, tiny: both U-Nets (the same tensors, the same output) and the engine's frame.
+    assert not report["sdxl"]["meta"]["failed_sections"]
+    sdxl = {(r["configuration"], r["system"]): r for r in report["sdxl"]["rows"]}
+    unet = "U-Net step, fp32, cpu, 64x64, batch 1, main thread"
+    assert sdxl[(unet, "livestyle")]["ms"]["median"] > 0 and sdxl[(unet, "diffusers")]["ms"]["median"] > 0
+    assert sdxl[(unet, "livestyle")]["max_abs_diff_vs_diffusers"] <= 1e-4
+    assert sdxl[(unet, "livestyle")]["gflop_per_call"] == sdxl[(unet, "diffusers")]["gflop_per_call"] > 0
+    frame = "frame, fp32, cpu, 64x64, 1 step, batch 1"
+    assert sdxl[(frame, "livestyle")]["fps"]["median"] > 0
+    assert sdxl[(frame, "livestyle, all temporal parts")]["fps"]["median"] > 0
+    assert [r["note"] for r in report["sdxl"]["rows"] if "cuda" in r["configuration"]] == ["not measured (no CUDA)"]
 
 
 def test_livestyle_bench_writes_json_markdown_and_says_what_of_the_plot(tmp_path):
@@ -53,6 +64,18 @@ def test_livestyle_bench_writes_json_markdown_and_says_what_of_the_plot(tmp_path
     assert "| configuration | system | figures |" in table and "torch 2." in table
     # The plot has no frame rows to draw here: it says so rather than drawing an empty one.
     assert "no plot:" in result.stdout and not Path(f"{out}.png").exists()
+
+
+def test_sdxl_on_a_cpu_without_full_says_why_it_is_not_run(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the SDXL rows are measured, not skipped")
+    assert cli.main(["bench", "--sections", "sdxl", "--json", str(tmp_path / "b.json")]) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [(r["section"], r["note"].split(":")[0]) for r in rows] == [("sdxl", "not run without --full"),
+                                                                       ("sdxl", "not measured (no CUDA)")]
+    assert "2.6 billion parameters" in rows[0]["note"] and "512x512" in rows[0]["configuration"]
 
 
 def test_bench_refuses_bad_values_in_one_line(capsys):
