@@ -1,6 +1,7 @@
 """torch.compile of the fixed-shape step on the CPU, with a tiny random SD pipeline (the
 full-size U-Net takes minutes to compile): compiled once per variant at warm-up, then never
-again over 20 frames, through a live strength change and a second stream joining the bucket.
+again over 20 frames, through a live strength change and a second stream joining the bucket;
+with two ControlNets, through live changes of their scales and start/end.
 
 The backend is "eager": Dynamo traces and guards the step exactly as for "inductor" (the
 CLI's --compile) and runs the captured graph as it is, so the test stays short. A recompile
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from livestyle.capture.sources import SyntheticSource
-from livestyle.config import StreamSettings, TemporalSettings
+from livestyle.config import Control, StreamSettings, TemporalSettings
 from livestyle.errors import LivestyleError
 from livestyle.stream.engine import Engine
 
@@ -78,3 +79,37 @@ def test_the_compiled_step_is_not_recompiled(temporal, variants):
 def test_cuda_graphs_on_the_cpu_are_refused_in_one_line():
     with pytest.raises(LivestyleError, match="CUDA graphs need a CUDA device, not cpu"):
         Engine(tiny_sd_pipeline, cuda_graphs=True)
+
+
+def test_controlnets_in_the_compiled_step_are_not_recompiled_by_live_scale_changes(tmp_path):
+    """Two ControlNets, one compile over 8 frames through scale changes (to 0: off) and
+    start/end changes; the frames are the eager step's."""
+    from test_engine_control import controlnets, sd_pipeline, sd_unet
+
+    unet = sd_unet()
+    controlnets(unet, tmp_path)
+    frames = list(SyntheticSource("coffee", SIZE, 24, 8))
+    changes = {3: (0.5, 0.0, 1.0), 5: (0.0, 0.0, 1.0), 6: (1.0, 0.5, 1.0)}  # frame -> the second net's
+
+    def feed(engine):
+        outputs = []
+        controls = lambda scale, start, end: (Control(str(tmp_path / "net0"), "canny", 1.0),  # noqa: E731
+                                              Control(str(tmp_path / "net1"), "soft_edges", scale, start, end))
+        stream = engine.open_stream(StreamSettings(size=SIZE, prompt="a fox", steps=2, temporal=TemporalSettings.off(),
+                                                   controls=controls(1.0, 0.0, 1.0)), outputs.append, live=False)
+        compiles = []
+        for i, frame in enumerate(frames):
+            if i in changes:
+                stream.update(controls=controls(*changes[i]))
+            stream.submit(frame)
+            stream.flush(timeout=60)
+            compiles.append(engine.stats()["compiles"])
+        stream.close()
+        return compiles, np.stack([f.to_ndarray(format="rgb24") for f in outputs]).astype(np.int16)
+
+    with Engine(lambda: sd_pipeline(unet), compile="eager") as engine:
+        compiles, compiled = feed(engine)
+    with Engine(lambda: sd_pipeline(unet)) as engine:
+        _, eager = feed(engine)
+    assert compiles == [1] * len(frames)
+    assert np.abs(compiled - eager).max() <= 1

@@ -52,9 +52,15 @@ def canny(frames: torch.Tensor, low: int = 100, high: int = 200) -> torch.Tensor
     if not (isinstance(low, int) and isinstance(high, int) and 0 <= low <= high):
         raise ValueError(f"canny thresholds must be whole numbers with 0 <= low <= high, "
                          f"got low={low!r}, high={high!r}")
-    edges = [cv2.Canny(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), low, high) for rgb in _to_uint8(frames)]
+    edges = [canny_edges(rgb, low, high) for rgb in _to_uint8(frames)]
     out = torch.from_numpy(np.stack(edges))[:, None].to(frames.device, non_blocking=True)  # (B, 1, H, W) 0/255
     return (out.to(frames.dtype) / 255).expand(-1, 3, -1, -1).contiguous()
+
+
+def canny_edges(rgb: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    """`canny` on the host: uint8 (H, W, 3) RGB -> uint8 (H, W), 255 on an edge, 0 elsewhere
+    (the engine makes them from the frame it already holds on the host)."""
+    return cv2.Canny(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), low, high)
 
 
 def _gaussian_kernel(sigma: float, dtype, device) -> torch.Tensor:

@@ -5,11 +5,12 @@
     stream.submit(frame) ... stream.update(strength=0.6) ... stream.flush(); stream.close()
 
 Per frame (DESIGN.md's data path): on the submitting thread, the resize to the
-processing size, the small grey copy and the optical flow from the frame before; on
-the worker:
+processing size, the small grey copy, the optical flow from the frame before and
+Canny edges for a ControlNet that sees them; on the worker:
 
     similarity filter (small grey copy, CPU) -> skip, or
-    encode -> [flow prior into the start latent: SD] -> the fixed-shape step(s) (step.py)
+    encode -> [flow prior into the start latent: SD] -> [ControlNet images: control.py]
+    -> the fixed-shape step(s) (step.py)
     -> [flow prior into the finished latent: demo bridge] -> decode
     -> [flow-guided blend of the previous output image] -> on_output(frame with the input's pts)
 
@@ -26,6 +27,11 @@ the worker:
 - Many streams: every stream with work is advanced together; streams whose rows fit
   one call (step.BucketKey) hold rows in one bucket of fixed size, and one
   fixed-shape step advances them all, padding rows and all (step.py).
+- ControlNets (settings.controls) run inside the step, their scales rows of its
+  coefficient table: a scale change (0 = off) or start/end is a retune, the next frame
+  has it; other changes to the nets are a rebuild. Each stream-batch slot keeps the
+  control images of its frame. The nets load on the worker, once per path while a
+  bucket uses them; check() reads only their configs.
 - Live updates are applied by the worker between frames; one that changes buffer
   shapes first finishes the frames in flight with the old settings. An update that
   cannot be applied is the stream's alone: it keeps its previous settings, or, with
@@ -65,8 +71,10 @@ from livestyle import kernels
 from livestyle.config import StreamSettings, style_blend
 from livestyle.errors import LivestyleError
 from livestyle.frame import rgb_array
-from livestyle.models.loading import Pipeline
+from livestyle.models.controlnet import ControlNet, MultiControlNet
+from livestyle.models.loading import Pipeline, load_controlnet
 from livestyle.models.vae import KLAutoencoder
+from livestyle.stream import control
 from livestyle.stream.conditioning import Conditioning
 from livestyle.stream.flow import FlowEstimator, flow_size, propagate, sampling_grid, small_grey, warp_inputs
 from livestyle.stream.guidance import InitializeGuidance, make_guidance
@@ -100,6 +108,7 @@ class Rows:
     reference: torch.Tensor  # (n, C, h, w) residual-CFG references
     noise: torch.Tensor  # (n, C, h, w) re-noises each row towards its next step
     fresh: bool  # row 0 is a frame at its first step
+    images: tuple[torch.Tensor, ...] = ()  # (n, 3, H, W) per ControlNet: each row's frame's image
 
 
 # A step's result for the rows: (x_next, denoised, reference), each (n, C, h, w).
@@ -141,6 +150,8 @@ class Stream:
         small = rgb if (W, H) == (w, h) else cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
         tag = Tag(pts, time_base, (W, H), time.monotonic(), small_grey(small, flow_size(w, h)))
         self._follow(tag, (w, h))
+        if control.needs_edges(self.settings.controls):  # host work, here beside the model, as the flow
+            tag.edges = control.host_edges(small)
         lock = self.engine.lock
         with lock:
             while not self.live and self.pending is not None and not self.closed and self.engine.running:
@@ -164,8 +175,8 @@ class Stream:
         temporal = self.settings.temporal
         with self._flow_lock:
             previous, self._previous = self._previous, tag
-            if not temporal.flow or (temporal.flow_blend == 0 and temporal.output_blend == 0) \
-                    or previous is None or previous.grey.shape != tag.grey.shape:
+            warped = temporal.flow_blend or temporal.output_blend or control.warps(self.settings.controls)
+            if not temporal.flow or not warped or previous is None or previous.grey.shape != tag.grey.shape:
                 return
             motion = self._flow.motion(previous.grey, tag.grey)
         w, h = size
@@ -260,6 +271,8 @@ class Engine:
         self.compile, self.cuda_graphs, self.channels_last = compile, cuda_graphs, channels_last
         self.bucket_rows = bucket_rows
         self.buckets: dict[BucketKey, Bucket] = {}
+        self.controlnets: dict[str, ControlNet] = {}  # loaded on the worker, by resolved path, while a bucket uses them
+        self._control_configs: dict = {}  # check()'s: ControlNet configs read, by (path, modification time)
         self.released: list[StreamState] = []  # closed streams' states: their rows are given back on the worker
         self.compiles = 0
         self.flow_on_worker = 0  # motions estimated on the worker (the frame before was dropped or skipped)
@@ -359,6 +372,8 @@ class Engine:
         (a bad style, guidance the model cannot do, too few timesteps for the steps)."""
         plan = make_plan(self.pipe, settings, "cpu")
         make_guidance(settings.guidance, settings.guidance_scale, plan)
+        if settings.controls:  # from the ControlNets' configs: their weights load on the worker
+            control.check(settings.controls, self.pipe.unet.config, self._control_configs)
         if self.pipe.styles is not None:
             if settings.guidance == "full" and settings.guidance_scale != 1.0 and not settings.negative:
                 raise LivestyleError("guidance = 'full' with the demo model needs a negative style to move away from")
@@ -533,7 +548,8 @@ class Engine:
         key = BucketKey((self.pipe.autoencoder.latent_channels, h // 8, w // 8), 2 if guidance.needs_negative else 1,
                         tuple(cond.context.shape[1:]), self.pipe.unet.config.time_cond_proj_dim or 0, frames,
                         settings.temporal.fusion if frames else 0.0,
-                        cond.pooled.shape[1] if cond.pooled is not None else 0)
+                        cond.pooled.shape[1] if cond.pooled is not None else 0,
+                        tuple((str(control.path_of(c)), c.input) for c in settings.controls))
         old = s.state
         if old is not None and old.layout == layout(settings, plan.steps) and old.place[0].key == key:
             old.retune(settings, plan, guidance, cond, uncond)
@@ -545,8 +561,9 @@ class Engine:
                             self.pipe.autoencoder.latent_channels, self.device, self.dtype, time_ids)
         bucket = self.buckets.get(key)
         if bucket is None:
+            nets = MultiControlNet([self._controlnet(path) for path, _ in key.controls]) if key.controls else None
             bucket = Bucket(key, max(self.bucket_rows, 1 << (plan.steps - 1).bit_length()), self.pipe.unet,
-                            self.device, self.dtype, self.channels_last)
+                            self.device, self.dtype, self.channels_last, nets)
             self.buckets[key] = bucket
         state.place = (bucket, bucket.take(plan.steps, id(state), self.bucket_rows))
         if old is not None:
@@ -564,6 +581,18 @@ class Engine:
         bucket.give_back(start)
         if bucket.empty and self.buckets.get(bucket.key) is bucket:
             del self.buckets[bucket.key]
+            used = {path for key in self.buckets for path, _ in key.controls}
+            self.controlnets = {path: net for path, net in self.controlnets.items() if path in used}
+
+    def _controlnet(self, path: str) -> ControlNet:
+        """The ControlNet at `path` on the device, loaded once while buckets use it; a mismatch
+        with the U-Net is a CheckpointError (the stream keeps its previous settings)."""
+        if path not in self.controlnets:
+            net = load_controlnet(path, self.device, self.dtype, unet=self.pipe.unet).eval().requires_grad_(False)
+            if self.channels_last:
+                net.to(memory_format=torch.channels_last)
+            self.controlnets[path] = net
+        return self.controlnets[path]
 
     # -- One call's worth of frames ----------------------------------------------------
 
@@ -575,25 +604,27 @@ class Engine:
         A new frame that fails never enters the stream batch, so the frames in flight go
         on (see _lose); a drain step that fails gives them up (see _give_up)."""
         fresh = [(s, tag, rgb) for s, tag, rgb in items if tag is not None]
-        latents = dict(zip((id(s) for s, _, _ in fresh), self._encode(fresh)))
+        encoded = dict(zip((id(s) for s, _, _ in fresh), self._encode(fresh)))
         runs = []
-        for s, tag, _ in items:
+        for s, tag, rgb in items:
             state = s.state
             if tag is None:  # drain: a stand-in copy of the newest frame pushes the others through
-                runs.append((s, None, None, self._denoise(state, state.last_z0, state.newest.echo())))
+                runs.append((s, None, None, state.last_images,
+                             self._denoise(state, state.last_z0, state.newest.echo(), state.last_images)))
                 continue
-            z0 = latents[id(s)]
-            if isinstance(z0, Exception):
-                self._lose(s, tag, z0)
+            if isinstance(encoded[id(s)], Exception):
+                self._lose(s, tag, encoded[id(s)])
                 continue
+            z0, image = encoded[id(s)]
             try:
                 start = self._prior(state, tag, z0) if state.plan.prior_at_start else z0
-            except Exception as e:
+                images = self._control_images(state, tag, rgb, image)
+            except Exception as e:  # a depth estimator that raised, say: this frame's alone
                 self._lose(s, tag, _freed(e))
                 continue
-            runs.append((s, tag, z0, self._denoise(state, start, tag)))
+            runs.append((s, tag, z0, images, self._denoise(state, start, tag, images)))
         finished = []
-        for (s, tag, z0, _), result in zip(runs, self._drive([(s, run) for s, _, _, run in runs])):
+        for (s, tag, z0, images, _), result in zip(runs, self._drive([(s, run) for s, *_, run in runs])):
             if isinstance(result, Exception):
                 if tag is None:
                     self._give_up(s, result)
@@ -601,21 +632,23 @@ class Engine:
                     self._lose(s, tag, result)
                 continue
             if tag is not None:  # the frame is in the stream batch now
-                s.state.newest, s.state.last_z0 = tag, z0
+                s.state.newest, s.state.last_z0, s.state.last_images = tag, z0, images
             done, denoised = result
             if done.emit:
                 finished.append((s, done, denoised))
         self._finish(finished)
 
-    def _encode(self, fresh: list[tuple[Stream, Tag, np.ndarray]]) -> list[torch.Tensor | Exception]:
-        """The new frames' (1, C, h, w) latents, encoded in one call (or the error each raised)."""
+    def _encode(self, fresh: list[tuple[Stream, Tag, np.ndarray]]
+                ) -> list[tuple[torch.Tensor, torch.Tensor] | Exception]:
+        """The new frames' (1, C, h, w) latents and (1, 3, H, W) images in [0, 1] on the device,
+        encoded in one call (or the error each raised)."""
         if not fresh:
             return []
         w, h = fresh[0][0].state.settings.size
         rgbs = [rgb if rgb.shape[:2] == (h, w) else cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
                 for _, _, rgb in fresh]
 
-        def encode(batch: list[np.ndarray]) -> list[torch.Tensor]:
+        def encode(batch: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
             # uint8 frames cross to the device (4x fewer bytes than fp32), from pinned memory on
             # CUDA (torch's caching host allocator: reused once its copy is done), queued.
             host = torch.empty((len(batch), h, w, 3), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
@@ -623,7 +656,7 @@ class Engine:
             images = host.to(self.device, non_blocking=True)  # (B, h, w, 3) uint8
             images = kernels.frame_in(images, (h, w), signed=False, dtype=self.dtype)  # (B, 3, h, w) in [0, 1]
             with self._device_time():
-                return list(self.pipe.autoencoder.encode(images).split(1))
+                return list(zip(self.pipe.autoencoder.encode(images).split(1), images.split(1)))
 
         return _isolated(encode, rgbs, "encoding")
 
@@ -652,20 +685,24 @@ class Engine:
             self._emit(s, t, None)
         state.tags = [None] * state.steps
 
-    def _denoise(self, state: StreamState, z0: torch.Tensor, tag: Tag) -> Denoising:
+    def _denoise(self, state: StreamState, z0: torch.Tensor, tag: Tag, images: tuple[torch.Tensor, ...]
+                 ) -> Denoising:
         """One frame through the stream's steps; yields U-Net rows, is sent their step's
         result (x_next, denoised, reference), returns (finished tag, latent).
 
-        z0: (1, C, h, w) the frame's latent. Returns the tag and (1, C, h, w) denoised
-        latent of the frame that finished: this one, or with a primed stream batch the
-        one that entered S - 1 calls ago."""
+        z0: (1, C, h, w) the frame's latent; images: its ControlNet images, (1, 3, H, W)
+        each. Returns the tag and (1, C, h, w) denoised latent of the frame that finished:
+        this one, or with a primed stream batch the one that entered S - 1 calls ago."""
         plan, S = state.plan, state.steps
         if state.settings.stream_batch and S > 1 and state.primed:
             x = torch.cat([plan.start(z0, state.noise[:1]), state.x[1:]])  # (S, C, h, w)
             reference = torch.cat([z0, state.reference[1:]])
-            x_next, denoised, reference = yield Rows(state, x, range(S), reference, state.renoise, True)
+            slots = tuple(torch.cat([new, held[1:]]) for new, held in zip(images, state.images))  # (S, 3, H, W)
+            x_next, denoised, reference = yield Rows(state, x, range(S), reference, state.renoise, True, slots)
             done = state.tags[-1]
             state.x[1:], state.reference[1:] = x_next[:-1], reference[:-1]  # every frame moves one slot on
+            for held, image in zip(state.images, slots):
+                held[1:] = image[:-1]  # its control image with it
             state.tags = [None, tag] + state.tags[1:-1]
             return done, denoised[-1:]
         # Step by step: per-frame mode, or the first frame of a stream batch, whose
@@ -673,10 +710,43 @@ class Engine:
         prime = state.settings.stream_batch and S > 1
         x, reference = plan.start(z0, state.noise[:1]), z0.clone()
         for k in range(S):
-            x, denoised, reference = yield Rows(state, x, range(k, k + 1), reference, state.renoise[k:k + 1], k == 0)
+            x, denoised, reference = yield Rows(state, x, range(k, k + 1), reference, state.renoise[k:k + 1], k == 0,
+                                                images)
             if prime and k < S - 1:
                 state.x[k + 1], state.reference[k + 1], state.tags[k + 1] = x[0], reference[0], tag.echo()
+                for held, image in zip(state.images, images):
+                    held[k + 1] = image[0]
         return tag, denoised
+
+    def _control_images(self, state: StreamState, tag: Tag, rgb: np.ndarray, image: torch.Tensor
+                        ) -> tuple[torch.Tensor, ...]:
+        """The frame's ControlNet images (control.py), (1, 3, H, W) each, at the processing size.
+
+        rgb: the processing-size frame on the host, for Canny edges when submit() made none
+        (the frame came before a change of controls or size); image: it on the device."""
+        controls = state.settings.controls
+        if not controls:
+            return ()
+        edges = tag.edges
+        if control.needs_edges(controls) and (edges is None or edges.shape != tuple(image.shape[-2:])):
+            h, w = image.shape[-2:]
+            edges = control.host_edges(rgb if rgb.shape[:2] == (h, w) else
+                                       cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA))
+        tag.edges = None  # spent: slots and the previous frame keep their tags
+
+        def previous() -> torch.Tensor:
+            """TemporalNet's: the last output, warped along the motion to this frame (the warp falls
+            back to this frame where the flow is not confident), or this frame before any output."""
+            last = state.previous_image
+            if last is None or last.shape != image.shape:
+                return image
+            if not state.settings.temporal.flow:
+                return last
+            # With a stream batch the last output is S - 1 frames older than this one: that
+            # motion is estimated here, and not kept (the output's warp wants the frame before's).
+            return self._warp(state, tag, image, last, 1.0, keep=state.steps == 1 or not state.settings.stream_batch)
+
+        return control.images(controls, image, edges, previous)
 
     def _drive(self, runs: list[tuple[Stream, Denoising]]) -> list[tuple[Tag, torch.Tensor] | Exception]:
         """Run the streams' denoising together: each round, one fixed-shape step per bucket.
@@ -724,7 +794,7 @@ class Engine:
             uncond = state.uncond
             parts.append(Part(first, rows.x, rows.reference, rows.noise, state.cond.context,
                               uncond.context if uncond else None, table, state.timestep_cond, state.cond.pooled,
-                              uncond.pooled if uncond else None, state.time_ids))
+                              uncond.pooled if uncond else None, state.time_ids, rows.images))
             places.append(slice(first, first + len(rows.slots)))
         active = bucket.load(parts)
         started, clock = self.timer.start(), time.perf_counter()
@@ -747,20 +817,24 @@ class Engine:
     # -- Temporal propagation and output ----------------------------------------------
 
     def _warp(self, state: StreamState, tag: Tag, current: torch.Tensor, previous: torch.Tensor | None,
-              blend: float) -> torch.Tensor:
+              blend: float, keep: bool = True) -> torch.Tensor:
         """current (1, C, h, w) with `previous` (the last output's latent or image) blended in
         along the motion from the last output frame to `tag`'s, on the device
         (kernels.propagate). The motion comes from submit() (the caller's thread) when the
         frame before this one was the last output; otherwise (it was dropped or skipped)
-        it is estimated here, counted in stats()["flow_on_worker"]."""
+        it is estimated here, counted in stats()["flow_on_worker"], and kept on the tag
+        unless `keep` is False (a motion the frame's output warp will not use)."""
         last = state.previous_tag
         if blend == 0 or previous is None or previous.shape != current.shape or last is None \
                 or last.grey.shape != tag.grey.shape:
             return current
-        if tag.motion is None or tag.motion[0] is not last:
-            tag.motion = (last, state.flow.motion(last.grey, tag.grey), {})
+        known = tag.motion
+        if known is None or known[0] is not last:
+            known = (last, state.flow.motion(last.grey, tag.grey), {})
             self.flow_on_worker += 1
-        _, motion, warps = tag.motion
+            if keep:
+                tag.motion = known
+        _, motion, warps = known
         size = (current.shape[-1], current.shape[-2])
         if not self.grid_on_device:
             grid, confidence = sampling_grid(motion, size, self.device)

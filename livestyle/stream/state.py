@@ -6,7 +6,10 @@
     tags       S x Tag|None  host-side facts of each slot's frame (pts, timing, grey copy)
     noise      (S, C, h, w)  the stream's fixed noise, by seed: noise[0] starts a frame,
                              renoise[k] re-noises after step k
-    table      (K, S) fp32   each slot's coefficients for the fixed-shape step (step.py)
+    table      (K, S) fp32   each slot's coefficients for the fixed-shape step (step.py),
+                             ControlNet scales included
+    images     N x (S, 3, H, W)  each ControlNet's conditioning image of each slot's frame, in
+                             [0, 1] at the processing size (slot k's is the one its frame entered with)
     cond, uncond             the prompt's and the negative's Condition (context, SDXL's pooled)
     time_ids   (1, 6) fp32   SDXL's size conditioning at the processing size, else None
     place      (bucket, first row): the stream's S rows in a step.Bucket (its temporal
@@ -28,13 +31,14 @@ import torch
 
 from livestyle.config import StreamSettings
 from livestyle.models.unet import UNet
+from livestyle.stream import control
+from livestyle.stream.conditioning import Condition
 from livestyle.stream.flow import FlowEstimator, Motion
 from livestyle.stream.guidance import NoGuidance
-from livestyle.stream.conditioning import Condition
 from livestyle.stream.plan import Plan
 from livestyle.stream.samplers import guidance_scale_embedding
 from livestyle.stream.similarity import SimilarityFilter
-from livestyle.stream.step import Bucket, coefficients
+from livestyle.stream.step import CONTROL, Bucket, coefficients
 
 
 @dataclass(eq=False)
@@ -49,6 +53,8 @@ class Tag:
     motion: (the frame before, the motion from it, its warp inputs by (w, h): see
     flow.warp_inputs), computed once, by submit() or else the worker; dropped once this
     frame is output or dropped, or every frame would keep the one before it alive.
+    edges: uint8 (H, W) Canny edges of the processing-size frame for a "canny" ControlNet,
+    made by submit() (host work off the worker); dropped once its control images are made.
     """
 
     pts: int | None
@@ -61,6 +67,7 @@ class Tag:
     failed: bool = False
     repeats: list[Tag] = field(default_factory=list)
     motion: tuple[Tag, Motion, dict] | None = None
+    edges: np.ndarray | None = None
 
     def echo(self) -> Tag:
         return Tag(self.pts, self.time_base, self.size, self.submitted_at, self.grey, emit=False)
@@ -88,7 +95,8 @@ class StreamState:
         generator = torch.Generator().manual_seed(settings.seed)  # CPU draws: the same noise on every device
         self.noise = torch.randn(shape, generator=generator).to(device, dtype)
         self.renoise = torch.cat([self.noise[1:], self.noise[:1]])  # row k re-noises towards step k + 1
-        self.table = coefficients(plan, guidance)
+        self.images = tuple(torch.zeros(S, 3, h, w, device=device, dtype=dtype) for _ in settings.controls)
+        self.table = _table(settings, plan, guidance)
         self.place: tuple[Bucket, int] | None = None
         self.timestep_cond = None
         if unet.config.time_cond_proj_dim:  # full LCM checkpoints take the guidance scale as an input
@@ -103,6 +111,7 @@ class StreamState:
         self.last_output: np.ndarray | None = None  # uint8 (H, W, 3) as emitted, for skipped frames
         self.newest: Tag | None = None  # the newest frame the model took
         self.last_z0: torch.Tensor | None = None  # its input latent, to drain the stream batch
+        self.last_images: tuple[torch.Tensor, ...] = ()  # and its control images (1, 3, H, W) each
 
     @staticmethod
     def _similarity_filter(settings: StreamSettings) -> SimilarityFilter | None:
@@ -132,7 +141,7 @@ class StreamState:
         if settings.temporal.similarity != self.settings.temporal.similarity:
             self.similar = self._similarity_filter(settings)
         self.settings, self.plan, self.guidance, self.cond, self.uncond = settings, plan, guidance, cond, uncond
-        self.table = coefficients(plan, guidance)
+        self.table = _table(settings, plan, guidance)
 
     def carry_over(self, old: StreamState) -> None:
         """Keep the previous output across a rebuild of the same size, so the look does not jump."""
@@ -149,3 +158,10 @@ class StreamState:
         self.previous_latent = self.previous_image = self.previous_tag = None
         if self.similar is not None:
             self.similar.reset()
+
+
+def _table(settings: StreamSettings, plan: Plan, guidance: NoGuidance) -> np.ndarray:
+    """(K, S): the slots' coefficients, with each ControlNet's scale at the slot's step."""
+    table = coefficients(plan, guidance)
+    table[CONTROL:CONTROL + len(settings.controls)] = control.scales(settings.controls, plan.steps)
+    return table

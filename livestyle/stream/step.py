@@ -3,7 +3,7 @@
 gpt-fast's static caches and k-diffusion's "a step returns new state", for the stream
 engine: every stream whose rows can share a U-Net call (same latent size, guidance rows,
 context shape, time-cond input, temporal ring length and fusion, SDXL's added
-conditioning: a `BucketKey`) has rows
+conditioning, ControlNets: a `BucketKey`) has rows
 in one `Bucket`, whose buffers have a fixed row count R. A stream holds S rows (one per
 denoising slot) for as long as it keeps its settings' shapes; rows a call does not step
 (another stream's with no frame now, unused rows) are padding: zeros in, output ignored,
@@ -17,16 +17,22 @@ A call's inputs, written in place into the bucket's buffers (`Bucket.load`):
     reference  (R, C, h, w)   residual-CFG reference latents
     noise      (R, C, h, w)   the noise that re-noises each row towards its next step
     context    (G*R, L, D)    positive prompts, then (G = 2) the negative ones
-    coeffs     (K, R) fp32    per row: model time, guidance weights, sampler coefficients
+    coeffs     (K, R) fp32    per row: model time, guidance weights, sampler coefficients,
+                              each ControlNet's scale at the row's step (0: not acting)
     time_cond  (G*R, P)       full LCM checkpoints' guidance-scale embedding, else None
     rings      TemporalRings  R rows, or None (no temporal cache), with `active`, the rows stepped
     text_embeds (G*R, E)      SDXL's pooled prompt embeddings (positive, then negative), else None
     time_ids   (G*R, 6) fp32  SDXL's size conditioning (uncropped, the processing size), else None
+    images     N x (R, c, H, W)  each ControlNet's conditioning image per row (H, W = 8x the
+                              latent's: the processing size), for a MultiControlNet of N nets
 
 `denoise(...)` -> (x_next, denoised, reference), each (R, C, h, w). Guidance is one linear
 mix per row (guidance.py's kinds as weights: none wc = 1; full wc = s, wu = 1 - s;
 residual wc = s and the virtual residual noise through wr, wx), the sampler one
-`kernels.sampler_step` with per-row (a, b, c, d). Nothing in it reads back to the host.
+`kernels.sampler_step` with per-row (a, b, c, d). ControlNets see the same rows as the
+U-Net, guidance rows with the same image as their positive row (diffusers without guess
+mode), and their residuals are scaled per row, so a scale change is a new table, not a
+new shape. Nothing in it reads back to the host.
 
 Bucket sizes (rows R): powers of two, at least the engine's `bucket_rows` (default 1):
 a single stream of S steps runs at R = S with no padding (the common GPU case), a
@@ -47,14 +53,16 @@ import torch
 from torch import Tensor
 
 from livestyle import kernels
+from livestyle.config import MAX_CONTROLS
+from livestyle.models.controlnet import MultiControlNet
 from livestyle.models.temporal import TemporalRings
 from livestyle.models.unet import UNet
 from livestyle.stream.guidance import FullGuidance, InitializeGuidance, NoGuidance, SelfGuidance
 from livestyle.stream.plan import BridgePlan, Plan
 
-# Rows of the (K, R) coefficient table.
-T, WC, WU, WR, WX, A, B, C, D, FX, FO, RENEW = range(12)
-K = 12
+# Rows of the (K, R) coefficient table; CONTROL + i: ControlNet i's scale.
+T, WC, WU, WR, WX, A, B, C, D, FX, FO, RENEW, CONTROL = range(13)
+K = CONTROL + MAX_CONTROLS
 
 
 def coefficients(plan: Plan, guidance: NoGuidance) -> np.ndarray:
@@ -90,7 +98,8 @@ def coefficients(plan: Plan, guidance: NoGuidance) -> np.ndarray:
 
 def denoise(unet: UNet, x: Tensor, reference: Tensor, noise: Tensor, context: Tensor, coeffs: Tensor,
             time_cond: Tensor | None, rings: TemporalRings | None, groups: int, text_embeds: Tensor | None = None,
-            time_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+            time_ids: Tensor | None = None, controlnet: MultiControlNet | None = None,
+            images: tuple[Tensor, ...] = ()) -> tuple[Tensor, Tensor, Tensor]:
     """One U-Net call and sampler step for R rows (see the module docstring); pure but for
     the rings, which store the stepped rows' keys/values and advance. -> (x_next, denoised,
     reference) (R, C, h, w) in x's dtype."""
@@ -98,7 +107,14 @@ def denoise(unet: UNet, x: Tensor, reference: Tensor, noise: Tensor, context: Te
     t = coeffs[T].repeat(groups)  # (G*R,)
     x_in = x if groups == 1 else x.repeat(groups, 1, 1, 1)  # (G*R, C, h, w)
     added = {} if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-    out = unet(x_in, t, context, temporal=rings, timestep_cond=time_cond, **added)
+    residuals = {}
+    if controlnet is not None:
+        # (R, c, H, W) -> (G*R, c, H, W): a guidance row sees its positive row's image;
+        # scales (G*R,) from the table, so 0 (off, or outside start..end) keeps the shapes.
+        down, mid = controlnet(x_in, t, context, [image.repeat(groups, 1, 1, 1) for image in images],
+                               [coeffs[CONTROL + i].repeat(groups) for i in range(len(images))], **added)
+        residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+    out = unet(x_in, t, context, temporal=rings, timestep_cond=time_cond, **added, **residuals)
 
     def w(i: int) -> Tensor:
         return coeffs[i][:, None, None, None]  # (R, 1, 1, 1)
@@ -129,6 +145,7 @@ class BucketKey:
     frames: int  # temporal ring length, 0 without
     fusion: float
     added: int = 0  # SDXL's pooled text width (text_embeds), 0 without added conditioning
+    controls: tuple[tuple[str, str], ...] = ()  # the ControlNets, (resolved path, input) each, in order
 
 
 @dataclass
@@ -138,7 +155,7 @@ class Part:
     x, reference, noise (n, C, h, w); positive, negative: contexts (1, L, D) (negative
     None without guidance rows); pooled, negative_pooled (1, E) SDXL's text_embeds or
     None; time_cond (1, P) or None; time_ids (1, 6) or None; table (K, n) the rows'
-    coefficients."""
+    coefficients; images: one (n, c, H, W) per ControlNet of the bucket."""
 
     start: int
     x: Tensor
@@ -151,15 +168,18 @@ class Part:
     pooled: Tensor | None = None
     negative_pooled: Tensor | None = None
     time_ids: Tensor | None = None
+    images: tuple[Tensor, ...] = ()
 
 
 class Bucket:
-    """Preallocated buffers for R rows of one BucketKey, and which streams hold which rows."""
+    """Preallocated buffers for R rows of one BucketKey, and which streams hold which rows.
+
+    controlnet: the key's ControlNets as one MultiControlNet (None without)."""
 
     def __init__(self, key: BucketKey, rows: int, unet: UNet, device: torch.device, dtype: torch.dtype,
-                 channels_last: bool = False):
+                 channels_last: bool = False, controlnet: MultiControlNet | None = None):
         self.key, self.unet, self.device, self.dtype = key, unet, device, dtype
-        self.channels_last = channels_last
+        self.channels_last, self.controlnet = channels_last, controlnet
         self.held: dict[int, tuple[int, int]] = {}  # start -> (stop, owner id)
         self.rings: TemporalRings | None = None
         if key.frames:
@@ -182,6 +202,9 @@ class Bucket:
         self.text_embeds = zeros(G * rows, self.key.added) if self.key.added else None
         # fp32: sizes in pixels, which bf16 would round (1080 is not a bf16 number)
         self.time_ids = zeros(G * rows, 6, dtype=torch.float32) if self.key.added else None
+        nets = self.controlnet.nets if self.controlnet is not None else []
+        self.images = tuple(zeros(rows, net.config.conditioning_channels, h * net.config.image_scale,
+                                  w * net.config.image_scale).to(memory_format=memory) for net in nets)
         self.coeffs = zeros(K, rows, dtype=torch.float32)
         # The host side of the coefficients, pinned on CUDA so its upload is asynchronous.
         self.staged = torch.zeros(K, rows, dtype=torch.float32, pin_memory=self.device.type == "cuda")
@@ -234,7 +257,7 @@ class Bucket:
         """Write a call's inputs (one Part per stream) into the buffers. Rows not named are
         zeroed: padding. Returns the rows stepped (host side)."""
         R, G = self.rows, self.key.groups
-        for buffer in (self.x, self.reference, self.noise, self.context):
+        for buffer in (self.x, self.reference, self.noise, self.context, *self.images):
             buffer.zero_()
         staged = self.staged.numpy()
         staged[:] = 0
@@ -256,6 +279,8 @@ class Bucket:
                 self.text_embeds[rows] = part.pooled
                 if G == 2:
                     self.text_embeds[negative] = part.negative_pooled
+            for buffer, image in zip(self.images, part.images, strict=True):
+                buffer[rows] = image
             staged[:, rows] = part.table
             active += range(part.start, part.start + n)
         # From pinned memory: the copy is queued, the host goes on.
@@ -273,7 +298,7 @@ class Bucket:
         are free to change)."""
         if rows is None or (rows.start, rows.stop) == (0, self.rows):
             return (self.unet, self.x, self.reference, self.noise, self.context, self.coeffs, self.time_cond,
-                    self.rings, self.key.groups, self.text_embeds, self.time_ids)
+                    self.rings, self.key.groups, self.text_embeds, self.time_ids, self.controlnet, self.images)
         R, (a, b) = self.rows, (rows.start, rows.stop)
 
         def grouped(t: Tensor | None) -> Tensor | None:  # (G*R, ...) -> (G*(b-a), ...)
@@ -283,7 +308,8 @@ class Bucket:
 
         return (self.unet, self.x[a:b], self.reference[a:b], self.noise[a:b], grouped(self.context),
                 self.coeffs[:, a:b], grouped(self.time_cond), self.rings.view(a, b) if self.rings else None,
-                self.key.groups, grouped(self.text_embeds), grouped(self.time_ids))
+                self.key.groups, grouped(self.text_embeds), grouped(self.time_ids), self.controlnet,
+                tuple(image[a:b] for image in self.images))
 
 
 class CapturedSteps:
