@@ -3,6 +3,7 @@
     python benchmarks/temporal_cost.py                    # 512x512, 6 rounds of 8 frames each way
     python benchmarks/temporal_cost.py --size 256x256 --rounds 8
     python benchmarks/temporal_cost.py --parts            # each part alone against off, in the same run
+    python benchmarks/temporal_cost.py --profile          # and the time in each part, per frame
 
 Two file streams on one Engine, one with the temporal parts on (the default
 TemporalSettings: a 2-frame cached self-attention, flow-guided latents and output
@@ -17,14 +18,27 @@ printed too.
 
 The flow runs on the submitting thread (Stream.submit), as in `livestyle run`, so on a
 2-core machine it competes with the model for the cores: it is counted here.
+
+`--profile` times each temporal part where it runs, per frame of the stream it ran for
+(wall and the calling thread's CPU time, time.thread_time): the flow estimate
+(FlowEstimator.motion and flow.warp_inputs, on the submitting thread), the latent warp
+and the image warp (flow.sampling_grid and flow.propagate, or kernels.propagate, on the
+worker; told apart by size), and the U-Net's self-attention layers (unet.Attention
+without context; with the cache on, the cached attention: its cost is the difference
+to the stream with it off). The parts are timed by wrapping the functions, so the
+profile costs a few microseconds per call; the fps figures of a --profile run include
+that.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,10 +47,73 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from livestyle import kernels  # noqa: E402
 from livestyle.capture.sources import SyntheticSource  # noqa: E402
 from livestyle.config import StreamSettings, TemporalSettings  # noqa: E402
+from livestyle.models import unet  # noqa: E402
 from livestyle.models.demo import load_demo  # noqa: E402
+from livestyle.stream import engine as engine_module  # noqa: E402
+from livestyle.stream import flow  # noqa: E402
 from livestyle.stream.engine import Engine  # noqa: E402
+
+PARTS = ("flow estimate", "latent warp", "image warp", "self-attention")
+
+
+class Profile:
+    """Wall and thread-CPU seconds per (stream, part), accumulated by wrapped functions.
+
+    `current` names the stream being fed: the rounds run one stream at a time (flush()
+    between them), so every call in between is that stream's."""
+
+    def __init__(self):
+        self.current: str | None = None
+        self.wall: dict = defaultdict(float)
+        self.cpu: dict = defaultdict(float)
+
+    def timed(self, fn, part):
+        """fn wrapped to add its time to `part` (a name, or a function of fn's arguments giving one)."""
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            began, cpu_began = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.current is not None:
+                    name = part(*args, **kwargs) if callable(part) else part
+                    if name is not None:
+                        self.wall[self.current, name] += time.perf_counter() - began
+                        self.cpu[self.current, name] += time.thread_time() - cpu_began
+        return wrapper
+
+    def install(self, size: tuple[int, int]) -> None:
+        """Wrap the temporal parts where the engine finds them (its module's names, unet.Attention)."""
+        w, h = size
+
+        def warp(size_or_tensor) -> str:
+            tw = size_or_tensor[0] if isinstance(size_or_tensor, tuple) else size_or_tensor.shape[-1]
+            return "image warp" if tw == w else "latent warp"
+
+        wrapped = {
+            flow.sampling_grid: self.timed(flow.sampling_grid, lambda motion, size, *a, **k: warp(size)),
+            flow.propagate: self.timed(flow.propagate, lambda current, *a, **k: warp(current)),
+            flow.warp_inputs: self.timed(flow.warp_inputs, "flow estimate"),
+            kernels.propagate: self.timed(kernels.propagate, lambda current, *a, **k: warp(current)),
+        }
+        for module in (flow, engine_module, kernels):
+            for name, value in list(vars(module).items()):
+                if callable(value) and value in wrapped:
+                    setattr(module, name, wrapped[value])
+        flow.FlowEstimator.motion = self.timed(flow.FlowEstimator.motion, "flow estimate")
+        unet.Attention.forward = self.timed(unet.Attention.forward, lambda attention, x, context=None, *a, **k:
+                                            "self-attention" if context is None else None)
+
+    def report(self, names, frames: int, frame_ms: dict) -> None:
+        """ms per frame of each part, per stream, and as a share of that stream's frame time."""
+        print(f"time in each part per frame (wall ms / thread CPU ms; share of the stream's median frame time):")
+        for name in names:
+            cells = [f"{part} {1e3 * self.wall[name, part] / frames:6.1f} / {1e3 * self.cpu[name, part] / frames:6.1f}"
+                     f" ({100 * self.wall[name, part] / frames * 1e3 / frame_ms[name]:4.1f}%)" for part in PARTS]
+            print(f"  {name:12s} frame {frame_ms[name]:6.0f} ms: " + "; ".join(cells))
 
 
 def size(text: str) -> tuple[int, int]:
@@ -51,8 +128,13 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=8, help="frames per stream per round")
     parser.add_argument("--parts", action="store_true",
                         help="also the cached attention alone and the flow (latents + output blend) alone")
+    parser.add_argument("--profile", action="store_true", help="also the time in each temporal part, per frame")
     args = parser.parse_args()
+    profile = Profile() if args.profile else None
+    if profile:
+        profile.install(args.size)
     w, h = args.size
+    load_before = os.getloadavg()
     clip = list(SyntheticSource("coffee", (w, h), 24, args.frames * (args.rounds + 1)))
     configs = {"on": TemporalSettings(), "off": TemporalSettings.off()}
     if args.parts:
@@ -67,6 +149,8 @@ def main() -> None:
         for r in range(args.rounds + 1):  # round 0 warms up (allocation, first calls), not counted
             chunk = clip[r * args.frames:(r + 1) * args.frames]
             for name in (list(configs) if r % 2 else list(configs)[::-1]):
+                if profile:
+                    profile.current = name if r else None
                 began, cpu_began = time.perf_counter(), time.process_time()
                 for f in chunk:
                     streams[name].submit(f)
@@ -74,13 +158,16 @@ def main() -> None:
                 if r:
                     fps[name].append(len(chunk) / (time.perf_counter() - began))
                     cpu[name].append(1e3 * (time.process_time() - cpu_began) / len(chunk))
+        if profile:
+            profile.current = None
         host = engine.stats()["host_ms_mean"]
         for s in streams.values():
             s.close()
     on, off = statistics.median(fps["on"]), statistics.median(fps["off"])
     ratios = statistics.median(a / b for a, b in zip(fps["on"], fps["off"]))
     print(f"demo model, cpu ({torch.get_num_threads()} threads), {w}x{h}, {args.rounds} rounds of {args.frames} "
-          f"frames each way (medians)")
+          f"frames each way (medians); load average {' '.join(f'{v:.2f}' for v in load_before)} at the start, "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} at the end")
     print(f"temporal on  {on:6.2f} fps   per round: {', '.join(f'{v:.2f}' for v in fps['on'])}")
     print(f"temporal off {off:6.2f} fps   per round: {', '.join(f'{v:.2f}' for v in fps['off'])}")
     print(f"cost: {100 * (1 - on / off):.1f}% of the frame rate (median of per-round ratios: "
@@ -93,6 +180,8 @@ def main() -> None:
         extra = statistics.median(a / b for a, b in zip(cpu[name], cpu["off"]))
         print(f"CPU time per frame, {name}: {statistics.median(cpu[name]):.0f} ms ({100 * (extra - 1):+.1f}% "
               f"against off, median of per-round ratios)")
+    if profile:
+        profile.report(configs, args.rounds * args.frames, {n: 1e3 / statistics.median(fps[n]) for n in configs})
 
 
 if __name__ == "__main__":

@@ -17,10 +17,19 @@ frame, and blended in by a confidence map:
 
 So static regions stay put and moving ones follow the motion, while anything new is
 taken from the current frame alone.
+
+This is the host path: on the CPU the engine builds the warp grid here (sampling_grid)
+and warps with `propagate`, which samples with cv2.remap (exact bilinear weights with
+OpenCV 4.11 and later; see `propagate`) and blends in numpy. Both run on one core
+without torch's OpenMP team, whose every parallel region waits for a core on a busy
+machine (a 512x512 blend took 30 ms with two threads against 1 ms with one, beside
+other processes on 2 cores). On other devices `propagate` is F.grid_sample, and the
+engine prefers kernels.propagate from the small flow.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cv2
@@ -37,6 +46,16 @@ def small_grey(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """uint8 (H,W,3) RGB -> uint8 (h,w) grey at size = (w, h)."""
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     return cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+
+
+@functools.lru_cache(maxsize=16)
+def pixel_grid(w: int, h: int) -> np.ndarray:
+    """(h, w, 2) float32: each pixel's own (x, y). Shared between calls (read-only): the
+    sizes of a stream's frames, latents and flow do not change from frame to frame."""
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    grid = np.stack([xs, ys], axis=-1)
+    grid.flags.writeable = False
+    return grid
 
 
 def flow_size(width: int, height: int) -> tuple[int, int]:
@@ -71,13 +90,13 @@ class FlowEstimator:
         back = self.dis.calc(current, previous, None)  # (h, w, 2): current -> previous
         forward = self.dis.calc(previous, current, None)  # (h, w, 2): previous -> current
         h, w = current.shape
-        ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-        map_x, map_y = xs + back[..., 0], ys + back[..., 1]
+        where = cv2.add(pixel_grid(w, h), back)  # (h, w, 2): (x, y) each pixel came from, one remap map
         # forward flow read where each pixel came from; it should point back to the pixel
-        forward_there = cv2.remap(forward, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        forward_there = cv2.remap(forward, where, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         disagreement = np.linalg.norm(back + forward_there, axis=-1)
-        previous_there = cv2.remap(previous, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        previous_there = cv2.remap(previous, where, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         photo = np.abs(previous_there.astype(np.float32) - current.astype(np.float32))
+        map_x, map_y = where[..., 0], where[..., 1]
         in_view = (map_x >= 0) & (map_x <= w - 1) & (map_y >= 0) & (map_y <= h - 1)
         confidence = np.exp(-(disagreement / FB_TOLERANCE) ** 2 - (photo / PHOTO_TOLERANCE) ** 2) * in_view
         return Motion(back, confidence.astype(np.float32))
@@ -103,19 +122,34 @@ def warp_inputs(motion: Motion, size: tuple[int, int]) -> tuple[torch.Tensor, to
 
 def sampling_grid(motion: Motion, size: tuple[int, int], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """The motion resampled to size = (w, h): a grid_sample grid (1, h, w, 2) in [-1, 1]
-    (align_corners=True) and the confidence (1, 1, h, w), both on `device`."""
+    (align_corners=True) and the confidence (1, 1, h, w), both on `device`.
+
+    grid = (pixel + back * (w / fw, h / fh)) * (2 / (w - 1), 2 / (h - 1)) - 1, in float32,
+    back resized to (w, h) (area averaging when smaller, bilinear when larger). Computed in
+    place with OpenCV's per-channel arithmetic: numpy's broadcasting over a last axis of 2
+    and the np.mgrid and np.stack temporaries cost several times as much. The scalars are
+    float32 values, so each operation rounds as numpy's float32 arithmetic does: the grid
+    is the numpy one's bit for bit (tests/test_flow.py).
+    """
     w, h = size
     fh, fw = motion.confidence.shape
-    back = cv2.resize(motion.back, (w, h), interpolation=cv2.INTER_AREA if w < fw else cv2.INTER_LINEAR)
-    back = back * np.array([w / fw, h / fh], dtype=np.float32)  # small-grid pixels -> target pixels
-    confidence = cv2.resize(motion.confidence, (w, h), interpolation=cv2.INTER_AREA if w < fw else cv2.INTER_LINEAR)
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    grid = np.stack([(xs + back[..., 0]) * (2 / max(w - 1, 1)) - 1,
-                     (ys + back[..., 1]) * (2 / max(h - 1, 1)) - 1], axis=-1)  # (h, w, 2)
+    interpolation = cv2.INTER_AREA if w < fw else cv2.INTER_LINEAR
+    grid = cv2.resize(motion.back, (w, h), interpolation=interpolation)  # (h, w, 2), a new array
+    cv2.multiply(grid, _pair(w / fw, h / fh), dst=grid)  # small-grid pixels -> target pixels
+    cv2.add(grid, pixel_grid(w, h), dst=grid)  # where each target pixel came from
+    cv2.multiply(grid, _pair(2 / max(w - 1, 1), 2 / max(h - 1, 1)), dst=grid)
+    cv2.subtract(grid, _pair(1.0, 1.0), dst=grid)  # (h, w, 2) in [-1, 1] inside the frame
+    confidence = cv2.resize(motion.confidence, (w, h), interpolation=interpolation)
     # Small host arrays: the copies overlap with device work (non_blocking) and never sync.
     grid = torch.from_numpy(grid)[None].to(device, non_blocking=True)
     confidence = torch.from_numpy(np.ascontiguousarray(confidence))[None, None].to(device, non_blocking=True)
     return grid, confidence
+
+
+def _pair(x: float, y: float) -> tuple[float, float, float, float]:
+    """An OpenCV scalar for a 2-channel array: (x, y) rounded to float32, as numpy would
+    round them for float32 arithmetic."""
+    return float(np.float32(x)), float(np.float32(y)), 0.0, 0.0
 
 
 def propagate(current: torch.Tensor, previous: torch.Tensor, grid: torch.Tensor, confidence: torch.Tensor,
@@ -124,9 +158,42 @@ def propagate(current: torch.Tensor, previous: torch.Tensor, grid: torch.Tensor,
 
     current, previous: (1, C, h, w) latents or images of the same size; grid (1, h, w, 2),
     confidence (1, 1, h, w) from `sampling_grid`; blend in [0, 1): the previous output's
-    share where the flow is fully trusted. Returns (1, C, h, w) in current's dtype.
+    share where the flow is fully trusted. Returns (1, C, h, w) in current's dtype:
+
+        warped = F.grid_sample(previous, grid, "bilinear", padding_mode="border", align_corners=True)
+        out = current + blend * confidence * (warped - current), in float32
+
+    On the CPU (tensors that need no gradient) this samples with cv2.remap, bilinear with
+    replicated borders (the same sample as grid_sample's "border" with align_corners),
+    and blends in numpy; the grid goes back to pixels first, which rounds the positions
+    differently in the last float32 bit. Tested equal to grid_sample within 1e-4 (values
+    in [-1, 1]). OpenCV's remap kernels before 4.11 (opencv/opencv#26348) round the
+    sample positions to 1/32 of a pixel: off by up to 1/64 pixel's worth of the local
+    gradient there.
     """
+    if current.is_cpu and previous.is_cpu and current.shape[0] == 1 \
+            and not (current.requires_grad or previous.requires_grad):
+        return _propagate_host(current, previous, grid, confidence, blend)
     warped = F.grid_sample(previous.float(), grid.float(), mode="bilinear", padding_mode="border",
                            align_corners=True)
     weight = blend * confidence.float()
     return (current.float() + weight * (warped - current.float())).to(current.dtype)
+
+
+def _propagate_host(current: torch.Tensor, previous: torch.Tensor, grid: torch.Tensor, confidence: torch.Tensor,
+                    blend: float) -> torch.Tensor:
+    """propagate on the CPU: cv2.remap per channel and a numpy blend, in float32, on this thread."""
+    _, C, h, w = current.shape
+    # [-1, 1] -> pixels (align_corners=True): x = (g + 1) * (w - 1) / 2; one (h, w, 2) remap map.
+    where = cv2.add(grid[0].float().numpy(), (1.0, 1.0, 0.0, 0.0))
+    cv2.multiply(where, ((w - 1) / 2, (h - 1) / 2, 0.0, 0.0), dst=where)
+    weight = blend * confidence[0, 0].float().numpy()  # (h, w)
+    cur, prev = current[0].float().numpy(), previous[0].float().numpy()  # (C, h, w), views
+    out = np.empty((C, h, w), np.float32)
+    for c in range(C):
+        warped = cv2.remap(np.ascontiguousarray(prev[c]), where, None, cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_REPLICATE)  # (h, w)
+        np.subtract(warped, cur[c], out=warped)
+        np.multiply(warped, weight, out=warped)
+        np.add(cur[c], warped, out=out[c])
+    return torch.from_numpy(out)[None].to(current.dtype)
