@@ -44,6 +44,8 @@ MAX_UPSCALE = 2  # an explicit --size may be at most this many times the input o
 # --input-size and --size on the 2-core CPU: 329, 374, 637 and 1039 MB at 64, 512, 1024
 # and 2048 px square, so 335 B/px between 512 and 1024 and 170 B/px from 64 to 2048.
 BYTES_PER_PIXEL = 400
+NO_DEMO_CONTROLS = ("the demo model takes no ControlNets (--control, a preset's [[control]]); use an SD or SDXL "
+                    "checkpoint (--model)")
 # `livestyle bench` runs the suite of a source checkout (an editable install is one).
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -584,7 +586,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from livestyle import kernels
 
     kernels.use(args.kernels, device)  # --kernels triton where it cannot run fails here, not on every frame
-    _settings(args, preset, args.size or (256, 256))  # the look's values, checked before anything opens
+    look = _settings(args, preset, args.size or (256, 256))  # the look's values, checked before anything opens
+    if model_path is None and look.controls:
+        raise LivestyleError(NO_DEMO_CONTROLS)
     made: list[Path] = []
     held_back = _HeldBack()
     try:

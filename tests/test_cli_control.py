@@ -74,6 +74,14 @@ def test_more_controls_than_the_engine_takes_is_one_line(capsys):
     assert err.strip() == "livestyle: error: controls: 5 ControlNets (at most 4)"
 
 
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_the_demo_model_takes_no_controlnets(command, tmp_path, capsys):
+    argv = [command] + (["test:", "-o", str(tmp_path / "out.mp4")] if command == "run" else ["--port", "0"])
+    assert cli.main(argv + ["--model", "demo", "--control", "canny=cn-canny"]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == f"livestyle: error: {cli.NO_DEMO_CONTROLS}" and not list(tmp_path.iterdir())
+
+
 def test_the_summary_names_each_control_without_its_folder():
     settings = cli._settings(parse("--control", "canny=/home/me/nets/cn-canny@0.8"), find_preset("starry-night"),
                              (64, 48))
@@ -181,11 +189,14 @@ def test_an_sd15_controlnet_with_an_sdxl_checkpoint_is_one_line(tmp_path, capsys
     assert not out.exists()
 
 
-def test_serve_refuses_a_missing_controlnet_before_serving(sd_with_controlnet, tmp_path, capsys):
+@pytest.mark.parametrize("given", ["--control", "[[control]]"])
+def test_serve_refuses_a_missing_controlnet_before_serving(sd_with_controlnet, tmp_path, capsys, given):
     preset = tmp_path / "fox.toml"
-    preset.write_text(f'model = "{sd_with_controlnet / "model"}"\nprompt = "a fox"\n')
-    code = cli.main(["serve", "--port", "0", "--preset", str(preset), "--short-side", "64",
-                     "--control", f"canny={tmp_path / 'no-such-net'}"])
+    missing = tmp_path / "no-such-net"
+    preset.write_text(f'model = "{sd_with_controlnet / "model"}"\nprompt = "a fox"\n'
+                      + (f'[[control]]\nnet = "{missing}"\n' if given == "[[control]]" else ""))
+    code = cli.main(["serve", "--port", "0", "--preset", str(preset), "--short-side", "64"]
+                    + (["--control", f"canny={missing}"] if given == "--control" else []))
     out, err = capsys.readouterr()
     assert code != 0 and "no-such-net" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "livestyle serve:" not in out  # it never listened

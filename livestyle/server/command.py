@@ -87,6 +87,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(settings, controls=tuple(args.control) if args.control else preset.controls)
     model = args.model or preset.model
     model_path = None if model == "demo" else find_model(model)
+    if model_path is None and settings.controls:
+        from livestyle.cli import NO_DEMO_CONTROLS
+
+        raise LivestyleError(NO_DEMO_CONTROLS)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LivestyleError(f"--device {device}: torch sees no CUDA device")
