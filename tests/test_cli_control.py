@@ -88,6 +88,17 @@ def test_the_summary_names_each_control_without_its_folder():
     assert cli._describe("p", "sd1", "cpu", settings).endswith(", ControlNet canny cn-canny at 0.8")
 
 
+def test_presets_count_their_controlnets(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    folder = tmp_path / "livestyle" / "presets"
+    folder.mkdir(parents=True)
+    (folder / "edges.toml").write_text('model = "sd-turbo"\nprompt = "ink"\n[[control]]\nnet = "a"\n'
+                                       '[[control]]\nnet = "b"\ninput = "temporalnet"\n')
+    assert cli.main(["presets"]) == 0
+    row = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("edges "))
+    assert "prompt 'ink', 2 ControlNets;" in row
+
+
 def test_info_lists_controlnets_apart_from_models(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LIVESTYLE_MODELS", str(tmp_path))
     (tmp_path / "sd-turbo").mkdir()
@@ -165,24 +176,46 @@ def test_a_missing_controlnet_is_one_line(sd_with_controlnet, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_an_sd15_controlnet_with_an_sdxl_checkpoint_is_one_line(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def sdxl_with_controlnet(tmp_path_factory):
+    """test_sdxl_pipeline's tiny SDXL pipeline saved by diffusers, a ControlNet made from its
+    U-Net, and an SD 1.5-shaped one (test_controlnet's)."""
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
 
     from test_controlnet import SD_TINY
     from test_sdxl_pipeline import components, tokenizers
 
-    torch.manual_seed(0)
-    ControlNetModel.from_unet(UNet2DConditionModel(**SD_TINY)).save_pretrained(tmp_path / "sd15-canny")
+    root = tmp_path_factory.mktemp("sdxl-cn")
     unet, vae, text, text_2 = components()
-    tok, tok_2 = tokenizers(tmp_path / "tok")
+    tok, tok_2 = tokenizers(root / "tok")
     StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok, tokenizer_2=tok_2,
                               unet=unet, scheduler=EulerAncestralDiscreteScheduler(timestep_spacing="trailing")
-                              ).save_pretrained(tmp_path / "sdxl")
+                              ).save_pretrained(root / "sdxl")
+    perturb(ControlNetModel.from_unet(unet), 5, scale=0.1).save_pretrained(root / "xl-canny")
+    torch.manual_seed(0)
+    ControlNetModel.from_unet(UNet2DConditionModel(**SD_TINY)).save_pretrained(root / "sd15-canny")
+    return root
+
+
+def test_run_sdxl_with_a_controlnet(sdxl_with_controlnet, tmp_path, capsys):
+    root = sdxl_with_controlnet
     capsys.readouterr()  # diffusers' progress bars
     out = tmp_path / "out.mp4"
+    code = cli.main(["run", str(make_clip(tmp_path / "in.mp4", size=(80, 64), frames=3)), "-o", str(out),
+                     "--model", str(root / "sdxl"), "--prompt", "a fox", "--control", f"canny={root / 'xl-canny'}@0.6"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    assert "sdxl model" in stdout and "at 80x64" in stdout and "ControlNet canny xl-canny at 0.6" in stdout
+    assert video_facts(out)["frames"] == 3
+
+
+def test_an_sd15_controlnet_with_an_sdxl_checkpoint_is_one_line(sdxl_with_controlnet, tmp_path, capsys):
+    root = sdxl_with_controlnet
+    capsys.readouterr()
+    out = tmp_path / "out.mp4"
     code = cli.main(["run", str(make_clip(tmp_path / "in.mp4", frames=2)), "-o", str(out), "--model",
-                     str(tmp_path / "sdxl"), "--prompt", "a fox", "--size", "64x48", "--control",
-                     f"canny={tmp_path / 'sd15-canny'}"])
+                     str(root / "sdxl"), "--prompt", "a fox", "--size", "64x48", "--control",
+                     f"canny={root / 'sd15-canny'}"])
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "sd15-canny" in err and "the ControlNet is for SD 1.x, the U-Net is an SDXL" in err
