@@ -15,6 +15,7 @@ test_guidance_rows_read_their_streams_bank).
 
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -228,3 +229,30 @@ def test_the_device_warp_gives_the_host_grids_frames(recorded):
         for name in ("demo-two-streams", "demo-three-temporal"):
             got = run_case(engine, CASES[name][1]).astype(np.int16)
             assert np.abs(got - recorded[name]).max() <= 1, name
+
+
+def test_frames_in_flight_stay_in_their_rows_when_the_bucket_grows(sd_engine):
+    """The stream batch's frames wait in the bucket's rows between calls (Bucket.advance
+    moves them on a slot): a stream joining mid-stream grows the bucket (4 rows to 8), and
+    the first stream's frames in flight come out as they do alone."""
+    settings = StreamSettings(size=SIZE, prompt="a fox", steps=3, temporal=OFF)
+    frames = clip("coffee")
+    alone = run_case(sd_engine, [(settings, "coffee")])[0]
+    outputs = []
+    a = sd_engine.open_stream(settings, outputs.append, live=False)
+    for frame in frames[:3]:
+        a.submit(frame)
+    deadline = time.monotonic() + 60
+    while not outputs and time.monotonic() < deadline:  # frame 0 out: the next ones are in flight
+        time.sleep(0.01)
+    b = sd_engine.open_stream(StreamSettings(size=SIZE, prompt="a cat", steps=2, temporal=OFF), lambda f: None,
+                              live=False)
+    for frame in frames[3:]:
+        b.submit(frame)
+        a.submit(frame)
+    assert a.flush(timeout=60) and b.flush(timeout=60)
+    assert a.state.place[0].rows == 8
+    a.close()
+    b.close()
+    got = np.stack([f.to_ndarray(format="rgb24") for f in outputs]).astype(np.int16)
+    assert np.abs(got - alone).max() <= 1

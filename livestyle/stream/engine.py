@@ -23,7 +23,9 @@ Canny edges for a ControlNet that sees them; on the worker:
   entered k calls ago, and one U-Net call advances all S frames by a step. The first
   frame runs its S steps one after another and is output at once (no warm-up
   frames); its intermediate latents prime the slots, so from the next frame on each
-  call finishes one frame, S - 1 frames late.
+  call finishes one frame, S - 1 frames late. The slots are the stream's rows of its
+  bucket: the frames wait there between calls, and the bucket moves them on a slot after
+  each call (step.Bucket.advance); the worker keeps only their tags.
 - Many streams: every stream with work is advanced together; streams whose rows fit
   one call (step.BucketKey) hold rows in one bucket of fixed size, and one
   fixed-shape step advances them all, padding rows and all (step.py).
@@ -99,20 +101,18 @@ class StreamFailed(LivestyleError):
 
 @dataclass
 class Rows:
-    """One stream's rows for a U-Net call: its latents at their steps (a stream-batch
-    call holds all S slots; a step-by-step call one)."""
+    """One stream's rows for a U-Net call: the slots it steps (a stream-batch call all S, a
+    step-by-step call one), whose frames wait in the stream's rows of its bucket (step.py),
+    and the frame entering the first of them, if one does."""
 
     state: StreamState
-    x: torch.Tensor  # (n, C, h, w)
     slots: range  # the denoising slot (= step) of each row: its place in the stream's rows of the bucket
-    reference: torch.Tensor  # (n, C, h, w) residual-CFG references
-    noise: torch.Tensor  # (n, C, h, w) re-noises each row towards its next step
-    fresh: bool  # row 0 is a frame at its first step
-    images: tuple[torch.Tensor, ...] = ()  # (n, 3, H, W) per ControlNet: each row's frame's image
+    # (start latent (1, C, h, w), reference latent (1, C, h, w), ControlNet images (1, 3, H, W) each)
+    fresh: tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]] | None
 
 
-# A step's result for the rows: (x_next, denoised, reference), each (n, C, h, w).
-Stepped = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# A step's result for the rows: their denoised latents (n, C, h, w).
+Stepped = torch.Tensor
 Denoising = Generator[Rows, Stepped, tuple[Tag, torch.Tensor]]
 
 
@@ -565,7 +565,7 @@ class Engine:
             bucket = Bucket(key, max(self.bucket_rows, 1 << (plan.steps - 1).bit_length()), self.pipe.unet,
                             self.device, self.dtype, self.channels_last, nets)
             self.buckets[key] = bucket
-        state.place = (bucket, bucket.take(plan.steps, id(state), self.bucket_rows))
+        state.place = (bucket, bucket.take(state.renoise, id(state), self.bucket_rows))
         if old is not None:
             state.carry_over(old)
             self._leave(old)
@@ -687,35 +687,26 @@ class Engine:
 
     def _denoise(self, state: StreamState, z0: torch.Tensor, tag: Tag, images: tuple[torch.Tensor, ...]
                  ) -> Denoising:
-        """One frame through the stream's steps; yields U-Net rows, is sent their step's
-        result (x_next, denoised, reference), returns (finished tag, latent).
+        """One frame through the stream's steps; yields U-Net rows, is sent their denoised
+        latents, returns (finished tag, latent). The frames' latents stay in the bucket.
 
         z0: (1, C, h, w) the frame's latent; images: its ControlNet images, (1, 3, H, W)
         each. Returns the tag and (1, C, h, w) denoised latent of the frame that finished:
         this one, or with a primed stream batch the one that entered S - 1 calls ago."""
         plan, S = state.plan, state.steps
+        fresh = (plan.start(z0, state.noise[:1]), z0, images)
         if state.settings.stream_batch and S > 1 and state.primed:
-            x = torch.cat([plan.start(z0, state.noise[:1]), state.x[1:]])  # (S, C, h, w)
-            reference = torch.cat([z0, state.reference[1:]])
-            slots = tuple(torch.cat([new, held[1:]]) for new, held in zip(images, state.images))  # (S, 3, H, W)
-            x_next, denoised, reference = yield Rows(state, x, range(S), reference, state.renoise, True, slots)
+            denoised = yield Rows(state, range(S), fresh)
             done = state.tags[-1]
-            state.x[1:], state.reference[1:] = x_next[:-1], reference[:-1]  # every frame moves one slot on
-            for held, image in zip(state.images, slots):
-                held[1:] = image[:-1]  # its control image with it
-            state.tags = [None, tag] + state.tags[1:-1]
+            state.tags = [None, tag] + state.tags[1:-1]  # every frame moved on a slot (Bucket.advance)
             return done, denoised[-1:]
         # Step by step: per-frame mode, or the first frame of a stream batch, whose
         # intermediate latents then prime the slots (stand-in copies, never output).
         prime = state.settings.stream_batch and S > 1
-        x, reference = plan.start(z0, state.noise[:1]), z0.clone()
         for k in range(S):
-            x, denoised, reference = yield Rows(state, x, range(k, k + 1), reference, state.renoise[k:k + 1], k == 0,
-                                                images)
+            denoised = yield Rows(state, range(k, k + 1), fresh if k == 0 else None)
             if prime and k < S - 1:
-                state.x[k + 1], state.reference[k + 1], state.tags[k + 1] = x[0], reference[0], tag.echo()
-                for held, image in zip(state.images, images):
-                    held[k + 1] = image[0]
+                state.tags[k + 1] = tag.echo()
         return tag, denoised
 
     def _control_images(self, state: StreamState, tag: Tag, rgb: np.ndarray, image: torch.Tensor
@@ -782,19 +773,20 @@ class Engine:
         return results
 
     def _call(self, batch: list[Rows], meters: list[StreamMeter]) -> list[Stepped]:
-        """One fixed-shape step of a bucket over several streams' rows; each stream's result rows."""
+        """One fixed-shape step of a bucket over several streams' rows, each row's frame then
+        moved on a slot in the bucket (Bucket.advance); each stream's denoised rows."""
         bucket = batch[0].state.place[0]
         parts, places = [], []
         for rows in batch:
             state = rows.state
-            first = state.place[1] + rows.slots.start
             table = state.table[:, rows.slots.start:rows.slots.stop].copy()
-            if rows.fresh and isinstance(state.guidance, InitializeGuidance):
+            if rows.fresh is not None and isinstance(state.guidance, InitializeGuidance):
                 table[RENEW, 0] = 1.0  # its negative-prompt estimate becomes the frame's reference
             uncond = state.uncond
-            parts.append(Part(first, rows.x, rows.reference, rows.noise, state.cond.context,
+            parts.append(Part(state.place[1], rows.slots, state.steps, state.cond.context,
                               uncond.context if uncond else None, table, state.timestep_cond, state.cond.pooled,
-                              uncond.pooled if uncond else None, state.time_ids, rows.images))
+                              uncond.pooled if uncond else None, state.time_ids, rows.fresh))
+            first = state.place[1] + rows.slots.start
             places.append(slice(first, first + len(rows.slots)))
         active = bucket.load(parts)
         started, clock = self.timer.start(), time.perf_counter()
@@ -805,14 +797,14 @@ class Engine:
         else:  # eager: the span of rows stepped, no padding around it
             first = min(active)
             x_next, denoised, reference = self._step_fn(*bucket.inputs(slice(first, max(active) + 1)))
+        bucket.advance(first, x_next, reference)
         self.device_s += time.perf_counter() - clock
         self.timer.stop(started, meters)
         if bucket.rings is not None:
             bucket.rings.count(active)
         self.batches += 1
         # Copies: the bucket's outputs are overwritten by its next call (in place, with CUDA graphs).
-        places = [slice(rows.start - first, rows.stop - first) for rows in places]
-        return [(x_next[rows].clone(), denoised[rows].clone(), reference[rows].clone()) for rows in places]
+        return [denoised[rows.start - first:rows.stop - first].clone() for rows in places]
 
     # -- Temporal propagation and output ----------------------------------------------
 

@@ -1,19 +1,17 @@
 """One stream's state: everything about it the engine keeps between frames, in one object.
 
-    x          (S, C, h, w)  the stream batch: slot k holds a frame at denoising step k
-                             (slot 0 is filled by the frame entering on each call)
-    reference  (S, C, h, w)  each slot's reference latent for residual CFG
-    tags       S x Tag|None  host-side facts of each slot's frame (pts, timing, grey copy)
+    tags       S x Tag|None  host-side facts of each slot's frame (pts, timing, grey copy):
+                             the stream batch, slot k holding a frame at denoising step k (slot
+                             0 filled by the frame entering on each call); the frames' latents,
+                             references and control images wait in the stream's bucket rows
     noise      (S, C, h, w)  the stream's fixed noise, by seed: noise[0] starts a frame,
                              renoise[k] re-noises after step k
     table      (K, S) fp32   each slot's coefficients for the fixed-shape step (step.py),
                              ControlNet scales included
-    images     N x (S, 3, H, W)  each ControlNet's conditioning image of each slot's frame, in
-                             [0, 1] at the processing size (slot k's is the one its frame entered with)
     cond, uncond             the prompt's and the negative's Condition (context, SDXL's pooled)
     time_ids   (1, 6) fp32   SDXL's size conditioning at the processing size, else None
-    place      (bucket, first row): the stream's S rows in a step.Bucket (its temporal
-                             rings live there, one per slot), set by the engine
+    place      (bucket, first row): the stream's S rows in a step.Bucket (its slots' frames
+                             and temporal rings live there), set by the engine
     previous   the last output frame's latent, image and tag (flow-guided propagation)
 
 Device buffers are allocated once, from the settings, and replaced only when a live
@@ -89,13 +87,10 @@ class StreamState:
         self.cond, self.uncond, self.time_ids = cond, uncond, time_ids
         self.layout = layout(settings, S)
         shape = (S, latent_channels, h // 8, w // 8)
-        self.x = torch.zeros(shape, device=device, dtype=dtype)
-        self.reference = torch.zeros(shape, device=device, dtype=dtype)
         self.tags: list[Tag | None] = [None] * S
         generator = torch.Generator().manual_seed(settings.seed)  # CPU draws: the same noise on every device
         self.noise = torch.randn(shape, generator=generator).to(device, dtype)
         self.renoise = torch.cat([self.noise[1:], self.noise[:1]])  # row k re-noises towards step k + 1
-        self.images = tuple(torch.zeros(S, 3, h, w, device=device, dtype=dtype) for _ in settings.controls)
         self.table = _table(settings, plan, guidance)
         self.place: tuple[Bucket, int] | None = None
         self.timestep_cond = None
@@ -120,7 +115,7 @@ class StreamState:
 
     @property
     def steps(self) -> int:
-        return self.x.shape[0]
+        return len(self.tags)
 
     @property
     def primed(self) -> bool:

@@ -6,16 +6,20 @@ context shape, time-cond input, temporal ring length and fusion, SDXL's added
 conditioning, ControlNets: a `BucketKey`) has rows
 in one `Bucket`, whose buffers have a fixed row count R. A stream holds S rows (one per
 denoising slot) for as long as it keeps its settings' shapes; rows a call does not step
-(another stream's with no frame now, unused rows) are padding: zeros in, output ignored,
-nothing stored in their rings. So the shapes the U-Net sees change only when a bucket
+(another stream's with no frame now, unused rows) are padding: output ignored, nothing
+stored in their rings, nothing moved. So the shapes the U-Net sees change only when a bucket
 grows, and a compiled or captured step is reused frame after frame, through live
 updates that keep shapes and streams that join or leave.
 
-A call's inputs, written in place into the bucket's buffers (`Bucket.load`):
+A stream's S rows are its denoising slots: row start + k holds the frame at step k (the
+stream batch's slot k), and a frame in flight stays in the bucket between calls. A
+call's inputs, in the bucket's buffers:
 
     x          (R, C, h, w)   each row's latent at its step
     reference  (R, C, h, w)   residual-CFG reference latents
-    noise      (R, C, h, w)   the noise that re-noises each row towards its next step
+    images     N x (R, c, H, W)  each ControlNet's image of the row's frame (H, W: 8x the
+                              latent's, the processing size), for N nets
+    noise      (R, C, h, w)   the noise that re-noises each row towards its next step (by seed)
     context    (G*R, L, D)    positive prompts, then (G = 2) the negative ones
     coeffs     (K, R) fp32    per row: model time, guidance weights, sampler coefficients,
                               each ControlNet's scale at the row's step (0: not acting)
@@ -23,8 +27,11 @@ A call's inputs, written in place into the bucket's buffers (`Bucket.load`):
     rings      TemporalRings  R rows, or None (no temporal cache), with `active`, the rows stepped
     text_embeds (G*R, E)      SDXL's pooled prompt embeddings (positive, then negative), else None
     time_ids   (G*R, 6) fp32  SDXL's size conditioning (uncropped, the processing size), else None
-    images     N x (R, c, H, W)  each ControlNet's conditioning image per row (H, W = 8x the
-                              latent's: the processing size), for a MultiControlNet of N nets
+
+`Bucket.load` writes only what is new: a frame entering slot 0, and per-row conditions.
+After the call, `Bucket.advance` moves each stepped row's x_next, reference and images
+to the row after it (coefficient MOVE), where its frame's next step is: the bucket, not
+the engine, carries frames from slot to slot, for every stream in one masked copy.
 
 `denoise(...)` -> (x_next, denoised, reference), each (R, C, h, w). Guidance is one linear
 mix per row (guidance.py's kinds as weights: none wc = 1; full wc = s, wu = 1 - s;
@@ -60,13 +67,15 @@ from livestyle.models.unet import UNet
 from livestyle.stream.guidance import FullGuidance, InitializeGuidance, NoGuidance, SelfGuidance
 from livestyle.stream.plan import BridgePlan, Plan
 
-# Rows of the (K, R) coefficient table; CONTROL + i: ControlNet i's scale.
-T, WC, WU, WR, WX, A, B, C, D, FX, FO, RENEW, CONTROL = range(13)
+# Rows of the (K, R) coefficient table; MOVE: the row takes the state of the row before it
+# after the call (its frame moves on a slot); CONTROL + i: ControlNet i's scale.
+T, WC, WU, WR, WX, A, B, C, D, FX, FO, RENEW, MOVE, CONTROL = range(14)
 K = CONTROL + MAX_CONTROLS
 
 
 def coefficients(plan: Plan, guidance: NoGuidance) -> np.ndarray:
-    """(K, S) fp32: each denoising slot's row of the coefficient table (RENEW is set per call).
+    """(K, S) fp32: each denoising slot's row of the coefficient table (RENEW and MOVE are set
+    per call).
 
     Sampler (kernels.sampler_step): denoised = a x + b g, x_next = c denoised + d noise;
     LCM: a = c_skip + c_out x0_from_x, b = c_out x0_from_out, c, d the re-noising to the
@@ -150,17 +159,19 @@ class BucketKey:
 
 @dataclass
 class Part:
-    """One stream's rows in a call, for Bucket.load: n rows from `start`.
+    """One stream's rows in a call, for Bucket.load: rows start + k for k in `slots`, of
+    the stream's S = `steps` rows from `start`.
 
-    x, reference, noise (n, C, h, w); positive, negative: contexts (1, L, D) (negative
+    fresh: the frame entering slot slots.start, (x (1, C, h, w) its start latent,
+    reference (1, C, h, w), images: one (1, c, H, W) per ControlNet), or None when every
+    row stepped holds its frame already. positive, negative: contexts (1, L, D) (negative
     None without guidance rows); pooled, negative_pooled (1, E) SDXL's text_embeds or
-    None; time_cond (1, P) or None; time_ids (1, 6) or None; table (K, n) the rows'
-    coefficients; images: one (n, c, H, W) per ControlNet of the bucket."""
+    None; time_cond (1, P) or None; time_ids (1, 6) or None; table (K, len(slots)) the
+    stepped rows' coefficients."""
 
     start: int
-    x: Tensor
-    reference: Tensor
-    noise: Tensor
+    slots: range
+    steps: int
     positive: Tensor
     negative: Tensor | None
     table: np.ndarray
@@ -168,7 +179,7 @@ class Part:
     pooled: Tensor | None = None
     negative_pooled: Tensor | None = None
     time_ids: Tensor | None = None
-    images: tuple[Tensor, ...] = ()
+    fresh: tuple[Tensor, Tensor, tuple[Tensor, ...]] | None = None
 
 
 class Bucket:
@@ -212,9 +223,10 @@ class Bucket:
 
     # -- rows -----------------------------------------------------------------------------
 
-    def take(self, n: int, owner: int, smallest: int) -> int:
-        """The start of n free contiguous rows for `owner`; grows the bucket (a power of two,
-        at least `smallest`) when none are free."""
+    def take(self, noise: Tensor, owner: int, smallest: int) -> int:
+        """The start of n free contiguous rows for `owner`, whose re-noising noise (n, C, h, w)
+        they keep; grows the bucket (a power of two, at least `smallest`) when none are free."""
+        n = noise.shape[0]
         start = self._free(n)
         if start is None:
             used = max((stop for stop, _ in self.held.values()), default=0)
@@ -222,6 +234,7 @@ class Bucket:
             self._grow(rows)
             start = self._free(n)
         self.held[start] = (start + n, owner)
+        self.noise[start:start + n] = noise
         if self.rings is not None:
             self.rings.reset(start, start + n)
         return start
@@ -238,7 +251,10 @@ class Bucket:
         keep = self.rows
         if self.rings is not None:
             self.rings = self.rings.moved(rows, keep)
+        held = (self.x, self.reference, self.noise, *self.images)  # the frames in flight go along
         self._allocate(rows)
+        for new, old in zip((self.x, self.reference, self.noise, *self.images), held):
+            new[:keep] = old
 
     def give_back(self, start: int) -> None:
         self.held.pop(start, None)
@@ -254,18 +270,21 @@ class Bucket:
     # -- one call --------------------------------------------------------------------------
 
     def load(self, parts: list[Part]) -> list[int]:
-        """Write a call's inputs (one Part per stream) into the buffers. Rows not named are
-        zeroed: padding. Returns the rows stepped (host side)."""
+        """Write a call's new inputs (one Part per stream) into the buffers: fresh frames, the
+        stepped rows' conditions and coefficients, and which rows take the state of the row
+        before them after the call (MOVE). Returns the rows stepped (host side)."""
         R, G = self.rows, self.key.groups
-        for buffer in (self.x, self.reference, self.noise, self.context, *self.images):
-            buffer.zero_()
         staged = self.staged.numpy()
         staged[:] = 0
         active = []
         for part in parts:
-            n = part.x.shape[0]
-            rows, negative = slice(part.start, part.start + n), slice(R + part.start, R + part.start + n)
-            self.x[rows], self.reference[rows], self.noise[rows] = part.x, part.reference, part.noise
+            first, n = part.start + part.slots.start, len(part.slots)
+            rows, negative = slice(first, first + n), slice(R + first, R + first + n)
+            if part.fresh is not None:
+                x, reference, images = part.fresh
+                self.x[first], self.reference[first] = x[0], reference[0]
+                for buffer, image in zip(self.images, images, strict=True):
+                    buffer[first] = image[0]
             self.context[rows] = part.positive
             if G == 2:
                 self.context[negative] = part.negative
@@ -279,10 +298,10 @@ class Bucket:
                 self.text_embeds[rows] = part.pooled
                 if G == 2:
                     self.text_embeds[negative] = part.negative_pooled
-            for buffer, image in zip(self.images, part.images, strict=True):
-                buffer[rows] = image
             staged[:, rows] = part.table
-            active += range(part.start, part.start + n)
+            # Each stepped slot but the last hands its frame to the next slot's row.
+            staged[MOVE, part.start + part.slots.start + 1:part.start + min(part.slots.stop, part.steps - 1) + 1] = 1
+            active += range(first, first + n)
         # From pinned memory: the copy is queued, the host goes on.
         self.coeffs.copy_(self.staged, non_blocking=True)
         if self.rings is not None:
@@ -291,6 +310,20 @@ class Bucket:
             self.rings.active.copy_(mask)
             self.rings.prepare(active)
         return active
+
+    def advance(self, first: int, x_next: Tensor, reference: Tensor) -> None:
+        """After a call over rows [first, first + n): each row marked MOVE takes the state of
+        the row before it (x_next, reference, images), in one masked copy per buffer for
+        every stream; the other rows keep theirs. No host sync."""
+        n = x_next.shape[0]
+        m = min(n, self.rows - first - 1)  # rows first + 1 .. first + m may take one
+        if m <= 0:
+            return
+        move = self.coeffs[MOVE, first + 1:first + 1 + m][:, None, None, None] > 0  # (m, 1, 1, 1)
+        images = tuple((buffer, buffer[first:first + m]) for buffer in self.images)
+        for buffer, new in ((self.x, x_next[:m]), (self.reference, reference[:m]), *images):
+            held = buffer[first + 1:first + 1 + m]
+            held.copy_(torch.where(move, new, held))  # where() reads before the copy writes
 
     def inputs(self, rows: slice | None = None) -> tuple:
         """denoise's arguments: the whole bucket (fixed shapes: compiled, captured), or the
