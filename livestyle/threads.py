@@ -4,17 +4,28 @@ allocator keeps large buffers.
     threads.configure(n)        # the CLI (run, serve, bench), before torch is imported
     threads.keep_allocations()  # Engine, before its worker thread starts (configure does it too)
 
-Findings on the project's 2-core CPU (`livestyle bench` measures each: sections unet and
-contention):
+Findings on the project's 2-core CPU (`livestyle bench` measures them in its sections
+unet and contention; benchmarks/thread_policy.py compares thread policies, each in its
+own process, quiet and beside one `while True: pass`):
 
-- **Idle threads must sleep.** libgomp's default is to spin at every barrier. With
-  another busy process on the machine the spinning thread takes the core the working one
-  needs: `livestyle run test:` fell to 0.8 fps (9.0 with one thread).
-  OMP_WAIT_POLICY=PASSIVE makes an idle thread sleep at once. OpenMP reads it when
-  torch's libgomp is loaded, so it goes into the environment before `import torch`;
-  KMP_BLOCKTIME=0 says the same to Intel's OpenMP.
-- **One thread per CPU we may run on** (the default of `--threads`): with passive waits a
-  busy neighbour costs a share of each core, not the whole team's progress.
+- **Idle threads sleep at once.** libgomp's default is to spin at every barrier (about
+  3 ms, GOMP_SPINCOUNT=300000). With another busy process on the machine the spinning
+  thread takes the core the working one needs: `livestyle run test:` fell to 0.8 fps
+  (9.0 with one thread). OMP_WAIT_POLICY=PASSIVE makes an idle thread sleep at once.
+  Even a short spin does not pay on a machine with other work: with the other jobs of a
+  shared machine running (load 6-9), the demo model at 256x256 ran at 13.9 fps passive,
+  2.4 spinning ~0.1 ms first (GOMP_SPINCOUNT=10000) and 0.66 with OMP_WAIT_POLICY=ACTIVE
+  (medians of 3 rounds). Only an otherwise idle machine runs faster spinning (the README's
+  figures); OMP_WAIT_POLICY=ACTIVE in the environment is the user's choice there. OpenMP
+  reads the policy when torch's libgomp is loaded, so it goes into the environment before
+  `import torch`; KMP_BLOCKTIME=0 says the same to Intel's OpenMP.
+- **One thread per CPU we may run on** (default_threads, the default of `--threads`),
+  measured against half of them (one thread here), on that loaded machine: SD-Turbo's
+  U-Net (oneDNN-packed, 256x256) ran as fast on one thread as on two without the extra
+  busy process (1.00x [0.86-1.14], 2 rounds) and at 0.64x [0.60-0.69] beside it; the demo
+  model, too small to gain much from a second core, at 1.33x [0.63-1.57] and 0.86x
+  [0.76-5.23] (3 rounds, noisy). With passive waits a busy neighbour costs a share of each
+  core, and the large models, where speed matters most, keep the second core's work.
 - **Large buffers are kept.** oneDNN reorders each convolution's weight into its blocked
   layout on every call, into a fresh buffer: 59 MB for a 1280->1280 3x3 convolution,
   118 MB for SD's 2560->1280 ones. glibc serves a block above its mmap threshold (at most
@@ -51,12 +62,17 @@ _kept = False
 _lock = threading.Lock()
 
 
-def default_threads() -> int:
+def usable_cpus() -> int:
     """The number of CPUs this process may run on (its affinity mask, not the machine's count)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
         return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """torch's thread count when none is given: one per usable CPU (see the module docstring)."""
+    return usable_cpus()
 
 
 def configure(threads: int | None = None) -> int:
@@ -115,7 +131,7 @@ def describe() -> str:
 
     wait = os.environ.get("OMP_WAIT_POLICY", "OpenMP's default (spin, then sleep)")
     kept = "large blocks kept, one arena" if _kept else "glibc's default"
-    return f"{torch.get_num_threads()} torch threads of {default_threads()} CPUs, OpenMP wait {wait}, allocator {kept}"
+    return f"{torch.get_num_threads()} torch threads of {usable_cpus()} CPUs, OpenMP wait {wait}, allocator {kept}"
 
 
 def _glibc():

@@ -51,8 +51,23 @@ def test_kept_allocations_are_not_faulted_in_again_on_a_worker_thread():
     assert faults("kept") < pages // 100  # reused: (almost) no fault after the first call
 
 
-def test_default_threads_is_the_affinity_mask():
-    assert threads.default_threads() == len(os.sched_getaffinity(0))
+def test_usable_cpus_is_the_affinity_mask(monkeypatch):
+    assert threads.usable_cpus() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5})  # 3 of the machine's CPUs
+    assert threads.usable_cpus() == 3
+
+
+def test_configure_defaults_to_one_thread_per_usable_cpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    before = torch.get_num_threads()
+    try:
+        assert threads.default_threads() == 1
+        assert threads.configure() == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_configure_sets_passive_waits_and_the_thread_count(monkeypatch):
