@@ -17,7 +17,9 @@ worker and the submitting thread) is less moved by other processes' load; its ra
 printed too.
 
 The flow runs on the submitting thread (Stream.submit), as in `livestyle run`, so on a
-2-core machine it competes with the model for the cores: it is counted here.
+2-core machine it competes with the model for the cores: it is counted here. Threads
+as the CLI sets them (livestyle.threads.configure: passive OpenMP waits, one torch
+thread per CPU, or --threads).
 
 `--profile` times each temporal part where it runs, per frame of the stream it ran for
 (wall and the calling thread's CPU time, time.thread_time): the flow estimate
@@ -45,16 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-
-from livestyle import kernels  # noqa: E402
-from livestyle.capture.sources import SyntheticSource  # noqa: E402
-from livestyle.config import StreamSettings, TemporalSettings  # noqa: E402
-from livestyle.models import unet  # noqa: E402
-from livestyle.models.demo import load_demo  # noqa: E402
-from livestyle.stream import engine as engine_module  # noqa: E402
-from livestyle.stream import flow  # noqa: E402
-from livestyle.stream.engine import Engine  # noqa: E402
+from livestyle import threads  # noqa: E402  (no torch yet: the thread policy comes first)
 
 PARTS = ("flow estimate", "latent warp", "image warp", "self-attention")
 
@@ -87,6 +80,11 @@ class Profile:
 
     def install(self, size: tuple[int, int]) -> None:
         """Wrap the temporal parts where the engine finds them (its module's names, unet.Attention)."""
+        from livestyle import kernels
+        from livestyle.models import unet
+        from livestyle.stream import engine as engine_module
+        from livestyle.stream import flow
+
         w, h = size
 
         def warp(size_or_tensor) -> str:
@@ -129,7 +127,15 @@ def main() -> None:
     parser.add_argument("--parts", action="store_true",
                         help="also the cached attention alone and the flow (latents + output blend) alone")
     parser.add_argument("--profile", action="store_true", help="also the time in each temporal part, per frame")
+    parser.add_argument("--threads", type=int, help="torch threads (default: livestyle's, as the CLI sets them)")
     args = parser.parse_args()
+    threads.configure(args.threads)  # the CLI's thread policy (passive OpenMP waits), before torch is imported
+
+    from livestyle.capture.sources import SyntheticSource
+    from livestyle.config import StreamSettings, TemporalSettings
+    from livestyle.models.demo import load_demo
+    from livestyle.stream.engine import Engine
+
     profile = Profile() if args.profile else None
     if profile:
         profile.install(args.size)
@@ -165,7 +171,7 @@ def main() -> None:
             s.close()
     on, off = statistics.median(fps["on"]), statistics.median(fps["off"])
     ratios = statistics.median(a / b for a, b in zip(fps["on"], fps["off"]))
-    print(f"demo model, cpu ({torch.get_num_threads()} threads), {w}x{h}, {args.rounds} rounds of {args.frames} "
+    print(f"demo model, cpu ({threads.describe()}), {w}x{h}, {args.rounds} rounds of {args.frames} "
           f"frames each way (medians); load average {' '.join(f'{v:.2f}' for v in load_before)} at the start, "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} at the end")
     print(f"temporal on  {on:6.2f} fps   per round: {', '.join(f'{v:.2f}' for v in fps['on'])}")
