@@ -212,10 +212,11 @@ def model_names() -> list[str]:
                   if p.is_dir() or p.suffix in MODEL_SUFFIXES)
 
 
-def find_model(name_or_path: str) -> Path:
+def find_model(name_or_path: str, what: str = "model") -> Path:
     """A checkpoint by path (a folder or a .safetensors file), or by name under models_dir().
 
     "demo" (the embedded model) is not looked up here: the caller loads it directly.
+    what: what is looked for, for the error ("model", "ControlNet").
     """
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -227,7 +228,7 @@ def find_model(name_or_path: str) -> Path:
                 return candidate
     names = model_names()
     known = f"found there: {', '.join(names)}" if names else "nothing there" if folder.is_dir() else "no such folder"
-    raise LivestyleError(f"model {name_or_path!r}: no such file or folder, nor a model of that name in "
+    raise LivestyleError(f"{what} {name_or_path!r}: no such file or folder, nor a {what} of that name in "
                          f"{folder} ({known}; set LIVESTYLE_MODELS to look elsewhere)")
 
 

@@ -43,7 +43,7 @@ IMAGE_SCALE = 8  # the engine's latents are 1/8 of the processing size: ControlN
 
 def path_of(control: Control) -> Path:
     """The ControlNet's file or folder, found as a model is (a path, or a name under models_dir())."""
-    return find_model(control.net).resolve()
+    return find_model(control.net, "ControlNet").resolve()
 
 
 def read_config(path: Path) -> ControlNetConfig:
@@ -93,10 +93,7 @@ def check(controls: tuple[Control, ...], unet: UNetConfig, configs: dict | None 
     configs read, by (path, modification time)."""
     for control in controls:
         name = control.net
-        try:
-            path = path_of(control)
-        except LivestyleError as e:
-            raise LivestyleError(f"control: {e}") from None
+        path = path_of(control)  # LivestyleError: "ControlNet 'x': no such file or folder, ..."
         try:
             stamp = (path, path.stat().st_mtime_ns)
             config = configs.get(stamp) if configs is not None else None
