@@ -11,7 +11,10 @@ worker thread with livestyle's thread policy (threads.configure: the engine's se
 after two warm-up calls per system; each round calls every system once, in a rotated
 order, so a slow spell of a shared machine hits all alike. Printed: per system the median
 ms per call [min-max], its speed-up over the first system per round (median [min-max]),
-and the largest difference of its output from the first system's.
+the process's CPU time per call (user + system, all threads: on a machine shared with
+other jobs it counts the work done rather than the wait for a core; with livestyle's
+passive OpenMP waits an idle thread adds none) and its speed-up, and the largest
+difference of its output from the first system's.
 
 Systems: livestyle (the modules as loaded), packed (livestyle.models.packed.pack: weights
 reordered for oneDNN once), channels_last (the U-Net and its input in NHWC),
@@ -22,6 +25,7 @@ one it picks), diffusers (UNet2DConditionModel).
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -63,6 +67,15 @@ def views(reference, names: list[str]):
     return made
 
 
+def spread(values: list[float], digits: str = ".2f") -> str:
+    return f"{statistics.median(values):{digits}} [{min(values):{digits}}-{max(values):{digits}}]"
+
+
+def ratios(times: dict, base: str, name: str) -> list[float]:
+    """base's time over name's, per round: name's speed-up."""
+    return [b / m for b, m in zip(times[base], times[name])]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=["livestyle", "packed", "diffusers"],
@@ -101,12 +114,17 @@ def main(argv: list[str] | None = None) -> int:
 
     worker = ThreadPoolExecutor(max_workers=1)  # one long-lived thread, as the engine's worker
 
+    def cpu_s():
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
     def timed(fn):
+        """fn once on the worker: (wall ms, CPU ms, output)."""
         def run():
             with torch.inference_mode():
-                start = time.perf_counter()
+                cpu, start = cpu_s(), time.perf_counter()
                 out = fn()
-                return (time.perf_counter() - start) * 1e3, out
+                return (time.perf_counter() - start) * 1e3, (cpu_s() - cpu) * 1e3, out
         return worker.submit(run).result()
 
     print(f"U-Net call, fp32, cpu, {args.size}x{args.size}, batch {args.batch}, "
@@ -114,21 +132,22 @@ def main(argv: list[str] | None = None) -> int:
     outputs = {}
     for name, fn in calls.items():  # warm-up: oneDNN's primitives, the first allocations
         timed(fn)
-        outputs[name] = timed(fn)[1]
-    ms = {name: [] for name in calls}
+        outputs[name] = timed(fn)[2]
+    ms, cpu = {name: [] for name in calls}, {name: [] for name in calls}
     for r in range(args.rounds):
         order = args.systems[r % len(args.systems):] + args.systems[:r % len(args.systems)]
         for name in order:
-            ms[name].append(timed(calls[name])[0])
+            wall, used, _ = timed(calls[name])
+            ms[name].append(wall)
+            cpu[name].append(used)
     worker.shutdown()
 
     base = args.systems[0]
     print(f"{args.rounds} rounds, {n_threads} threads; ms per call median [min-max]; speed-up over {base} per round")
     for name in args.systems:
-        ratio = [b / m for b, m in zip(ms[base], ms[name])]
         diff = (outputs[name] - outputs[base]).abs().max().item()
-        print(f"  {name:22s} {statistics.median(ms[name]):8.1f} ms [{min(ms[name]):.0f}-{max(ms[name]):.0f}]  "
-              f"speed-up {statistics.median(ratio):.2f} [{min(ratio):.2f}-{max(ratio):.2f}]  "
+        print(f"  {name:22s} {spread(ms[name], '.0f')} ms, speed-up {spread(ratios(ms, base, name))}; "
+              f"CPU {spread(cpu[name], '.0f')} ms, speed-up {spread(ratios(cpu, base, name))}; "
               f"max |out - {base}| {diff:.2e}", flush=True)
     return 0
 

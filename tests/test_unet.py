@@ -441,6 +441,7 @@ def test_packed_unet_matches_diffusers(pair, hw):
     assert not any(type(m) in (torch.nn.Conv2d, torch.nn.Linear) for m in packed.modules())
     x, t, c = inputs(config, hw, tokens=5)
     assert (packed(x, t, c) - ref(x, t, c).sample).abs().max() <= 1e-4
+    assert all(m.plain is None for m in packed.modules() if hasattr(m, "plain"))  # packed: no second copy kept
     # a batch and a size other than the first call's: the packed weights are not tied to one shape
     x, t, c = inputs(config, (8, 9), batch=1)
     assert (packed(x, t, c) - ref(x, t, c).sample).abs().max() <= 1e-4

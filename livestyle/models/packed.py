@@ -2,19 +2,21 @@
 inference on a CPU.
 
 Eager PyTorch hands oneDNN a plain weight (OIHW for a convolution) on every call, and
-oneDNN first copies it into its blocked layout: for SD's U-Net at 256x256 that copy of
-every weight on every call costs about as much as the convolutions of the lowest levels
-themselves. Linear layers go to MKL's sgemm, which repacks its operand on each call too
-(and on AMD CPUs takes a slower path than oneDNN's own matmul). pack() reorders every
-weight once and calls oneDNN's kernels with the reordered weight, as inductor does with
-freezing on (torch/_inductor/fx_passes/mkldnn_fusion.py: `_convolution_pointwise` and
-`_linear_pointwise` with a reordered weight), without compiling anything.
+oneDNN first copies it into its blocked layout: for SD's U-Net at 256x256 that copy
+costs about as much as the convolution itself at the two lowest levels (the 1280->1280
+3x3 convolutions on 8x8 latents: 226 ms per U-Net call, 129 ms packed). Linear layers go
+to MKL's sgemm, which repacks its operand on each call too. pack() reorders every weight
+once and calls oneDNN's kernels with it, as inductor does with freezing on
+(torch/_inductor/fx_passes/mkldnn_fusion.py: `_convolution_pointwise` and
+`_linear_pointwise` with a weight reordered for the traced input's shape), without
+compiling anything: each layer packs its weight at its first call, for that call's shape.
 
     unet = pack(unet)   # after loading and LoRA fusing: CPU, fp32, inference only
 
-The packed weights replace the plain ones (no second copy is kept), so a packed module
-no longer has them in its state_dict: pack last, and reload to change weights. Outputs
-match the plain modules' to float rounding (oneDNN may sum in another order).
+The packed weights replace the plain ones (no second copy is kept once a layer has run),
+so a packed module no longer has them in its state_dict: pack last, and reload to change
+weights. Warm up at the shape that will run (an engine's first frame). Outputs match the
+plain modules' to float rounding (oneDNN may sum in another order).
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ import torch.nn as nn
 
 
 class PackedConv2d(nn.Module):
-    """nn.Conv2d with its weight in oneDNN's blocked layout: (B, C_in, h, w) -> (B, C_out, h', w')."""
+    """nn.Conv2d with its weight in oneDNN's blocked layout: (B, C_in, h, w) -> (B, C_out, h', w').
+
+    The weight is reordered at the first call, for that call's input shape: oneDNN picks
+    the layout for a shape, and a 1x1 convolution packed without one ran 10-20x slower
+    than the plain module. Another shape later is still right (oneDNN reorders what it
+    needs on the fly), only not faster.
+    """
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
@@ -34,13 +42,16 @@ class PackedConv2d(nn.Module):
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
         self.padding, self.stride = list(conv.padding), list(conv.stride)
         self.dilation, self.groups = list(conv.dilation), conv.groups
-        weight = torch._C._nn.mkldnn_reorder_conv2d_weight(conv.weight.detach().to_mkldnn(), self.padding,
-                                                           self.stride, self.dilation, self.groups)
+        self.plain: torch.Tensor | None = conv.weight.detach()  # until the first call
         # Not persistent: an opaque oneDNN tensor, meaningless in a state_dict.
-        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("weight", None, persistent=False)
         self.bias = conv.bias
 
     def forward(self, x):
+        if self.weight is None:
+            self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                self.plain.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, list(x.shape))
+            self.plain = None
         return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, self.padding, self.stride,
                                                        self.dilation, self.groups, "none", [], "")
 
@@ -50,16 +61,22 @@ class PackedConv2d(nn.Module):
 
 
 class PackedLinear(nn.Module):
-    """nn.Linear with its weight packed for oneDNN's matmul: (..., in) -> (..., out)."""
+    """nn.Linear with its weight packed for oneDNN's matmul: (..., in) -> (..., out).
+
+    Packed at the first call, for that call's number of rows (all dimensions but the
+    last), as PackedConv2d."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach()),
-                             persistent=False)
+        self.plain: torch.Tensor | None = linear.weight.detach()  # until the first call
+        self.register_buffer("weight", None, persistent=False)
         self.bias = linear.bias
 
     def forward(self, x):
+        if self.weight is None:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(self.plain, x.numel() // x.shape[-1])
+            self.plain = None
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
