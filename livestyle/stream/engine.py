@@ -279,9 +279,9 @@ class Engine:
         # Outputs copied back asynchronously (CUDA): (done marker, host rows, frames, h, w), oldest first.
         self.copies_async = self.device.type == "cuda"
         # Warps: on a GPU the sampling grid is built on the device from the small flow
-        # (kernels.propagate); on the CPU the host-built grid (flow.sampling_grid, numpy,
-        # one thread) is the faster one: 80 against 350 ms at 512x512 on the busy 2-core
-        # machine here, where every elementwise torch op pays for OpenMP. Same result.
+        # (kernels.propagate); on the CPU the host path (flow.sampling_grid and
+        # flow.propagate: OpenCV's remap and numpy, no OpenMP team) is the faster one, see
+        # flow.py for the figures. Same result within 1e-4.
         self.grid_on_device = self.device.type != "cpu"
         self.copies: deque = deque()
         self._delivering = False
