@@ -38,7 +38,8 @@ Sections (see benchmarks/peers.py for the systems and their weights):
   same tensors, alternating (ms per call, FLOPs counted, achieved TFLOP/s), and the frame
   through livestyle's engine (fps, ms per frame). fp16 and bf16 on CUDA (eager, CUDA
   graphs for the frame, torch.compile with --compile); fp32 on a CPU only with --full
-  (one call of the 2.6-billion-parameter U-Net takes tens of seconds on 2 cores).
+  (one call of the 2.6-billion-parameter U-Net takes 11-64 s on 2 shared cores; the
+  section took 8 minutes and 11.6 GB).
 """
 
 from __future__ import annotations
@@ -630,7 +631,7 @@ def section_roofline(b: Bench) -> None:
 
 
 SDXL_ON_CPU = ("not run without --full: SDXL's U-Net is 2.6 billion parameters (10 GB in fp32); one 512x512 "
-               "call took 40-60 s on 2 CPU cores, and --full makes 8 of them and 5 frames")
+               "call took 11-64 s on 2 shared CPU cores, and --full makes 8 of them and 5 frames (8 minutes here)")
 
 
 def section_sdxl(b: Bench) -> None:
