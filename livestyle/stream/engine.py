@@ -726,8 +726,10 @@ class Engine:
         tag.edges = None  # spent: slots and the previous frame keep their tags
 
         def previous() -> torch.Tensor:
-            """TemporalNet's: the last output, warped along the motion to this frame (the warp falls
-            back to this frame where the flow is not confident), or this frame before any output."""
+            """TemporalNet's: the last output, warped along the motion to this frame, or this frame
+            before any output. Where the flow is not confident the warp falls back to the last
+            output where it was, not to this input frame: TemporalNet is trained on stylised
+            previous frames, and a raw camera frame mixed in is neither."""
             last = state.previous_image
             if last is None or last.shape != image.shape:
                 return image
@@ -735,7 +737,7 @@ class Engine:
                 return last
             # With a stream batch the last output is S - 1 frames older than this one: that
             # motion is estimated here, and not kept (the output's warp wants the frame before's).
-            return self._warp(state, tag, image, last, 1.0, keep=state.steps == 1 or not state.settings.stream_batch)
+            return self._warp(state, tag, last, last, 1.0, keep=state.steps == 1 or not state.settings.stream_batch)
 
         return control.images(controls, image, edges, previous)
 
