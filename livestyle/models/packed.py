@@ -29,9 +29,9 @@ class PackedConv2d(nn.Module):
     """nn.Conv2d with its weight in oneDNN's blocked layout: (B, C_in, h, w) -> (B, C_out, h', w').
 
     The weight is reordered at the first call, for that call's input shape: oneDNN picks
-    the layout for a shape, and a 1x1 convolution packed without one ran 10-20x slower
-    than the plain module. Another shape later is still right (oneDNN reorders what it
-    needs on the fly), only not faster.
+    the layout for a shape, and SD's 1x1 convolutions packed without one ran 4x to 20x
+    slower than the plain module. Another shape later is still right (oneDNN reorders
+    what it needs on the fly), only not faster.
     """
 
     def __init__(self, conv: nn.Conv2d):
