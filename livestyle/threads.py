@@ -1,31 +1,35 @@
 """How the CPU runs the model: thread count, how idle OpenMP threads wait, and how the
 allocator keeps large buffers.
 
-    threads.configure(n)        # the CLI (run, serve, bench), before torch is imported
+    threads.configure(n, small_model=...)  # the CLI (run, serve, bench), before torch is imported
     threads.keep_allocations()  # Engine, before its worker thread starts (configure does it too)
 
 Findings on the project's 2-core CPU (`livestyle bench` measures them in its sections
 unet and contention; benchmarks/thread_policy.py compares thread policies, each in its
 own process, quiet and beside one `while True: pass`):
 
-- **Idle threads sleep at once.** libgomp's default is to spin at every barrier (about
-  3 ms, GOMP_SPINCOUNT=300000). With another busy process on the machine the spinning
+- **Idle threads sleep at once.** libgomp's default is to spin at every barrier
+  (300,000 spins, about 3 ms by its own estimate). With another busy process on the machine the spinning
   thread takes the core the working one needs: `livestyle run test:` fell to 0.8 fps
   (9.0 with one thread). OMP_WAIT_POLICY=PASSIVE makes an idle thread sleep at once.
-  Even a short spin does not pay on a machine with other work: with the other jobs of a
-  shared machine running (load 6-9), the demo model at 256x256 ran at 13.9 fps passive,
-  2.4 spinning ~0.1 ms first (GOMP_SPINCOUNT=10000) and 0.66 with OMP_WAIT_POLICY=ACTIVE
-  (medians of 3 rounds). Only an otherwise idle machine runs faster spinning (the README's
-  figures); OMP_WAIT_POLICY=ACTIVE in the environment is the user's choice there. OpenMP
-  reads the policy when torch's libgomp is loaded, so it goes into the environment before
+  Even a short spin does not pay where anything else runs: on the shared machine (other
+  jobs at load 1-9), two runs of 3 rounds, the demo model at 256x256 on two threads ran at
+  13.9 and 14.9 fps passive, 2.4 and 22.7 spinning ~0.1 ms first (GOMP_SPINCOUNT=10000;
+  3.2 and 3.0 beside one busy process) and 0.66 and 2.3 with OMP_WAIT_POLICY=ACTIVE.
+  Only an otherwise idle machine runs faster spinning (the README's figures);
+  OMP_WAIT_POLICY=ACTIVE in the environment is the user's choice there. OpenMP reads the
+  policy when torch's libgomp is loaded, so it goes into the environment before
   `import torch`; KMP_BLOCKTIME=0 says the same to Intel's OpenMP.
-- **One thread per CPU we may run on** (default_threads, the default of `--threads`),
-  measured against half of them (one thread here), on that loaded machine: SD-Turbo's
-  U-Net (oneDNN-packed, 256x256) ran as fast on one thread as on two without the extra
-  busy process (1.00x [0.86-1.14], 2 rounds) and at 0.64x [0.60-0.69] beside it; the demo
-  model, too small to gain much from a second core, at 1.33x [0.63-1.57] and 0.86x
-  [0.76-5.23] (3 rounds, noisy). With passive waits a busy neighbour costs a share of each
-  core, and the large models, where speed matters most, keep the second core's work.
+- **One thread per CPU we may run on, half of them for a small model** (default_threads,
+  the default of `--threads`). Against one thread per CPU, one thread on these 2 cores
+  (medians of the per-round ratios, same runs): SD-Turbo's U-Net (oneDNN-packed, 256x256)
+  ran at 1.00x and 1.12x without the extra busy process but 0.64x and 0.63x beside it: its
+  convolutions keep a second core busy, and with passive waits a busy neighbour costs a
+  share of each core, not the team's progress. The demo model (2.6 GFLOP a frame, many
+  short operations: waking the second thread costs more than it gives) ran at 1.33x
+  [1.18-1.41] quiet and 1.21x [0.78-1.23] beside the busy process, as on the idle machine
+  (the README's table: one thread beat two, quiet and busy). Machines with more than 2
+  CPUs are not measured.
 - **Large buffers are kept.** oneDNN reorders each convolution's weight into its blocked
   layout on every call, into a fresh buffer: 59 MB for a 1280->1280 3x3 convolution,
   118 MB for SD's 2560->1280 ones. glibc serves a block above its mmap threshold (at most
@@ -38,7 +42,8 @@ own process, quiet and beside one `while True: pass`):
   thread started afterwards use the main arena, turns off mmap for large blocks and never
   trims the heap: freed memory stays mapped, the next call reuses it, no faults. The cost:
   the process keeps its peak memory, and threads share one arena's lock (small blocks
-  still come from each thread's own cache).
+  still come from each thread's own cache). livestyle.models.packed goes further: weights
+  reordered once, no copy per call at all.
 """
 
 from __future__ import annotations
@@ -70,18 +75,21 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_threads() -> int:
-    """torch's thread count when none is given: one per usable CPU (see the module docstring)."""
-    return usable_cpus()
+def default_threads(small_model: bool = False) -> int:
+    """torch's thread count when none is given: one per usable CPU, or half of them (at
+    least one) for a small model such as the demo model, whose short operations gain less
+    from a second thread than waking it costs (see the module docstring)."""
+    cpus = usable_cpus()
+    return max(1, cpus // 2) if small_model else cpus
 
 
-def configure(threads: int | None = None) -> int:
+def configure(threads: int | None = None, small_model: bool = False) -> int:
     """Set the process's thread policy and return the thread count; call it before `import torch`.
 
     OMP_WAIT_POLICY=PASSIVE and KMP_BLOCKTIME=0 unless the environment says otherwise (an
     explicit setting wins); large allocations kept (keep_allocations); torch's intra-op
-    threads: `threads`, default default_threads(). If torch's OpenMP is already loaded its
-    wait policy cannot change any more; the rest still applies.
+    threads: `threads`, default default_threads(small_model). If torch's OpenMP is already
+    loaded its wait policy cannot change any more; the rest still applies.
     """
     if threads is not None and not 1 <= threads <= MAX_THREADS:
         raise LivestyleError(f"threads {threads}: must be 1 to {MAX_THREADS}")
@@ -90,7 +98,7 @@ def configure(threads: int | None = None) -> int:
     keep_allocations()
     import torch
 
-    n = threads or default_threads()
+    n = threads or default_threads(small_model)
     torch.set_num_threads(n)  # other threads pick it up at their first parallel region (ATen)
     return n
 

@@ -57,15 +57,25 @@ def test_usable_cpus_is_the_affinity_mask(monkeypatch):
     assert threads.usable_cpus() == 3
 
 
-def test_configure_defaults_to_one_thread_per_usable_cpu(monkeypatch):
+@pytest.mark.parametrize("cpus, default, small", [(1, 1, 1), (2, 2, 1), (3, 3, 1), (8, 8, 4)])
+def test_default_threads_one_per_cpu_half_for_a_small_model(monkeypatch, cpus, default, small):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert threads.default_threads() == default
+    assert threads.default_threads(small_model=True) == small
+
+
+def test_configure_applies_the_default_and_an_explicit_count_wins(monkeypatch):
     import torch
 
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     before = torch.get_num_threads()
     try:
-        assert threads.default_threads() == 1
-        assert threads.configure() == 1
-        assert torch.get_num_threads() == 1
+        assert threads.configure() == 4
+        assert torch.get_num_threads() == 4
+        assert threads.configure(small_model=True) == 2
+        assert torch.get_num_threads() == 2
+        assert threads.configure(3, small_model=True) == 3
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
 
