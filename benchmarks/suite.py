@@ -221,12 +221,20 @@ def unet_child(policy: str, size: int, tiny: bool) -> int:
     import torch
 
     torch.set_num_threads(threads.default_threads())
+    import copy
+
     from peers import sd_turbo_parts
+
+    from livestyle.models.packed import pack
 
     parts = sd_turbo_parts(tiny=tiny)
     x = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([359.0])
+    # livestyle's U-Net as the engine runs it on a CPU in fp32: weights packed for oneDNN
+    # (models/packed.py), a copy, so the plain one keeps its row.
+    packed_unet = pack(copy.deepcopy(parts.unet))
     calls = {"livestyle": lambda: parts.unet(x, t, parts.context),
+             "livestyle packed": lambda: packed_unet(x, t, parts.context),
              "diffusers": lambda: parts.diffusers_unet(x, t, encoder_hidden_states=parts.context).sample}
     runner = Runner()
     with torch.inference_mode():
@@ -235,7 +243,7 @@ def unet_child(policy: str, size: int, tiny: bool) -> int:
             runner(fn)
         print("ready", flush=True)
         for line in sys.stdin:
-            system, place = line.split()
+            system, place = line.rsplit(maxsplit=1)
             fn = calls[system]
             result = measured(fn, lambda: None) if place == "main" else runner(lambda: measured(fn, lambda: None))
             print(json.dumps(result), flush=True)
@@ -285,6 +293,9 @@ def section_unet(b: Bench) -> None:
     _unet_cuda(b)
 
 
+UNET_SYSTEMS = ("livestyle", "livestyle packed", "diffusers")
+
+
 def _unet_cpu(b: Bench, size: int, label: str) -> None:
     """Both U-Nets, main thread and a worker thread, glibc's allocator and livestyle's: each
     allocator in its own process (both started first, then called in turn)."""
@@ -292,7 +303,7 @@ def _unet_cpu(b: Bench, size: int, label: str) -> None:
     try:
         for child in children.values():
             child.wait_ready()
-        configs = [(system, place, policy) for system in ("livestyle", "diffusers")
+        configs = [(system, place, policy) for system in UNET_SYSTEMS
                    for place in ("main", "worker") for policy in children]
         results = {k: [] for k in configs}
         for r in range(b.rounds):
@@ -308,11 +319,12 @@ def _unet_cpu(b: Bench, size: int, label: str) -> None:
               sys_ms_per_call=round(statistics.median(r["sys_ms"] for r in runs), 1))
     for place in ("main", "worker"):
         for policy in children:
-            ratio = [d["ms"] / o["ms"] for o, d in zip(results[("livestyle", place, policy)],
-                                                         results[("diffusers", place, policy)])]
-            b.row("unet", f"{label}, {place} thread, allocator {policy}", "livestyle vs diffusers (speed-up)",
-                  ratio=spread(ratio))
-    for system in ("livestyle", "diffusers"):
+            for system in ("livestyle", "livestyle packed"):
+                ratio = [d["ms"] / o["ms"] for o, d in zip(results[(system, place, policy)],
+                                                             results[("diffusers", place, policy)])]
+                b.row("unet", f"{label}, {place} thread, allocator {policy}", f"{system} vs diffusers (speed-up)",
+                      ratio=spread(ratio))
+    for system in UNET_SYSTEMS:
         ratio = [d["ms"] / k["ms"] for d, k in zip(results[(system, "worker", "glibc default")],
                                                      results[(system, "worker", "kept")])]
         b.row("unet", f"{label}, worker thread", f"{system}: allocator kept vs glibc default (speed-up)",
@@ -535,7 +547,7 @@ policy, size, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 sys.path.insert(0, {root!r})
 from livestyle import threads
 if policy == "livestyle":
-    threads.configure()                 # as the CLI does, before torch is imported
+    threads.configure(small_model=True)  # as the CLI does for the demo model, before torch is imported
 elif policy == "1 thread":
     threads.configure(1)
 import cv2, torch
@@ -748,7 +760,7 @@ def meta(b: Bench, args: argparse.Namespace) -> dict:
     torch = b.torch
     device = torch.cuda.get_device_name() if b.cuda else (platform.processor() or platform.machine())
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "device": f"{device}, {threads.default_threads()} CPUs" + ("" if b.cuda else " (no CUDA)"),
+            "device": f"{device}, {threads.usable_cpus()} CPUs" + ("" if b.cuda else " (no CUDA)"),
             "threads": threads.describe(), "python": platform.python_version(),
             "versions": {d: _version(d) for d in ("torch", "diffusers", "streamdiffusion", "triton")},
             "options": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, list, type(None)))},

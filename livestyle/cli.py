@@ -581,6 +581,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     preset = find_preset(args.preset)
     model = args.model or preset.model
     model_path = None if model == "demo" else find_model(model)  # a missing model fails before anything opens
+    if args.threads is None and model == "demo":
+        from livestyle import threads
+
+        # The demo model's short operations gain less from a second thread than waking it costs
+        # (threads.py: 1.33x quiet, 1.21x beside a busy process on one thread of two).
+        torch.set_num_threads(threads.default_threads(small_model=True))
     device, dtype = _device(args)
     check_acceleration(args, device)
     from livestyle import kernels

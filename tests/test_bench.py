@@ -30,7 +30,7 @@ def test_device_check_smoke_leaves_one_json_and_one_log(tmp_path):
     assert {r["system"] for r in frames} >= {"livestyle", "diffusers img2img"}
     assert all(r["fps"]["median"] > 0 for r in frames)
     unet = [r for r in rows if r["section"] == "unet" and "faults_per_call" in r]
-    assert len(unet) == 8  # 2 U-Nets x main/worker thread x 2 allocators
+    assert len(unet) == 12  # 3 U-Nets (livestyle, livestyle packed, diffusers) x main/worker thread x 2 allocators
     gpu = [r for r in rows if "cuda" in r["configuration"]]
     assert gpu and all(r["note"] == "not measured (no CUDA)" for r in gpu)
     assert report["kernels"] is not None

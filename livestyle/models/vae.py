@@ -244,7 +244,8 @@ class KLAutoencoder(nn.Module):
         """
         # Computed in the weights' dtype, returned in the caller's: an fp32 VAE serves an
         # fp16 pipeline (SDXL's overflows in fp16; loading keeps it in fp32 there).
-        h = self.encoder((images * 2 - 1).to(self.encoder.conv_in.weight.dtype))
+        # (Its parameters' dtype, not a convolution weight's: models/packed.py takes those out.)
+        h = self.encoder((images * 2 - 1).to(next(self.encoder.parameters()).dtype))
         if self.quant_conv is not None:
             h = self.quant_conv(h)
         mean = h[:, : self.latent_channels]  # (B, 2C, h, w): mean then log-variance
@@ -254,7 +255,7 @@ class KLAutoencoder(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, C, h, w) -> images (B, 3, h*f, w*f) clamped to [0, 1]."""
-        z = latents.to(self.decoder.conv_in.weight.dtype) / self.config.scaling_factor  # dtype: as encode
+        z = latents.to(next(self.decoder.parameters()).dtype) / self.config.scaling_factor  # dtype: as encode
         if self.config.shift_factor is not None:
             z = z + self.config.shift_factor
         if self.post_quant_conv is not None:

@@ -87,6 +87,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(settings, controls=tuple(args.control) if args.control else preset.controls)
     model = args.model or preset.model
     model_path = None if model == "demo" else find_model(model)
+    if args.threads is None and model == "demo":
+        from livestyle import threads
+
+        # The demo model's short operations gain less from a second thread than waking it costs
+        # (threads.py: 1.33x quiet, 1.21x beside a busy process on one thread of two).
+        torch.set_num_threads(threads.default_threads(small_model=True))
     if model_path is None and settings.controls:
         from livestyle.cli import NO_DEMO_CONTROLS
 
