@@ -1,5 +1,6 @@
 """The demo model through the engine, its modules as loaded against oneDNN-packed
-(livestyle.models.packed: U-Net and autoencoder), alternating in one process.
+(livestyle.models.packed: U-Net and autoencoder; Engine(pack=False) against pack=True, the
+engine's default on a CPU in fp32), alternating in one process.
 
     python benchmarks/packed_demo.py               # livestyle's default threads
     python benchmarks/packed_demo.py --threads 1
@@ -38,16 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     from livestyle.capture.sources import SyntheticSource
     from livestyle.config import StreamSettings
     from livestyle.models.demo import load_demo
-    from livestyle.models.packed import pack
     from livestyle.stream.engine import Engine
 
     clip = [f.to_ndarray(format="rgb24") for f in SyntheticSource("coffee", (SIZE, SIZE), 30, WARM + FRAMES)]
-
-    def packed():
-        pipe = load_demo("cpu")
-        for module in (pipe.unet, pipe.autoencoder):
-            pack(module.eval().requires_grad_(False))
-        return pipe
 
     def fps(engine) -> float:
         stream = engine.open_stream(StreamSettings(size=(SIZE, SIZE)), lambda f: None, live=False)
@@ -63,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return rate
 
     rates = {"as loaded": [], "packed": []}
-    with Engine(lambda: load_demo("cpu"), "cpu") as plain, Engine(packed, "cpu") as fast:
+    with Engine(lambda: load_demo("cpu"), "cpu", pack=False) as plain, \
+            Engine(lambda: load_demo("cpu"), "cpu", pack=True) as fast:
         engines = {"as loaded": plain, "packed": fast}
         for r in range(args.rounds):
             for name in (("as loaded", "packed") if r % 2 else ("packed", "as loaded")):
