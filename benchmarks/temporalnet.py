@@ -1,8 +1,9 @@
 """TemporalNet against flicker: warp error of consecutive outputs with a TemporalNet-style
-ControlNet on, against off, through the engine, with tiny random weights.
+ControlNet on, against off, through the engine, with tiny random weights or a trained net.
 
     python benchmarks/temporalnet.py [--model random-sd|demo] [--scales 0.5 1 2] [--steps 1|2]
                                      [--clips 6] [--frames 10] [--size 64]
+    python benchmarks/temporalnet.py --controlnet /tmp/temporalnet    # training/train_temporalnet.py's
 
 What is measured. A model, and a ControlNet made from its U-Net as ControlNet training
 starts (diffusers' ControlNetModel.from_unet), every parameter perturbed (seeded) so
@@ -48,6 +49,7 @@ the ratios by under 0.01 (these clips move 2-3 pixels a frame).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -62,6 +64,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from livestyle.config import Control, StreamSettings, TemporalSettings  # noqa: E402
+from livestyle.errors import LivestyleError  # noqa: E402
 from livestyle.metrics import warp_error  # noqa: E402
 from livestyle.models.loading import NoiseSchedule, Pipeline, TextModel  # noqa: E402
 from livestyle.stream.engine import Engine  # noqa: E402
@@ -170,13 +173,15 @@ def settings(size: int, net: Path | None, scale: float, flow: bool, start: float
 
 @dataclass
 class Figure:
-    """One configuration on one clip: warp error (x 1e3) and contrast (output pixel std), off and on."""
+    """One configuration on one clip: warp error (x 1e3) and contrast (output pixel std), off and on,
+    and the drift of the outputs on from those off."""
 
     clip: int
     off: float
     on: float
     contrast_off: float
     contrast_on: float
+    drift: float  # MSE x 1e3 (the warp error's units) between the outputs on and off: off the model's own picture
 
     @property
     def ratio(self) -> float:
@@ -197,8 +202,24 @@ def measure(engine: Engine, net: Path, data: list, size: int, scale: float, flow
         off = outputs(engine, settings(size, None, 0.0, flow, steps=steps, demo=demo), frames)
         on = outputs(engine, settings(size, net, scale, flow, start, end, steps, demo), frames)
         figures.append(Figure(i, 1e3 * warp_error(off, flows, valid), 1e3 * warp_error(on, flows, valid),
-                              float(off.std()), float(on.std())))
+                              float(off.std()), float(on.std()), 1e3 * float(((on - off) ** 2).mean())))
     return figures
+
+
+def trained_mismatch(path: Path) -> str | None:
+    """Why `path` is not a ControlNet the demo model can run (one line), or None."""
+    from livestyle.models.demo import DEMO_MODEL
+    from livestyle.models.unet import UNetConfig
+    from livestyle.stream import control
+
+    if not path.exists():
+        return "no such file or folder"
+    try:
+        config = control.read_config(path)
+    except LivestyleError as e:
+        return str(e)
+    unet = UNetConfig.from_diffusers(json.loads((DEMO_MODEL / "unet" / "config.json").read_text()))
+    return control.mismatch(unet, config)
 
 
 def _span(text: str) -> tuple[float, float]:
@@ -213,7 +234,10 @@ def _span(text: str) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("random-sd", "demo"), default="random-sd")
+    parser.add_argument("--model", choices=("random-sd", "demo"),
+                        help="random-sd (the default), or demo (the default with --controlnet)")
+    parser.add_argument("--controlnet", type=Path, help="a trained TemporalNet for the demo model (a ControlNet "
+                        "folder, e.g. training/train_temporalnet.py's) instead of a random one")
     parser.add_argument("--size", type=int, default=64, help="processing size, square (default 64)")
     parser.add_argument("--clips", type=int, default=6, help="motion clips (default 6)")
     parser.add_argument("--frames", type=int, default=10, help="frames per clip (default 10)")
@@ -229,13 +253,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--clips {args.clips} --frames {args.frames}: at least 1 clip of at least 2 frames")
     if bad := [s for s in args.scales if not 0 < s <= 2]:
         parser.error(f"--scales {bad[0]:g}: a ControlNet scale in (0, 2] (0 is off: the baseline)")
+    if args.controlnet is not None:
+        if args.model == "random-sd":
+            parser.error("--controlnet: a trained TemporalNet is for the demo model (--model demo)")
+        args.model = "demo"
+        if why := trained_mismatch(args.controlnet):
+            parser.error(f"--controlnet {args.controlnet}: {why}")
+    args.model = args.model or "random-sd"
     torch.set_num_threads(args.threads)
     demo = args.model == "demo"
     data = clips(args.size, args.clips, args.frames)
     timing = f"{args.steps} step(s), strength 1" if demo else f"{args.steps} step(s) from t={TIMESTEP}"
-    print(f"TemporalNet, a random ControlNet on the {args.model} model: warp error x1e3 of {args.clips} motion "
+    kind = f"the trained ControlNet {args.controlnet}" if args.controlnet else "a random ControlNet"
+    print(f"TemporalNet, {kind} on the {args.model} model: warp error x1e3 of {args.clips} held-out motion "
           f"clips of {args.frames} frames at {args.size}x{args.size}, {timing}, seed 0, per frame, TemporalNet on "
-          f"against off (same frames); contrast = output pixel std")
+          f"against off (same frames); contrast = output pixel std; drift = MSE x1e3 between the outputs on and off")
     if demo:
         from livestyle.models.demo import load_demo
 
@@ -244,9 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         reference = tiny_unet()
         load = lambda: tiny_pipeline(reference)  # noqa: E731  (the engine's worker loads it)
     with tempfile.TemporaryDirectory() as tmp, Engine(load) as engine:
-        net = save_temporalnet(reference, Path(tmp) / "temporalnet")
-        print("| flow | scale | start-end | clip | warp error off | on | on / off | contrast off | on |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        net = args.controlnet.resolve() if args.controlnet else save_temporalnet(reference, Path(tmp) / "temporalnet")
+        print("| flow | scale | start-end | clip | warp error off | on | on / off | contrast off | on | drift |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         summary = []
         for flow in (True, False):
             for scale in args.scales:
@@ -255,16 +287,18 @@ def main(argv: list[str] | None = None) -> int:
                     for f in figures:
                         print(f"| {'on' if flow else 'off'} | {scale:g} | {start:g}-{end:g} | {f.clip} | "
                               f"{f.off:.4f} | {f.on:.4f} | {f.ratio:.3f} | {f.contrast_off:.4f} | "
-                              f"{f.contrast_on:.4f} |")
-                    ratios = [f.ratio for f in figures]
-                    summary.append((flow, scale, f"{start:g}-{end:g}", ratios, [f.ratio_per_contrast for f in figures]))
+                              f"{f.contrast_on:.4f} | {f.drift:.4f} |")
+                    summary.append((flow, scale, f"{start:g}-{end:g}", figures))
         print("\n| flow | scale | start-end | warp error on / off: median [min-max] | clips lowered | "
-              "the same per contrast squared | clips lowered |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        for flow, scale, span, ratios, normalized in summary:
+              "the same per contrast squared | clips lowered | contrast on / off: median | drift: median |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for flow, scale, span, figures in summary:
             cells = [f"{statistics.median(r):.3f} [{min(r):.3f}-{max(r):.3f}] | {sum(x < 1 for x in r)} of {len(r)}"
-                     for r in (ratios, normalized)]
-            print(f"| {'on' if flow else 'off'} | {scale:g} | {span} | {cells[0]} | {cells[1]} |")
+                     for r in ([f.ratio for f in figures], [f.ratio_per_contrast for f in figures])]
+            contrast = statistics.median(f.contrast_on / f.contrast_off for f in figures)
+            drift = statistics.median(f.drift for f in figures)
+            print(f"| {'on' if flow else 'off'} | {scale:g} | {span} | {cells[0]} | {cells[1]} | {contrast:.3f} | "
+                  f"{drift:.4f} |")
     return 0
 
 
