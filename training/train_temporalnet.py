@@ -198,7 +198,7 @@ def make_pairs(pipeline: Pipeline, clips: int, frames: int, size: int, rng: np.r
 
 
 def train_temporalnet(pipeline: Pipeline, steps: int, size: int, seed: int, device: torch.device = torch.device("cpu"),
-                      batch: int = 8, lr: float = 2e-3, clips: int = 32, frames: int = 8,
+                      batch: int = 8, lr: float = 1e-3, clips: int = 32, frames: int = 8,
                       fidelity: float = FIDELITY, widths: tuple[int, ...] = CONDITIONING_WIDTHS,
                       contrast: float = CONTRAST, copy_levels: int = COPY_LEVELS, every: int = 100) -> ControlNet:
     """A TemporalNet for the frozen demo `pipeline` (fp32, on `device`), trained `steps` steps
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--size", type=int, default=64, help="training clip side (pixels)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--clips", type=int, default=32, help="training clips, made up front")
     parser.add_argument("--frames", type=int, default=8, help="frames per clip")
     parser.add_argument("--fidelity", type=float, default=FIDELITY, help="weight of |out - o|^2")
