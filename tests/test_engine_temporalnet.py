@@ -101,7 +101,7 @@ def test_the_flow_changes_what_temporalnet_sees_only_after_the_first_frame(engin
 
 
 # The trained TemporalNet's parts that are not the demo U-Net's (training/train_temporalnet.py's
-# save_trained: fp16, 454 kB), written on the 2-core CPU in 3.3 min by
+# save_trained: fp16, 454 kB), written on the shared 2-core CPU in 3.3-9.2 min (by load), bit for bit, by
 #   python training/train_temporalnet.py --out /tmp/temporalnet \
 #       --trained-only tests/test_engine_temporalnet_trained.safetensors
 # (seed 0, the script's defaults: 800 steps at 64x64); training it here would take minutes.
