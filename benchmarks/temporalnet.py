@@ -88,8 +88,9 @@ from livestyle.errors import LivestyleError  # noqa: E402
 from livestyle.metrics import warp_error  # noqa: E402
 from livestyle.models.loading import NoiseSchedule, Pipeline, TextModel  # noqa: E402
 from livestyle.stream.engine import Engine  # noqa: E402
+# The held-out clips with sensor noise, as the flicker benchmark makes them.
+from benchmarks.temporal_quality import clips  # noqa: E402, F401  (tests import it from here too)
 
-NOISE = 0.01  # per-pixel sensor noise (std, on [0, 1]), as benchmarks/temporal_quality.py
 TIMESTEP = 359  # StreamDiffusion's t_index_list [32] of LCM's 50 (benchmarks/peers.py's 1 step)
 TIMESTEPS = {1: (TIMESTEP,), 2: (TIMESTEP, 99)}  # 2 steps: t_index [32, 45], as benchmarks/peers.py
 PROMPT = "an oil painting"
@@ -152,19 +153,6 @@ def save_temporalnet(reference, folder: Path, seed: int = 20, scale: float = 0.1
                      seed, scale)
     net.save_pretrained(folder)
     return folder
-
-
-def clips(size: int, count: int, frames: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """`count` motion clips cycling through the held-out images, with sensor noise:
-    (frames uint8 (T, H, W, 3), flows (T - 1, H, W, 2), valid (T - 1, H, W))."""
-    from training.data import HELD_OUT, motion_clips
-
-    noise = np.random.default_rng(1)
-    out = []
-    for rgb, flows, valid in motion_clips(HELD_OUT, np.random.default_rng(0), count, frames, (size, size)):
-        noisy = np.clip(rgb / 255 + noise.normal(0, NOISE, rgb.shape), 0, 1)
-        out.append(((noisy * 255 + 0.5).astype(np.uint8), flows, valid))
-    return out
 
 
 def outputs(engine: Engine, settings: StreamSettings, frames: np.ndarray) -> np.ndarray:

@@ -116,24 +116,11 @@ def test_info_lists_controlnets_apart_from_models(tmp_path, monkeypatch, capsys)
 @pytest.fixture(scope="module")
 def sd_with_controlnet(tmp_path_factory):
     """A tiny SD 1.x diffusers folder (test_cli_sd's) and a ControlNet made from its U-Net."""
-    from diffusers import AutoencoderTiny, LCMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from test_loading import _tokenizer
+    from test_cli_sd import write_tiny_sd
 
     root = tmp_path_factory.mktemp("sd-cn")
     torch.manual_seed(0)
-    unet = perturb(UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=32), 1)
-    vae = perturb(AutoencoderTiny(), 2, scale=0.01)
-    text = perturb(CLIPTextModel(CLIPTextConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=49408,
-        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)), 3)
-    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=_tokenizer(root / "tok"), unet=unet,
-                            scheduler=LCMScheduler(), safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(root / "model")
+    unet = write_tiny_sd(root)
     perturb(ControlNetModel.from_unet(unet), 4, scale=0.1).save_pretrained(root / "cn-canny", safe_serialization=True)
     return root
 

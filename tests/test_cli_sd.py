@@ -11,9 +11,9 @@ from random_weights import perturb
 from test_loading import _tokenizer
 
 
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd")
+def write_tiny_sd(root) -> UNet2DConditionModel:
+    """A tiny SD 1.x diffusers folder at root / "model" (LCM scheduler); returns its U-Net
+    (a ControlNet can be made from it)."""
     unet = perturb(UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -25,6 +25,13 @@ def sd_folder(tmp_path_factory):
     StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=_tokenizer(root / "tok"), unet=unet,
                             scheduler=LCMScheduler(), safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(root / "model")
+    return unet
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    write_tiny_sd(root)
     return root / "model"
 
 
