@@ -28,6 +28,7 @@ from random_weights import perturb
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_engine_sdxl import OFF, SIZE, clip, diffusers_unet, run, tiny_sdxl_pipeline  # noqa: E402
+from test_engine_step import run_case  # noqa: E402
 
 
 def sd_unet() -> UNet2DConditionModel:
@@ -86,10 +87,12 @@ def as_image(frame) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def by_hand(m, frame, steps, images, scales, prompt="a fox"):
+def by_hand(m, frame, steps, images, scales, prompt="a fox", negative=None, guidance_scale=1.0):
     """The frame in `steps` LCM steps with the stream's seed-0 noise, diffusers' U-Net and
     MultiControlNetModel called as StableDiffusion(XL)ControlNetPipeline calls them.
-    images: one (1, 3, H, W) per net; scales[i][k]: net i's scale at step k.
+    images: one (1, 3, H, W) per net; scales[i][k]: net i's scale at step k. With a
+    `negative`, full CFG at `guidance_scale`: the negative rows see the same images
+    (the pipelines without guess mode).
     Returns the output (1, 3, H, W) in [0, 1] and as uint8 (H, W, 3)."""
     engine = m["engine"]
     pipe = engine.pipe
@@ -97,19 +100,28 @@ def by_hand(m, frame, steps, images, scales, prompt="a fox"):
     z0 = pipe.autoencoder.encode(as_image(frame))
     noise = torch.randn((steps,) + z0.shape[1:], generator=torch.Generator().manual_seed(0))
     s = lcm_schedule(lcm_timesteps(steps), alphas_cumprod())
-    c = engine.conditioning.positive("", prompt)
-    kwargs = {}
-    if c.pooled is not None:
-        kwargs["added_cond_kwargs"] = {"text_embeds": c.pooled,
-                                       "time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)}
+    conditions = [engine.conditioning.positive("", prompt)]
+    if negative is not None:
+        conditions.append(engine.conditioning.negative(negative))
     nets = MultiControlNetModel(m["nets"][:len(images)])
+
+    def eps_of(x, t, k, c):
+        kwargs = {}
+        if c.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": c.pooled,
+                                           "time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)}
+        down, mid = nets(x, t, c.context, controlnet_cond=list(images), conditioning_scale=[sc[k] for sc in scales],
+                         return_dict=False, **kwargs)
+        return m["unet"](x, t, c.context, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                         **kwargs).sample
+
     x = s.sqrt_alpha[0] * z0 + s.sqrt_one_minus_alpha[0] * noise[:1]
     for k in range(steps):
         t = s.timesteps[k:k + 1]
-        down, mid = nets(x, t, c.context, controlnet_cond=list(images), conditioning_scale=[sc[k] for sc in scales],
-                         return_dict=False, **kwargs)
-        eps = m["unet"](x, t, c.context, down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                        **kwargs).sample
+        eps = eps_of(x, t, k, conditions[0])
+        if negative is not None:
+            uncond = eps_of(x, t, k, conditions[1])
+            eps = uncond + guidance_scale * (eps - uncond)
         denoised = s.c_skip[k] * x + s.c_out[k] * (s.x0_from_x[k] * x + s.x0_from_out[k] * eps)
         if k < steps - 1:
             x = s.sqrt_alpha_next[k] * denoised + s.sqrt_one_minus_alpha_next[k] * noise[k + 1:k + 2]
@@ -143,6 +155,42 @@ def test_per_frame_path_equals_diffusers_by_hand(request, family, controls, step
                    for k in range(steps)] for c in controls]
         assert np.abs(got - by_hand(m, frame, steps, images, scales)[1]).max() <= 1
     assert np.abs(out - plain).mean() > 0.25  # the residuals matter (the tiny model's frames are dark: many 0s)
+
+
+def test_full_guidance_with_controlnets_equals_diffusers_by_hand(sd):
+    """CFG rows see their positive row's control image and scale."""
+    frames = clip(2)
+    controls = [(0, "canny", 1.0), (1, "soft_edges", 0.7)]
+    out = run(sd["engine"], settings(sd, *controls, steps=2, stream_batch=False, guidance="full",
+                                     guidance_scale=2.5, negative="blurry"), frames)
+    for got, frame in zip(out, frames):
+        image = as_image(frame)
+        images = [control_inputs.canny(image), control_inputs.soft_edges(image)]
+        want = by_hand(sd, frame, 2, images, [[1.0, 1.0], [0.7, 0.7]], negative="blurry", guidance_scale=2.5)[1]
+        assert np.abs(got - want).max() <= 1
+
+
+def test_two_streams_with_controlnets_share_a_bucket_and_equal_each_alone(sd):
+    """Streams with the same ControlNets at different scales (and the stream batch, residual
+    CFG on one) hold rows of one bucket; each gives what it gives alone."""
+    engine = sd["engine"]
+    streams = [(settings(sd, (0, "canny", 1.0), steps=2), "coffee"),
+               (settings(sd, (0, "canny", 0.4), steps=2, seed=3, guidance="self", guidance_scale=1.5), "astronaut")]
+    alone = [run_case(engine, [s])[0] for s in streams]
+    buckets = set()
+    output = engine._emit
+
+    def emit(s, tag, rgb, **kwargs):  # on the worker, with both streams open: which buckets hold them
+        buckets.update((id(b), len(b.held)) for b in engine.buckets.values())
+        output(s, tag, rgb, **kwargs)
+
+    engine._emit = emit
+    try:
+        together = run_case(engine, streams)
+    finally:
+        del engine._emit
+    assert (2 in {held for _, held in buckets}) and len({b for b, _ in buckets}) == 1
+    assert np.abs(together.astype(np.int16) - np.stack(alone).astype(np.int16)).max() <= 1
 
 
 def test_stream_batch_equals_the_per_frame_path(sd):
