@@ -28,7 +28,7 @@ from random_weights import perturb
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_engine_sdxl import OFF, SIZE, clip, diffusers_unet, run, tiny_sdxl_pipeline  # noqa: E402
-from test_engine_step import run_case  # noqa: E402
+from test_engine_step import run_case, run_watching_buckets  # noqa: E402
 
 
 def sd_unet() -> UNet2DConditionModel:
@@ -177,18 +177,7 @@ def test_two_streams_with_controlnets_share_a_bucket_and_equal_each_alone(sd):
     streams = [(settings(sd, (0, "canny", 1.0), steps=2), "coffee"),
                (settings(sd, (0, "canny", 0.4), steps=2, seed=3, guidance="self", guidance_scale=1.5), "astronaut")]
     alone = [run_case(engine, [s])[0] for s in streams]
-    buckets = set()
-    output = engine._emit
-
-    def emit(s, tag, rgb, **kwargs):  # on the worker, with both streams open: which buckets hold them
-        buckets.update((id(b), len(b.held)) for b in engine.buckets.values())
-        output(s, tag, rgb, **kwargs)
-
-    engine._emit = emit
-    try:
-        together = run_case(engine, streams)
-    finally:
-        del engine._emit
+    together, buckets = run_watching_buckets(engine, streams)
     assert (2 in {held for _, held in buckets}) and len({b for b, _ in buckets}) == 1
     assert np.abs(together.astype(np.int16) - np.stack(alone).astype(np.int16)).max() <= 1
 

@@ -25,7 +25,7 @@ from livestyle.stream.samplers import alphas_cumprod, lcm_schedule, lcm_timestep
 from random_weights import perturb
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_engine_step import run_case  # noqa: E402
+from test_engine_step import run_case, run_watching_buckets  # noqa: E402
 
 OFF = TemporalSettings.off()
 SIZE = (64, 48)  # processing size (w, h): latents 8 x 6
@@ -145,18 +145,7 @@ def test_two_streams_share_a_bucket_and_equal_each_alone(sdxl):
     streams = [(StreamSettings(size=SIZE, prompt="a fox", steps=2), "coffee"),
                (StreamSettings(size=SIZE, prompt="a cat", steps=2, seed=3), "astronaut")]
     alone = [run_case(sdxl, [s])[0] for s in streams]
-    buckets = set()
-    output = sdxl._emit
-
-    def emit(s, tag, rgb, **kwargs):  # on the worker, with both streams open: which buckets hold them
-        buckets.update((id(b), len(b.held)) for b in sdxl.buckets.values())
-        output(s, tag, rgb, **kwargs)
-
-    sdxl._emit = emit
-    try:
-        together = run_case(sdxl, streams)
-    finally:
-        del sdxl._emit
+    together, buckets = run_watching_buckets(sdxl, streams)
     assert (2 in {held for _, held in buckets}) and len({b for b, _ in buckets}) == 1
     assert np.abs(together.astype(np.int16) - np.stack(alone)).max() <= 1
 

@@ -76,6 +76,23 @@ def run_case(engine, streams):
     return np.stack([np.stack([f.to_ndarray(format="rgb24") for f in out]) for out in outputs])
 
 
+def run_watching_buckets(engine, streams):
+    """run_case, and which buckets held rows while frames went out: a set of (bucket id,
+    streams holding rows in it), read on the worker with every stream open."""
+    buckets = set()
+    output = engine._emit
+
+    def emit(s, tag, rgb, **kwargs):
+        buckets.update((id(b), len(b.held)) for b in engine.buckets.values())
+        output(s, tag, rgb, **kwargs)
+
+    engine._emit = emit
+    try:
+        return run_case(engine, streams), buckets
+    finally:
+        del engine._emit
+
+
 def record():
     results = {}
     for model, load in (("sd", tiny_sd_pipeline), ("demo", load_demo)):
