@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 if str(Path(__file__).resolve().parent.parent) not in sys.path:
@@ -40,21 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     from livestyle.config import StreamSettings
     from livestyle.models.demo import load_demo
     from livestyle.stream.engine import Engine
+    from stream_speed import throughput
 
     clip = [f.to_ndarray(format="rgb24") for f in SyntheticSource("coffee", (SIZE, SIZE), 30, WARM + FRAMES)]
 
-    def fps(engine) -> float:
-        stream = engine.open_stream(StreamSettings(size=(SIZE, SIZE)), lambda f: None, live=False)
-        for f in clip[:WARM]:  # also the packed layers' first calls, where they pack
-            stream.submit(f)
-        stream.flush()
-        start = time.perf_counter()
-        for f in clip[WARM:]:
-            stream.submit(f)
-        stream.flush()
-        rate = FRAMES / (time.perf_counter() - start)
-        stream.close()
-        return rate
+    def fps(engine) -> float:  # the warm-up frames are also the packed layers' first calls, where they pack
+        return throughput(engine, StreamSettings(size=(SIZE, SIZE)), clip, WARM)
 
     rates = {"as loaded": [], "packed": []}
     with Engine(lambda: load_demo("cpu"), "cpu", pack=False) as plain, \

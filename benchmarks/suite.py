@@ -570,6 +570,21 @@ with Engine(lambda: load_demo("cpu"), "cpu") as engine:
 """
 
 
+def beside_busy(argv: list[str], env: dict, busy: bool, timeout: float, what: str) -> dict:
+    """Run a measuring child process, with one `while True: pass` process beside it when
+    `busy`; its last stdout line, as JSON. RuntimeError naming `what` if it failed."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+    if out.returncode:
+        raise RuntimeError(f"{what} failed: {out.stderr.strip()[-800:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def section_contention(b: Bench) -> None:
     if b.cuda:
         b.row("contention", "demo model", "livestyle", note="CPU only (a busy CPU process barely slows a GPU)")
@@ -583,17 +598,8 @@ def section_contention(b: Bench) -> None:
     for _ in range(b.rounds):
         for policy in policies:
             for busy in (False, True):
-                hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
-                try:
-                    out = subprocess.run([sys.executable, "-c", code, policy, str(size), str(n)], env=env,
-                                         capture_output=True, text=True, timeout=600)
-                finally:
-                    if hog is not None:
-                        hog.kill()
-                        hog.wait()
-                if out.returncode:
-                    raise RuntimeError(f"contention child ({policy}) failed: {out.stderr.strip()[-500:]}")
-                result = json.loads(out.stdout.strip().splitlines()[-1])
+                result = beside_busy([sys.executable, "-c", code, policy, str(size), str(n)], env, busy, 600,
+                                     f"contention child ({policy})")
                 fps[(policy, busy)].append(result["fps"])
                 used[policy] = result["threads"]
     for policy in policies:

@@ -19,14 +19,14 @@ printed at the start and the end: other work on it counts as contention too.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from suite import beside_busy  # noqa: E402  (imports no torch)
 
 # name -> (torch threads, or None for livestyle's default; environment added before torch loads)
 POLICIES = {
@@ -91,17 +91,8 @@ def child(workload: str, policy: str, size: int, n: int, busy: bool) -> dict:
            if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
     env.update(extra)
     code = CHILD.format(root=str(ROOT), benchmarks=str(ROOT / "benchmarks"))
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
-    try:
-        out = subprocess.run([sys.executable, "-c", code, workload, str(count), str(size), str(n)], env=env,
-                             capture_output=True, text=True, timeout=900)
-    finally:
-        if hog is not None:
-            hog.kill()
-            hog.wait()
-    if out.returncode:
-        raise RuntimeError(f"{policy} ({'busy' if busy else 'quiet'}) failed: {out.stderr.strip()[-800:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return beside_busy([sys.executable, "-c", code, workload, str(count), str(size), str(n)], env, busy, 900,
+                       f"{policy} ({'busy' if busy else 'quiet'})")
 
 
 def spread(values: list[float]) -> str:
