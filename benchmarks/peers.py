@@ -247,7 +247,10 @@ class LivestyleFrames:
                                        steps=steps, stream_batch=stream_batch,
                                        temporal=TemporalSettings() if temporal else TemporalSettings.off())
         self.engine = self.stream = None
-        self.done = 0
+        self.submitted = self.done = 0
+        # Frames still in the stream batch when the last submitted one has run: S - 1 with S
+        # steps batched (StreamDiffusion's too), none per frame.
+        self.in_flight = steps - 1 if stream_batch else 0
         self.cond = threading.Condition()
 
     def open(self) -> None:
@@ -270,11 +273,15 @@ class LivestyleFrames:
 
     def __call__(self, frame: np.ndarray) -> None:
         kernels.set_backend(self.backend)  # process-wide: the systems take turns, so set per frame
+        self.submitted += 1
         self.stream.submit(frame)
 
     def finish(self) -> None:
-        """Wait until every submitted frame came out (the stream batch's last S - 1 too)."""
-        self.stream.flush()
+        """Wait until the step for the last submitted frame has run: every frame is out but the
+        stream batch's last S - 1, which stay in flight as StreamDiffusion's do. (Flushing them
+        would cost S - 1 more U-Net calls a round that StreamDiffusion is not asked for.)"""
+        with self.cond:
+            self.cond.wait_for(lambda: self.done >= self.submitted - self.in_flight)
 
     def close(self) -> None:
         stats = self.stream.stats()

@@ -94,12 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="NAME",
                         help=f"which sections ({', '.join(SECTIONS)}; default all)")
     parser.add_argument("--steps", nargs="+", type=int, choices=(1, 2, 3, 4), default=None,
-                        help="frame section: steps (default 1; --full: 1 2 4)")
+                        help="frame section: steps (default 1 2 4; --smoke: 1 2)")
     parser.add_argument("--sizes", nargs="+", type=_side, default=None,
                         help="frame section: sizes on a CPU (default 256; --full: 256 512); CUDA: 512")
     parser.add_argument("--rounds", type=_count, default=None, help="round-robin rounds (default 3; --smoke 1)")
     parser.add_argument("--frames", type=_count, default=None, help="frames per system per round (default 3)")
-    parser.add_argument("--full", action="store_true", help="steps 1 2 4, sizes 256 512, the 1-thread policy "
+    parser.add_argument("--full", action="store_true", help="sizes 256 512, channels_last rows, the 1-thread policy "
                         "(about an hour on 2 CPU cores)")
     parser.add_argument("--compile", action="store_true", help="also torch.compile'd U-Nets (minutes each)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one round: checks that it runs")
@@ -176,7 +176,7 @@ class Bench:
         self.smoke = args.smoke
         self.rounds = args.rounds or (1 if args.smoke else 3)
         self.frames = args.frames or (2 if args.smoke else 3)
-        self.steps = args.steps or ([1, 2] if args.smoke else [1, 2, 4] if args.full else [1])
+        self.steps = args.steps or ([1, 2] if args.smoke else [1, 2, 4])
         default_sizes = [64] if args.smoke else [256, 512] if args.full else [256]
         self.sizes = [512] if self.cuda and not args.smoke else (args.sizes or default_sizes)
         self.rows: list[dict] = []
@@ -471,7 +471,9 @@ def _frame_round_robin(b: Bench, label: str, systems: dict, clip: list, size: in
     for name, values in fps.items():
         extra = {}
         if base and name != "livestyle":  # per round, then the median: a slow spell hits both alike
-            extra["livestyle_speedup"] = spread([a / v for a, v in zip(base, values)])
+            # A peer's row: how much faster livestyle is; one of livestyle's own variants: what it costs.
+            key = "cost_vs_livestyle" if name.startswith("livestyle") else "livestyle_speedup"
+            extra[key] = spread([a / v for a, v in zip(base, values)])
         peak = f"{peaks[name]:.0f} MB (CUDA, this system)" if name in peaks else \
             f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (process peak RSS, all systems)"
         b.row(section, label, name, fps=spread(values), ms_per_frame=spread([1e3 / v for v in values]),
@@ -616,10 +618,11 @@ def section_contention(b: Bench) -> None:
 def section_roofline(b: Bench) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
+    from livestyle.models import packed
     from livestyle.models.demo import load_demo
 
     torch = b.torch
-    parts = b.parts(torch.float16 if b.cuda else torch.float32)
+    parts = b.parts(torch.float16 if b.cuda else torch.float32)  # packed in place if the frame section ran
     size = b.sizes[0]
     dtype = parts.context.dtype
     images = torch.rand(1, 3, size, size, device=b.device, dtype=dtype)
@@ -636,7 +639,7 @@ def section_roofline(b: Bench) -> None:
     peak = next((v for k, v in PEAKS.items() if name and k in name), None)
     with torch.inference_mode():
         for label, fn in frames.items():
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounterMode(display=False, custom_mapping=packed.FLOP_FORMULAS) as counter:
                 fn()
             flops = counter.get_total_flops()
             fn()
@@ -773,7 +776,7 @@ def meta(b: Bench, args: argparse.Namespace) -> dict:
             "rounds": b.rounds, "frames_per_round": b.frames, "steps": b.steps, "sizes": b.sizes, "smoke": b.smoke}
 
 
-RATIOS = ("ratio", "share_of_quiet", "livestyle_speedup", "fps_cost_vs_first_row")  # two decimals
+RATIOS = ("ratio", "share_of_quiet", "livestyle_speedup", "cost_vs_livestyle", "fps_cost_vs_first_row")  # two decimals
 
 
 def markdown(info: dict, rows: list[dict]) -> str:

@@ -34,6 +34,12 @@ def test_device_check_smoke_leaves_one_json_and_one_log(tmp_path):
     gpu = [r for r in rows if "cuda" in r["configuration"]]
     assert gpu and all(r["note"] == "not measured (no CUDA)" for r in gpu)
     assert report["kernels"] is not None
+    # The roofline counts the engine's packed U-Net (the frame section packed it in place) too.
+    roofline = [r for r in rows if r["section"] == "roofline"]
+    assert len(roofline) == 2 and all(r["gflop_per_frame"] > 0 and r["achieved_tflops"] > 0 for r in roofline)
+    # Stream batch: S - 1 frames of latency (the bench leaves them in flight between rounds).
+    batched = {r["system"]: r for r in frames if "stream batch" in r["configuration"]}
+    assert batched["livestyle"]["latency_frames"] == 1
     temporal = {r["configuration"] for r in rows if r["section"] == "temporal"}
     assert "64x64, all off" in temporal and "64x64, all on (default)" in temporal
     # SDXL-Turbo's architecture, tiny: both U-Nets (the same tensors, the same output) and the engine's frame.

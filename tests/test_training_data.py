@@ -10,11 +10,12 @@ from training import data
 
 
 def test_held_out_never_in_train():
-    assert set(data.HELD_OUT).isdisjoint(data.TRAIN)
+    assert set(data.HELD_OUT).isdisjoint(data.TRAIN + data.MORE_TRAIN)
+    assert set(data.TRAIN).isdisjoint(data.MORE_TRAIN)
     assert len(data.TRAIN) >= 8
 
 
-@pytest.mark.parametrize("name", data.TRAIN + data.HELD_OUT)
+@pytest.mark.parametrize("name", data.TRAIN + data.MORE_TRAIN + data.HELD_OUT)
 def test_every_image_loads_as_rgb(name):
     image = data.load_image(name)
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
@@ -24,6 +25,11 @@ def test_every_image_loads_as_rgb(name):
 def test_logo_is_composited_on_white():
     logo = data.load_image("logo")
     assert (logo[0, 0] == 255).all()  # transparent corner
+
+
+def test_grey_photos_load_as_grey_rgb():
+    brick = data.load_image("brick")
+    assert (brick[..., 0] == brick[..., 1]).all() and (brick[..., 1] == brick[..., 2]).all()
 
 
 def test_chelsea_is_rgb_not_bgr():

@@ -467,3 +467,22 @@ def test_pack_refuses_what_it_cannot_run(tiny_unet):
         pack(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="cannot be packed"):
         pack(torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")).requires_grad_(False))
+
+
+@torch.no_grad()
+def test_packed_flops_are_counted_as_the_plain_model_s(tiny_unet):
+    """The roofline counts a packed model's FLOPs: oneDNN's ops through FLOP_FORMULAS, the same total."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from livestyle.models.packed import FLOP_FORMULAS
+
+    plain = ours_from(tiny_unet.state_dict(), tiny_unet.config).requires_grad_(False)
+    packed = pack(ours_from(tiny_unet.state_dict(), tiny_unet.config).requires_grad_(False))
+    x, t, c = inputs(tiny_unet.config, (8, 12), batch=2)
+    packed(x, t, c)
+    counts = []
+    for model in (plain, packed):
+        with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
+            model(x, t, c)
+        counts.append(counter.get_total_flops())
+    assert counts[0] > 0 and counts[1] == counts[0]

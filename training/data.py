@@ -1,8 +1,8 @@
 """Training and evaluation images for the demo model, from files installed packages ship.
 
-No downloads: the images are scikit-image's bundled colour samples (skimage/data/)
-and scikit-learn's two sample photos (sklearn/datasets/images/), read from their
-installed package folders. HELD_OUT images are kept out of training and serve for
+No downloads: the images are scikit-image's bundled samples (skimage/data/),
+scikit-learn's two sample photos (sklearn/datasets/images/) and matplotlib's sample
+portrait (mpl-data/sample_data/), read from their installed package folders. HELD_OUT images are kept out of training and serve for
 evaluation (held_out_images, motion_clips).
 """
 
@@ -30,8 +30,21 @@ _FILES = {
     "china": ("sklearn", "china.jpg"),
     "flower": ("sklearn", "flower.jpg"),
 }
+# More training images for the v3 demo model: a portrait (matplotlib's sample photo of
+# Grace Hopper: v2 saw no face) and four grey photos with fine detail (brick, grass and
+# gravel textures, the cameraman), read as grey RGB. Not in TRAIN, so that what was made
+# from TRAIN (the v2 demo model, the TemporalNet fixture) is made the same way as before.
+_MORE_FILES = {
+    "grace_hopper": ("matplotlib", "grace_hopper.jpg"),
+    "brick": ("skimage", "brick.png"),
+    "grass": ("skimage", "grass.png"),
+    "gravel": ("skimage", "gravel.png"),
+    "camera": ("skimage", "camera.png"),
+}
+_FILES |= _MORE_FILES
 HELD_OUT = ("chelsea", "coffee", "flower")
-TRAIN = tuple(name for name in _FILES if name not in HELD_OUT)
+TRAIN = tuple(name for name in _FILES if name not in HELD_OUT and name not in _MORE_FILES)
+MORE_TRAIN = tuple(_MORE_FILES)
 
 # Crop side as a multiple of the output size, sampled log-uniformly: down to 0.7x
 # (a mild upsample) so most crops stay sharp, up to 2x for wider views.
@@ -43,6 +56,10 @@ def _folder(package: str) -> Path:
         import skimage.data
 
         return Path(skimage.data.__file__).parent
+    if package == "matplotlib":
+        import matplotlib
+
+        return Path(matplotlib.get_data_path()) / "sample_data"
     import sklearn.datasets
 
     return Path(sklearn.datasets.__file__).parent / "images"

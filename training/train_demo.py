@@ -65,7 +65,7 @@ from livestyle.models.lite_autoencoder import UPSAMPLES, LiteAutoencoder, LiteAu
 from livestyle.models.loading import load_autoencoder, load_pipeline  # noqa: E402
 from livestyle.models.styles import StyleBank  # noqa: E402
 from livestyle.models.unet import UNet  # noqa: E402
-from training.data import TRAIN, load_image, random_crops  # noqa: E402
+from training.data import MORE_TRAIN, TRAIN, load_image, random_crops  # noqa: E402
 from training.teacher import Teacher  # noqa: E402
 
 # Look name -> the teacher's style index. Chosen to look as different as possible.
@@ -76,20 +76,22 @@ STYLES = {
     "fauve-red": 20,      # bold reds, flat expressive shapes
     "pastel-wash": 14,    # pale blue watercolour wash
 }
-STYLE_TOKENS, STYLE_DIM, LATENT = 4, 64, 16
+STYLE_TOKENS, STYLE_DIM, LATENT = 4, 64, 16  # LATENT: v2's latent channels (--latent-channels)
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def make_pool(rng: np.random.Generator, teacher: Teacher, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n random crops (n,3,size+pad,size+pad) and their stylisations (S,n,3,...) in [0,1].
+def make_pool(rng: np.random.Generator, teacher: Teacher, n: int, size: int,
+              names: tuple[str, ...] = TRAIN) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random crops (n,3,size+pad,size+pad) of the named images and their stylisations
+    (S,n,3,...) in [0,1].
 
     Crops carry an 8 px margin so that shifted views for the consistency loss can be
     cut from them.
     """
-    images = [load_image(name) for name in TRAIN]
+    images = [load_image(name) for name in names]
     crops = random_crops(images, rng, n, size + 8)  # (n,3,s,s) float32
     styled = np.stack([np.concatenate([teacher.stylize(crops[i:i + 32], index) for i in range(0, n, 32)])
                        for index in STYLES.values()])
@@ -170,8 +172,9 @@ def sensor_noise(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (x * gain + noise).clamp(0, 1)
 
 
-def train_autoencoder(vae, crops, styled, steps, batch, size, gen, lr, sharp, device) -> None:
-    """sharp: weight of sharpness_loss beside L1 + gradient L1."""
+def train_autoencoder(vae, crops, styled, steps, batch, size, gen, lr, sharp, device, photo_share=None) -> None:
+    """sharp: weight of sharpness_loss beside L1 + gradient L1. photo_share: the share of photos
+    among the images (the rest are stylisations); None: 1 in S + 1 (v2's draw)."""
     if steps == 0:
         return
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=1e-4)
@@ -180,7 +183,11 @@ def train_autoencoder(vae, crops, styled, steps, batch, size, gen, lr, sharp, de
     start = time.perf_counter()
     for step in range(steps):
         idx = torch.randint(0, n, (batch,), generator=gen)
-        pick = torch.randint(0, S + 1, (batch,), generator=gen)  # S means the photo itself
+        if photo_share is None:
+            pick = torch.randint(0, S + 1, (batch,), generator=gen)  # S means the photo itself
+        else:
+            pick = torch.where(torch.rand(batch, generator=gen) < photo_share, S,
+                               torch.randint(0, S, (batch,), generator=gen))
         x = torch.where((pick == S)[:, None, None, None], crops[idx], styled[pick.clamp(max=S - 1), idx])
         x = x[..., 4:4 + size, 4:4 + size].to(device)
         out = vae.decode_raw(vae.encode(x))
@@ -295,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="decoder of a fresh autoencoder: nearest (v2) or shuffle (sub-pixel convs, v3)")
     parser.add_argument("--full-res-width", type=int, default=0,
                         help="channels of the fresh shuffle decoder's full-resolution residual block (0: none)")
+    parser.add_argument("--latent-channels", type=int, default=LATENT,
+                        help=f"latent channels of a fresh autoencoder and U-Net (v2: {LATENT})")
+    parser.add_argument("--more-images", action="store_true", help="also train on training/data.py's MORE_TRAIN "
+                        "(a portrait and four grey photos of fine detail)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", type=device_type, default=torch.device("cpu"), help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--size", type=int, default=128, help="training crop side (pixels)")
@@ -303,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bridge-steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument("--ae-lr", type=float, default=2e-3)
+    parser.add_argument("--ae-photo-share", type=float, help="share of photos among the autoencoder's images "
+                        "(the rest: stylisations); default 1 in 6, as v2")
     parser.add_argument("--lr", type=float, default=1e-3, help="U-Net and style embeddings, bridge stage")
     parser.add_argument("--decoder-lr", type=float, default=1e-4, help="decoder, tuned along in the bridge stage")
     parser.add_argument("--sharp", type=float, default=0.0, help="weight of the sharpness loss (both stages)")
@@ -313,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.pool, args.ae_steps, args.bridge_steps, args.batch = 32, 16, 3, 3, 2
+    if args.ae_photo_share is not None and not 0 <= args.ae_photo_share <= 1:
+        parser.error(f"--ae-photo-share must be in [0, 1], got {args.ae_photo_share}")
     if args.size < 32 or args.size % 8:
         parser.error(f"--size must be a multiple of 8 and at least 32, got {args.size}")
     if args.init is not None and not (args.init / "model_index.json").is_file():
@@ -322,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.autoencoder is not None and not (args.autoencoder / "config.json").is_file():
         parser.error(f"--autoencoder {args.autoencoder}: not an autoencoder folder (no config.json)")
     try:
-        ae_config = LiteAutoencoderConfig(latent_channels=LATENT, upsample=args.upsample,
+        ae_config = LiteAutoencoderConfig(latent_channels=args.latent_channels, upsample=args.upsample,
                                           full_res_width=args.full_res_width)
     except ValueError as e:
         parser.error(str(e))
@@ -334,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     begin = time.perf_counter()
 
     teacher = Teacher(threads=args.threads)
-    crops, styled = make_pool(rng, teacher, args.pool, args.size)
+    crops, styled = make_pool(rng, teacher, args.pool, args.size, TRAIN + MORE_TRAIN if args.more_images else TRAIN)
     log(f"teacher pool: {args.pool} crops x {len(STYLES)} styles at {args.size + 8}px "
         f"in {time.perf_counter() - begin:.0f} s")
 
@@ -349,16 +364,17 @@ def main(argv: list[str] | None = None) -> int:
                 vae = load_autoencoder(args.autoencoder)
             except LivestyleError as e:
                 parser.error(f"--autoencoder: {e}")
-            if not isinstance(vae, LiteAutoencoder) or vae.latent_channels != LATENT:
-                parser.error(f"--autoencoder {args.autoencoder}: not a {LATENT}-channel LiteAutoencoder")
+            if not isinstance(vae, LiteAutoencoder) or vae.latent_channels != args.latent_channels:
+                parser.error(f"--autoencoder {args.autoencoder}: not a {args.latent_channels}-channel "
+                             "LiteAutoencoder (--latent-channels)")
         else:
             vae = LiteAutoencoder(ae_config)
-        unet = UNet(demo_unet_config(latent_channels=LATENT, style_dim=STYLE_DIM))
+        unet = UNet(demo_unet_config(latent_channels=args.latent_channels, style_dim=STYLE_DIM))
         styles = StyleBank(tuple(STYLES), torch.randn(len(STYLES), STYLE_TOKENS, STYLE_DIM) * 0.5)
     vae, unet, styles = vae.to(args.device).train(), unet.to(args.device).train(), styles.to(args.device)
     vae.requires_grad_(True)
     train_autoencoder(vae, crops, styled, args.ae_steps, args.batch * 2, args.size, gen, args.ae_lr, args.sharp,
-                      args.device)
+                      args.device, args.ae_photo_share)
     vae.eval().requires_grad_(False)
     if args.ae_only:
         seconds = time.perf_counter() - begin
@@ -378,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     training = {"seed": args.seed, "seconds": round(seconds), "device": str(args.device), "threads": args.threads,
                 "init": None if args.init is None else str(args.init),
                 "autoencoder": None if args.autoencoder is None else str(args.autoencoder), "size": args.size, "pool": args.pool,
-                "ae_steps": args.ae_steps, "bridge_steps": args.bridge_steps, "batch": args.batch,
+                "latent_channels": vae.latent_channels, "more_images": args.more_images,
+                "ae_steps": args.ae_steps, "ae_photo_share": args.ae_photo_share, "bridge_steps": args.bridge_steps, "batch": args.batch,
                 "ae_lr": args.ae_lr, "lr": args.lr, "decoder_lr": args.decoder_lr, "sharp": args.sharp,
                 "adversarial": args.adversarial, "consistency": args.consistency, "teacher_styles": STYLES}
     save_demo_model(args.out, unet.eval(), vae.eval().requires_grad_(False), styles, schedule_extra={"training": training})

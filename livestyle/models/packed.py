@@ -21,8 +21,11 @@ plain modules' to float rounding (oneDNN may sum in another order).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import conv_flop_count
 
 
 class PackedConv2d(nn.Module):
@@ -81,6 +84,21 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"
+
+
+def _conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)
+
+
+def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * w_shape[0]  # a multiply and an add per weight and row
+
+
+# torch.utils.flop_counter knows aten's convolution and matmul, not oneDNN's pointwise ops, and
+# would count a packed model as 0 FLOPs: FlopCounterMode(custom_mapping=FLOP_FORMULAS) counts them.
+# (A packed weight keeps its logical shape: (O, I/groups, kh, kw) and (out, in).)
+FLOP_FORMULAS = {torch.ops.mkldnn._convolution_pointwise: _conv_flops,
+                 torch.ops.mkldnn._linear_pointwise: _linear_flops}
 
 
 def pack(module: nn.Module) -> nn.Module:
