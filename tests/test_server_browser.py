@@ -7,6 +7,7 @@ measured. `.ci/run` installs Debian's `chromium` package when it is missing.
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -89,6 +90,31 @@ async def page_target(http, port: int, url_part: str) -> str:
     return await until(find, 10, f"a page at {url_part}")
 
 
+@contextlib.asynccontextmanager
+async def chromium_page(http, url: str, profile: Path, log: Path, *flags: str):
+    """Headless Chromium showing `url`/, driven over DevTools: yields (the page, the DevTools port).
+    Its output goes to `log`; on the way out the browser's whole process group is ended."""
+    with open(log, "wb") as out:
+        browser = subprocess.Popen([
+            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-dev-shm-usage", *flags,
+            "--remote-debugging-port=0", f"--user-data-dir={profile}", f"{url}/"],
+            stdout=out, stderr=out, start_new_session=True)  # its own group: ended whole below
+    try:
+        port_file = profile / "DevToolsActivePort"
+        await until(lambda: asyncio.sleep(0, port_file.exists() and port_file.read_text().strip()), 20,
+                    "Chromium's DevTools port")
+        port = int(port_file.read_text().split()[0])
+        async with DevTools(http, await page_target(http, port, url)) as page:
+            yield page, port
+    finally:
+        os.killpg(browser.pid, signal.SIGTERM)  # the browser and its helper processes
+        try:
+            browser.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(browser.pid, signal.SIGKILL)
+
+
 def test_camera_page_in_headless_chromium(tmp_path):
     clip = tmp_path / "camera.y4m"
     write_y4m(clip)
@@ -97,60 +123,43 @@ def test_camera_page_in_headless_chromium(tmp_path):
     async def main(engine):
         app = App(engine, ServerSettings(port=0, short_side=96))
         async with listening(app) as url, aiohttp.ClientSession() as http:
-            with open(tmp_path / "chromium.log", "wb") as log:
-                browser = subprocess.Popen([
-                    CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-dev-shm-usage",
-                    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                    f"--use-file-for-fake-video-capture={clip}", "--autoplay-policy=no-user-gesture-required",
-                    "--remote-debugging-port=0", f"--user-data-dir={profile}", f"{url}/"],
-                    stdout=log, stderr=log, start_new_session=True)  # its own group: ended whole below
-            try:
-                port_file = profile / "DevToolsActivePort"
-                await until(lambda: asyncio.sleep(0, port_file.exists() and port_file.read_text().strip()), 20,
-                            "Chromium's DevTools port")
-                port = int(port_file.read_text().split()[0])
-                async with DevTools(http, await page_target(http, port, url)) as page:
-                    await until(lambda: page.evaluate("document.readyState === 'complete' && !!window.livestyle"),
-                                10, "the page to load")
-                    await page.evaluate("livestyle.start()")
-                    stats = lambda: page.evaluate("JSON.stringify(livestyle.stats)")
-                    await until(lambda: page.evaluate("livestyle.stats.framesOut >= 10"), 30,
-                                "restyled frames on the page")
-                    first, t0 = json.loads(await stats()), time.monotonic()
-                    await asyncio.sleep(3)
-                    last, t1 = json.loads(await stats()), time.monotonic()
-                    sample = await page.evaluate("livestyle.sample()")
-                    server = (await (await http.get(f"{url}/stats")).json())["sessions"]
+            flags = ("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                     f"--use-file-for-fake-video-capture={clip}", "--autoplay-policy=no-user-gesture-required")
+            async with chromium_page(http, url, profile, tmp_path / "chromium.log", *flags) as (page, port):
+                await until(lambda: page.evaluate("document.readyState === 'complete' && !!window.livestyle"),
+                            10, "the page to load")
+                await page.evaluate("livestyle.start()")
+                stats = lambda: page.evaluate("JSON.stringify(livestyle.stats)")
+                await until(lambda: page.evaluate("livestyle.stats.framesOut >= 10"), 30,
+                            "restyled frames on the page")
+                first, t0 = json.loads(await stats()), time.monotonic()
+                await asyncio.sleep(3)
+                last, t1 = json.loads(await stats()), time.monotonic()
+                sample = await page.evaluate("livestyle.sample()")
+                server = (await (await http.get(f"{url}/stats")).json())["sessions"]
 
-                    # The page's own controls reach the session: move the strength slider, pick a preset.
-                    await page.evaluate("(() => { const s = document.getElementById('strength'); s.value = 0.3;"
-                                        " s.dispatchEvent(new Event('input')); })()")
-                    settings = lambda: next(iter(app.sessions.values())).stream.settings
-                    await until(lambda: asyncio.sleep(0, settings().strength == 0.3), 5, "the slider's strength")
-                    await page.evaluate("(() => { const p = document.getElementById('preset'); p.value = 'ink-sketch';"
-                                        " p.dispatchEvent(new Event('change')); })()")
-                    await until(lambda: asyncio.sleep(0, settings().style == "ink-sketch"), 5, "the preset's style")
-                    session_id = next(iter(app.sessions))
+                # The page's own controls reach the session: move the strength slider, pick a preset.
+                await page.evaluate("(() => { const s = document.getElementById('strength'); s.value = 0.3;"
+                                    " s.dispatchEvent(new Event('input')); })()")
+                settings = lambda: next(iter(app.sessions.values())).stream.settings
+                await until(lambda: asyncio.sleep(0, settings().strength == 0.3), 5, "the slider's strength")
+                await page.evaluate("(() => { const p = document.getElementById('preset'); p.value = 'ink-sketch';"
+                                    " p.dispatchEvent(new Event('change')); })()")
+                await until(lambda: asyncio.sleep(0, settings().style == "ink-sketch"), 5, "the preset's style")
+                session_id = next(iter(app.sessions))
 
-                    # The same session in a viewer tab, as an OBS Browser Source would show it.
-                    async with http.put(f"http://127.0.0.1:{port}/json/new?{url}/view?session={session_id}"):
-                        pass
-                    async with DevTools(http, await page_target(http, port, "/view")) as viewer:
-                        await until(lambda: viewer.evaluate("!!window.livestyle && livestyle.stats.frames >= 10"), 20,
-                                    "frames in the viewer")
-                        viewers = len(next(iter(app.sessions.values())).viewers)
+                # The same session in a viewer tab, as an OBS Browser Source would show it.
+                async with http.put(f"http://127.0.0.1:{port}/json/new?{url}/view?session={session_id}"):
+                    pass
+                async with DevTools(http, await page_target(http, port, "/view")) as viewer:
+                    await until(lambda: viewer.evaluate("!!window.livestyle && livestyle.stats.frames >= 10"), 20,
+                                "frames in the viewer")
+                    viewers = len(next(iter(app.sessions.values())).viewers)
 
-                    await page.evaluate("livestyle.stop()")
-                    closed = time.monotonic()
-                    await until(lambda: asyncio.sleep(0, not app.sessions), 5, "the session to be freed")
-                    freed_after = time.monotonic() - closed
-            finally:
-                os.killpg(browser.pid, signal.SIGTERM)  # the browser and its helper processes
-                try:
-                    browser.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(browser.pid, signal.SIGKILL)
+                await page.evaluate("livestyle.stop()")
+                closed = time.monotonic()
+                await until(lambda: asyncio.sleep(0, not app.sessions), 5, "the session to be freed")
+                freed_after = time.monotonic() - closed
         return first, last, t1 - t0, sample, server, viewers, freed_after
 
     with Engine(load_demo) as engine:

@@ -5,10 +5,7 @@ App with a tiny SD checkpoint and a ControlNet, a camera client on loopback."""
 
 import asyncio
 import json
-import os
 import shutil
-import signal
-import subprocess
 
 import aiohttp
 import pytest
@@ -184,53 +181,36 @@ class PageEngine:
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium: `apt-get install chromium` (.ci/run does)")
 @pytest.mark.parametrize("controls", [CONTROLS, ()], ids=["two ControlNets", "none"])
 def test_the_page_has_a_slider_and_a_switch_per_controlnet(controls, tmp_path):
-    from test_server_browser import DevTools, page_target, until
+    from test_server_browser import chromium_page, until
 
     profile = tmp_path / "profile"
 
     async def main():
         app = App(PageEngine(), ServerSettings(port=0, controls=controls))
         async with listening(app) as url, aiohttp.ClientSession() as http:
-            with open(tmp_path / "chromium.log", "wb") as log:
-                browser = subprocess.Popen([
-                    shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-dev-shm-usage",
-                    "--remote-debugging-port=0", f"--user-data-dir={profile}", f"{url}/"],
-                    stdout=log, stderr=log, start_new_session=True)  # its own group: ended whole below
-            try:
-                port_file = profile / "DevToolsActivePort"
-                await until(lambda: asyncio.sleep(0, port_file.exists() and port_file.read_text().strip()), 20,
-                            "Chromium's DevTools port")
-                port = int(port_file.read_text().split()[0])
-                async with DevTools(http, await page_target(http, port, url)) as page:
-                    await until(lambda: page.evaluate("document.readyState === 'complete' && !!window.livestyle && "
-                                                      "document.getElementById('preset').options.length > 0"),
-                                20, "the page to load")
-                    # /config is asked after /presets: wait until the rows (if any) are built
-                    await until(lambda: page.evaluate(f"document.querySelectorAll('.controlnet').length == "
-                                                      f"{len(controls)}"), 10, "the ControlNet rows")
-                    shown = await page.evaluate(
-                        "JSON.stringify({hidden: document.getElementById('controlnets').hidden, rows: "
-                        "[...document.querySelectorAll('.controlnet')].map((r) => ({text: r.textContent, "
-                        "min: r.querySelector('input[type=range]').min, max: r.querySelector('input[type=range]').max, "
-                        "on: r.querySelector('input[type=checkbox]').checked}))})")
-                    before = await page.evaluate("JSON.stringify(livestyle.controlScales())")
-                    switched = None
-                    if controls:  # switch the first off, move the second's slider
-                        switched = await page.evaluate(
-                            "(() => { const rows = document.querySelectorAll('.controlnet');"
-                            " const box = rows[0].querySelector('input[type=checkbox]'); box.checked = false;"
-                            " box.dispatchEvent(new Event('change'));"
-                            " const s = rows[1].querySelector('input[type=range]'); s.value = 1.5;"
-                            " s.dispatchEvent(new Event('input'));"
-                            " return JSON.stringify({scales: livestyle.controlScales(), "
-                            "disabled: rows[0].querySelector('input[type=range]').disabled}); })()")
-            finally:
-                os.killpg(browser.pid, signal.SIGTERM)
-                try:
-                    browser.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(browser.pid, signal.SIGKILL)
+            async with chromium_page(http, url, profile, tmp_path / "chromium.log") as (page, _):
+                await until(lambda: page.evaluate("document.readyState === 'complete' && !!window.livestyle && "
+                                                  "document.getElementById('preset').options.length > 0"),
+                            20, "the page to load")
+                # /config is asked after /presets: wait until the rows (if any) are built
+                await until(lambda: page.evaluate(f"document.querySelectorAll('.controlnet').length == "
+                                                  f"{len(controls)}"), 10, "the ControlNet rows")
+                shown = await page.evaluate(
+                    "JSON.stringify({hidden: document.getElementById('controlnets').hidden, rows: "
+                    "[...document.querySelectorAll('.controlnet')].map((r) => ({text: r.textContent, "
+                    "min: r.querySelector('input[type=range]').min, max: r.querySelector('input[type=range]').max, "
+                    "on: r.querySelector('input[type=checkbox]').checked}))})")
+                before = await page.evaluate("JSON.stringify(livestyle.controlScales())")
+                switched = None
+                if controls:  # switch the first off, move the second's slider
+                    switched = await page.evaluate(
+                        "(() => { const rows = document.querySelectorAll('.controlnet');"
+                        " const box = rows[0].querySelector('input[type=checkbox]'); box.checked = false;"
+                        " box.dispatchEvent(new Event('change'));"
+                        " const s = rows[1].querySelector('input[type=range]'); s.value = 1.5;"
+                        " s.dispatchEvent(new Event('input'));"
+                        " return JSON.stringify({scales: livestyle.controlScales(), "
+                        "disabled: rows[0].querySelector('input[type=range]').disabled}); })()")
         return json.loads(shown), json.loads(before), switched and json.loads(switched)
 
     shown, before, switched = asyncio.run(main())

@@ -2,8 +2,8 @@
 
 No downloads: the images are scikit-image's bundled samples (skimage/data/),
 scikit-learn's two sample photos (sklearn/datasets/images/) and matplotlib's sample
-portrait (mpl-data/sample_data/), read from their installed package folders. HELD_OUT images are kept out of training and serve for
-evaluation (held_out_images, motion_clips).
+portrait (mpl-data/sample_data/), read from their installed package folders. HELD_OUT
+images are kept out of training and serve for evaluation (held_out_images, motion_clips).
 """
 
 from pathlib import Path
