@@ -113,3 +113,17 @@ def test_bench_refuses_triton_kernels_where_they_cannot_run(monkeypatch, capsys)
     assert cli.main(["bench", "--smoke", "--sections", "roofline", "--kernels", "triton"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("livestyle: error: --kernels triton: ")
+
+
+def test_demo_speed_times_two_models_in_turn_end_to_end(capsys):
+    from benchmarks import demo_speed
+
+    demo = ROOT / "livestyle" / "weights" / "demo"
+    assert demo_speed.main(["--model", str(demo), "--model", str(demo), "--sizes", "64", "--steps", "1",
+                            "--runs", "2", "--threads", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| demo | 64x64 | 1 |")]
+    assert len(rows) == 4  # two models, temporal cache off and on
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        end_to_end, fps = float(cells[7].split()[0]), float(cells[8])
+        assert end_to_end > 0 and abs(fps * end_to_end / 1e3 - 1) < 0.02  # fps from the end-to-end median

@@ -8,6 +8,9 @@
     python training/train_demo.py --ae-only --upsample shuffle --full-res-width 12 --sharp 1 --threads 1 \
         --out /tmp/livestyle-ae3                    # the v3 autoencoder alone (figures: README)
     python training/train_demo.py --autoencoder /tmp/livestyle-ae3 --ae-steps 0 ...   # a student on it
+    python training/train_demo.py --latent-channels 32 --more-images --upsample shuffle --full-res-width 16 \
+        --ae-photo-share 0.5 --sharp 1 --consistency 3 --pool 1200 --ae-steps 3000 --bridge-steps 2500 \
+        --threads 2 --out /tmp/v3                   # v3 from scratch (65.9 min; not shipped: README)
 
 Objective: distillation of a feed-forward style-transfer teacher into a rectified-flow
 bridge from frame to stylised frame, in a learned latent space.
