@@ -2,15 +2,18 @@
 
     python training/train_demo.py                   # the shipped model (seed 0)
     python training/train_demo.py --quick --out /tmp/demo   # a few steps, to check it runs
-    python training/train_demo.py --init livestyle/weights/demo --out /tmp/v3 --pool 600 --size 96 \
+    python training/train_demo.py --init livestyle/weights/demo --out /tmp/v3b --pool 600 --size 96 \
         --ae-steps 200 --ae-lr 5e-4 --bridge-steps 1200 --batch 6 --lr 2e-4 --sharp 1 \
-        --adversarial 0.05 --consistency 2          # the v3 candidate (not shipped: README)
+        --adversarial 0.05 --consistency 2          # v3b, a fine-tune of v2 (not shipped: README)
     python training/train_demo.py --ae-only --upsample shuffle --full-res-width 12 --sharp 1 --threads 1 \
         --out /tmp/livestyle-ae3                    # the v3 autoencoder alone (figures: README)
     python training/train_demo.py --autoencoder /tmp/livestyle-ae3 --ae-steps 0 ...   # a student on it
     python training/train_demo.py --latent-channels 32 --more-images --upsample shuffle --full-res-width 16 \
         --ae-photo-share 0.5 --sharp 1 --consistency 3 --pool 1200 --ae-steps 3000 --bridge-steps 2500 \
         --threads 2 --out /tmp/v3                   # v3 from scratch (65.9 min; not shipped: README)
+    python training/train_demo.py --init /tmp/v3 --latent-channels 32 --more-images --pool 600 --size 96 \
+        --ae-steps 200 --ae-lr 5e-4 --bridge-steps 1200 --batch 6 --lr 2e-4 --sharp 1 \
+        --adversarial 0.05 --consistency 2 --threads 2 --out /tmp/v3-adv   # v3b's recipe on it (9.7 min)
 
 Objective: distillation of a feed-forward style-transfer teacher into a rectified-flow
 bridge from frame to stylised frame, in a learned latent space.
