@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from livestyle.errors import LivestyleError  # noqa: E402
 from livestyle.models.demo import DEMO_MODEL  # noqa: E402
 from livestyle.models.loading import load_pipeline  # noqa: E402
 from livestyle.models.temporal import TemporalCache  # noqa: E402
@@ -83,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     folders = args.model or [DEMO_MODEL]
-    pipes = [load_pipeline(folder, args.device, torch.float32) for folder in folders]
+    try:
+        pipes = [load_pipeline(folder, args.device, torch.float32) for folder in folders]
+    except LivestyleError as e:
+        print(f"demo_speed: error: {e}", file=sys.stderr)
+        return 2
     print(f"demo-family models, first style, device {args.device}, {args.threads} threads, "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}; "
           f"median [min-max] of {args.runs} runs, ms; models taking turns")

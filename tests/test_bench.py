@@ -127,3 +127,11 @@ def test_demo_speed_times_two_models_in_turn_end_to_end(capsys):
         cells = [c.strip() for c in row.strip("|").split("|")]
         end_to_end, fps = float(cells[7].split()[0]), float(cells[8])
         assert end_to_end > 0 and abs(fps * end_to_end / 1e3 - 1) < 0.02  # fps from the end-to-end median
+
+
+def test_demo_speed_refuses_a_folder_that_is_not_a_model_in_one_line(tmp_path, capsys):
+    from benchmarks import demo_speed
+
+    assert demo_speed.main(["--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("demo_speed: error: ") and "missing" in err[0]
