@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from livestyle import __version__
-from livestyle.config import DEFAULT_PRESET
+from livestyle.config import DEFAULT_PRESET, WARPS
 from livestyle.errors import LivestyleError
 
 log = logging.getLogger("livestyle")
@@ -406,7 +406,8 @@ def _settings(args: argparse.Namespace, preset, size: tuple[int, int]):
     on = preset.temporal if args.temporal is None else args.temporal
     temporal = TemporalSettings() if on else TemporalSettings.off()
     finer = {"attention_frames": args.cache_frames, "fusion": args.fusion, "flow": args.flow,
-             "flow_blend": args.flow_blend, "output_blend": args.output_blend, "similarity": args.skip_similar}
+             "flow_blend": args.flow_blend, "output_blend": args.output_blend, "similarity": args.skip_similar,
+             "warp": args.warp}
     temporal = dataclasses.replace(temporal, **{k: v for k, v in finer.items() if v is not None})
     changes = {"style": args.style, "prompt": args.prompt, "negative": args.negative, "strength": args.strength,
                "steps": args.steps, "seed": args.seed, "guidance": args.guidance,
@@ -895,6 +896,8 @@ def _add_run(sub) -> None:
     temporal.add_argument("--flow-blend", type=float, help="share of the warped previous latent, in [0, 1)")
     temporal.add_argument("--output-blend", type=float,
                           help="share of the warped previous output image, in [0, 1); 0 = latents only")
+    temporal.add_argument("--warp", choices=WARPS, help="how the flow-guided blends resample the previous "
+                          "output (default bicubic, which keeps more of its sharpness than bilinear)")
     temporal.add_argument("--skip-similar", type=float, metavar="T",
                           help="skip frames more similar than T to the previous one (0.98 is typical; 0 = off)")
     temporal.add_argument("--no-stream-batch", action="store_true",

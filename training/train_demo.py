@@ -14,6 +14,11 @@
     python training/train_demo.py --init /tmp/v3 --latent-channels 32 --more-images --pool 600 --size 96 \
         --ae-steps 200 --ae-lr 5e-4 --bridge-steps 1200 --batch 6 --lr 2e-4 --sharp 1 \
         --adversarial 0.05 --consistency 2 --threads 2 --out /tmp/v3-adv   # v3b's recipe on it (9.7 min)
+    python training/train_demo.py --init livestyle/weights/demo --pool 600 --size 96 --ae-steps 200 \
+        --ae-lr 5e-4 --bridge-steps 1200 --batch 6 --lr 2e-4 --sharp 1 --adversarial 0.05 --threads 2 \
+        --consistency 2 --temporal-disc --out /tmp/v3t   # v3b with the temporal discriminator (4.6 min);
+        # --moved-views instead of --temporal-disc: v3m; --ae-steps 0 --lr 0 --decoder-lr 2e-4 and neither:
+        # the adversarial decoder alone on v2's U-Net, v3d (figures: README)
 
 Objective: distillation of a feed-forward style-transfer teacher into a rectified-flow
 bridge from frame to stylised frame, in a learned latent space.
@@ -40,6 +45,11 @@ bridge from frame to stylised frame, in a learned latent space.
   the bridge can add a hinge adversarial term from a small conditional patch
   discriminator on (photo, output) pairs (pix2pix, Isola et al. 2017; the adversarial
   half of SD-Turbo's ADD, Sauer et al. 2023), which asks for the teacher's texture.
+- Steadiness of that texture (v3): `--temporal-disc` shows the discriminator both
+  shifted views' outputs, aligned, so flicker is something it can see (TecoGAN, Chu et
+  al. 2020); `--moved-views` makes the consistency term compare views a sub-pixel pan,
+  rotation and zoom apart, warped bilinearly as the evaluation's clips are, instead of
+  a whole-pixel shift.
 - Style is conditioned like a prompt: a learned embedding of 4 tokens x 64 dims per
   style, fed to the U-Net's cross-attention (`StyleBank`).
 
@@ -124,6 +134,35 @@ def overlap(a: torch.Tensor, b: torch.Tensor, shift: tuple) -> tuple[torch.Tenso
     return a[..., ay, ax], b[..., by, bx]
 
 
+def moved_view(batch: torch.Tensor, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """View b of each crop as a camera that moved from view a (views' offset (4,4)) would see it:
+    one random sub-pixel pan (up to 3 px), rotation (up to 1.5 degrees) and zoom (up to 1.5%)
+    about the view's centre for the whole batch, sampled bilinearly, the motion of
+    evaluate_demo's clips and of a hand-held webcam.
+
+    Returns b (B,3,size,size); grid (1,size,size,2), where each pixel of b lies in view a,
+    in grid_sample's coordinates (F.grid_sample(image_a, grid) is image_a moved as b
+    is); valid (1,1,size,size), the pixels of b that lie inside view a.
+    """
+    d = (torch.rand(2, generator=gen) * 2 - 1) * 3
+    angle = float(torch.rand((), generator=gen) * 2 - 1) * np.deg2rad(1.5)
+    scale = float(np.exp(float(torch.rand((), generator=gen) * 2 - 1) * np.log(1.015)))
+    c = (size - 1) / 2
+    y, x = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                          indexing="ij")
+    qx = scale * (np.cos(angle) * (x - c) - np.sin(angle) * (y - c)) + c + d[0]  # b's pixels in a's coordinates
+    qy = scale * (np.sin(angle) * (x - c) + np.cos(angle) * (y - c)) + c + d[1]
+    pad = batch.shape[-1]  # the crop: view a at offset 4
+
+    def normalised(px, py, side):  # pixel centres -> grid_sample's [-1, 1] (align_corners=False)
+        return torch.stack([(2 * px + 1) / side - 1, (2 * py + 1) / side - 1], dim=-1)[None]
+
+    crop_grid = normalised(qx + 4, qy + 4, pad).expand(batch.shape[0], -1, -1, -1)
+    b = F.grid_sample(batch, crop_grid, mode="bilinear", padding_mode="border", align_corners=False)
+    valid = ((qx >= 0) & (qx <= size - 1) & (qy >= 0) & (qy <= size - 1)).float()[None, None]
+    return b, normalised(qx, qy, size), valid
+
+
 def gradient_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """L1 between image gradients: keeps the strokes and edges sharp."""
     return ((x[..., 1:, :] - x[..., :-1, :]) - (y[..., 1:, :] - y[..., :-1, :])).abs().mean() + \
@@ -154,20 +193,25 @@ class PatchDiscriminator(torch.nn.Module):
     The per-style heads matter: a discriminator that is not told the style accepts any
     style's texture, and the student drifted to another style's palette (ink-sketch
     went pale blue, -4.5 dB) when trained against one. Training-time only.
+
+    images=2 makes it a temporal discriminator (cf. TecoGAN, Chu et al. 2020): it sees the
+    outputs for two shifted views of the same photo, aligned on their overlap, so
+    texture that does not move with the scene (flicker) is something it can tell from
+    the teacher's, whose two views are the same pixels.
     """
 
-    def __init__(self, styles: int, width: int = 32):
+    def __init__(self, styles: int, width: int = 32, images: int = 1):
         super().__init__()
         w = width
         self.net = torch.nn.Sequential(
-            torch.nn.Conv2d(6, w, 4, 2, 1), torch.nn.LeakyReLU(0.2),           # H/2
+            torch.nn.Conv2d(3 + 3 * images, w, 4, 2, 1), torch.nn.LeakyReLU(0.2),  # H/2
             torch.nn.Conv2d(w, 2 * w, 4, 2, 1), torch.nn.GroupNorm(8, 2 * w), torch.nn.LeakyReLU(0.2),  # H/4
             torch.nn.Conv2d(2 * w, 2 * w, 3, 1, 1), torch.nn.GroupNorm(8, 2 * w), torch.nn.LeakyReLU(0.2),
             torch.nn.Conv2d(2 * w, styles, 3, 1, 1),                           # one logit map per style
         )  # fmt: skip
 
-    def forward(self, photo: torch.Tensor, image: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-        logits = self.net(torch.cat([photo * 2 - 1, image * 2 - 1], dim=1))  # (B, S, H/4, W/4)
+    def forward(self, photo: torch.Tensor, *images: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        logits = self.net(torch.cat([photo * 2 - 1, *(x * 2 - 1 for x in images)], dim=1))  # (B, S, H/4, W/4)
         return logits.gather(1, style[:, None, None, None].expand(-1, 1, *logits.shape[2:]))
 
 
@@ -208,13 +252,17 @@ def train_autoencoder(vae, crops, styled, steps, batch, size, gen, lr, sharp, de
                 f"{time.perf_counter() - start:.0f} s")
 
 
-def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, decoder_lr, weights, device) -> None:
+def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, decoder_lr, weights, device,
+                 temporal_disc: bool = False, moved_views: bool = False) -> None:
     """U-Net and style embeddings; the decoder is tuned along (at decoder_lr) so that it
     renders the one-step latents sharply, while the encoder stays fixed.
 
     weights: "flow", "pixel", "consistency", "recon", "sharp" (sharpness_loss on the
     one-step output and the reconstruction) and "adversarial" (0 leaves the
-    discriminator out).
+    discriminator out). temporal_disc: the discriminator judges the two shifted views'
+    outputs together, aligned on their overlap (PatchDiscriminator(images=2)), instead
+    of view a's output alone. moved_views: view b is moved_view's sub-pixel camera motion
+    instead of views' whole-pixel shift.
     """
     if steps == 0:
         return
@@ -224,7 +272,7 @@ def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, 
                              {"params": vae.decoder.parameters(), "lr": decoder_lr}], lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, decoder_lr], total_steps=steps, pct_start=0.05)
     n, S = crops.shape[0], styled.shape[0]
-    disc = PatchDiscriminator(S).to(device) if weights["adversarial"] else None
+    disc = PatchDiscriminator(S, images=2 if temporal_disc else 1).to(device) if weights["adversarial"] else None
     if disc is not None:
         disc_opt = torch.optim.AdamW(disc.parameters(), lr=2e-4, betas=(0.5, 0.999), weight_decay=0)
     start = time.perf_counter()
@@ -232,7 +280,11 @@ def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, 
         idx = torch.randint(0, n, (batch,), generator=gen)
         style = torch.randint(0, S, (batch,), generator=gen)
         photo, target = crops[idx], styled[style, idx]  # (B,3,s+8,s+8)
-        a, b, shift = views(photo, size, gen)
+        if moved_views:
+            a, b, grid, valid = photo[..., 4:4 + size, 4:4 + size], *moved_view(photo, size, gen)
+            grid, valid = grid.to(device), valid.to(device)
+        else:
+            a, b, shift = views(photo, size, gen)
         target_a = target[..., 4:4 + size, 4:4 + size].to(device)  # the teacher's view of a
         a, b = sensor_noise(a, gen).to(device), sensor_noise(b, gen).to(device)
         style = style.to(device)
@@ -248,12 +300,23 @@ def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, 
         v0 = unet(torch.cat([z0, z0b]), torch.zeros(2 * batch, device=device), torch.cat([context, context]))
         out_a, out_b, recon = vae.decode_raw(torch.cat([torch.cat([z0, z0b]) + v0, z0])).split(batch)
         pixel_loss = (out_a - target_a).abs().mean() + gradient_l1(out_a, target_a)
-        oa, ob = overlap(out_a, out_b, shift)
-        consistency = (oa - ob).abs().mean()
+        if moved_views:  # b's output against a's output moved along the same motion (bilinear)
+            oa = F.grid_sample(out_a, grid.expand(batch, -1, -1, -1), mode="bilinear", align_corners=False)
+            consistency = ((oa - out_b).abs() * valid).sum() / (valid.sum() * out_b.shape[0] * out_b.shape[1])
+        else:
+            oa, ob = overlap(out_a, out_b, shift)
+            consistency = (oa - ob).abs().mean()
         # Strength 0 must still give the input back: the tuned decoder keeps reconstructing photos.
         recon_loss = (recon - a).abs().mean()
         sharp = sharpness_loss(out_a, target_a) + sharpness_loss(recon, a) if weights["sharp"] else torch.zeros(())
-        adversarial = -disc(a, out_a, style).mean() if disc is not None else torch.zeros(())  # hinge GAN, generator side
+        if temporal_disc:  # the photo and both views' outputs on their overlap; the teacher's two views are equal
+            photo_o, _ = overlap(a, b, shift)
+            teacher_o, _ = overlap(target_a, target_a, shift)
+            fake, real = (photo_o, oa, ob), (photo_o, teacher_o, teacher_o)
+        else:
+            fake, real = (a, out_a), (a, target_a)
+        # hinge GAN, generator side
+        adversarial = -disc(*fake, style=style).mean() if disc is not None else torch.zeros(())
         loss = weights["flow"] * flow_loss + weights["pixel"] * pixel_loss + \
             weights["consistency"] * consistency + weights["recon"] * recon_loss + \
             weights["sharp"] * sharp + weights["adversarial"] * adversarial
@@ -263,7 +326,8 @@ def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, 
         opt.step()
         sched.step()
         if disc is not None:  # hinge loss, discriminator side: teacher outputs real, one-step outputs fake
-            disc_loss = F.relu(1 - disc(a, target_a, style)).mean() + F.relu(1 + disc(a, out_a.detach(), style)).mean()
+            disc_loss = F.relu(1 - disc(*real, style=style)).mean() + \
+                F.relu(1 + disc(*(x.detach() for x in fake), style=style)).mean()
             disc_opt.zero_grad(set_to_none=True)
             disc_loss.backward()
             disc_opt.step()
@@ -337,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoder-lr", type=float, default=1e-4, help="decoder, tuned along in the bridge stage")
     parser.add_argument("--sharp", type=float, default=0.0, help="weight of the sharpness loss (both stages)")
     parser.add_argument("--adversarial", type=float, default=0.0, help="weight of the patch-GAN term (bridge)")
+    parser.add_argument("--temporal-disc", action="store_true", help="the discriminator judges both shifted "
+                        "views' outputs together, so it can see flicker (with --adversarial)")
+    parser.add_argument("--moved-views", action="store_true", help="the consistency term compares views a "
+                        "sub-pixel pan, rotation and zoom apart instead of a whole-pixel shift")
     parser.add_argument("--consistency", type=float, default=1.0, help="weight of the shift-consistency term")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a tiny run that only checks the script works")
@@ -345,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
         args.size, args.pool, args.ae_steps, args.bridge_steps, args.batch = 32, 16, 3, 3, 2
     if args.ae_photo_share is not None and not 0 <= args.ae_photo_share <= 1:
         parser.error(f"--ae-photo-share must be in [0, 1], got {args.ae_photo_share}")
+    if args.temporal_disc and not args.adversarial:
+        parser.error("--temporal-disc needs --adversarial")
+    if args.temporal_disc and args.moved_views:
+        parser.error("--temporal-disc compares whole-pixel shifts: it cannot be used with --moved-views")
     if args.size < 32 or args.size % 8:
         parser.error(f"--size must be a multiple of 8 and at least 32, got {args.size}")
     if args.init is not None and not (args.init / "model_index.json").is_file():
@@ -407,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     styles.requires_grad_(True)
     train_bridge(unet, styles, vae, crops, styled, args.bridge_steps, args.batch, args.size, gen, args.lr,
                  args.decoder_lr, {"flow": 1.0, "pixel": 1.0, "consistency": args.consistency, "recon": 0.5,
-                                   "sharp": args.sharp, "adversarial": args.adversarial}, args.device)
+                                   "sharp": args.sharp, "adversarial": args.adversarial}, args.device,
+                 temporal_disc=args.temporal_disc, moved_views=args.moved_views)
 
     seconds = time.perf_counter() - begin
     training = {"seed": args.seed, "seconds": round(seconds), "device": str(args.device), "threads": args.threads,
@@ -416,7 +489,9 @@ def main(argv: list[str] | None = None) -> int:
                 "latent_channels": vae.latent_channels, "more_images": args.more_images,
                 "ae_steps": args.ae_steps, "ae_photo_share": args.ae_photo_share, "bridge_steps": args.bridge_steps, "batch": args.batch,
                 "ae_lr": args.ae_lr, "lr": args.lr, "decoder_lr": args.decoder_lr, "sharp": args.sharp,
-                "adversarial": args.adversarial, "consistency": args.consistency, "teacher_styles": STYLES}
+                "adversarial": args.adversarial, "temporal_disc": args.temporal_disc, "moved_views": args.moved_views,
+                "consistency": args.consistency,
+                "teacher_styles": STYLES}
     save_demo_model(args.out, unet.eval(), vae.eval().requires_grad_(False), styles, schedule_extra={"training": training})
     log(f"wrote {args.out} after {seconds / 60:.1f} min: {json.dumps(training)}")
     return 0

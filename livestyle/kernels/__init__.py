@@ -226,11 +226,12 @@ def frame_out(x: torch.Tensor, signed: bool) -> torch.Tensor:
 
 
 def propagate(current: torch.Tensor, previous: torch.Tensor, back: torch.Tensor, confidence: torch.Tensor,
-              blend: torch.Tensor) -> torch.Tensor:
-    """`previous` warped along the small backward flow, blended into `current`; see reference.propagate."""
-    if _use_triton(current):
+              blend: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """`previous` warped along the small backward flow, blended into `current`; see reference.propagate.
+    The Triton kernel samples bilinearly; mode "bicubic" runs the reference (grid_sample) on any device."""
+    if mode == "bilinear" and _use_triton(current):
         return _load_triton()["propagate"].propagate(current, previous, back, confidence, blend)
-    return reference.propagate(current, previous, back, confidence, blend)
+    return reference.propagate(current, previous, back, confidence, blend, mode)
 
 
 def sampler_step(x: torch.Tensor, out: torch.Tensor, noise: torch.Tensor | None,

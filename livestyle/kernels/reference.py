@@ -127,7 +127,7 @@ def _check_motion(current, previous, back, confidence, blend) -> None:
 
 
 def propagate(current: torch.Tensor, previous: torch.Tensor, back: torch.Tensor, confidence: torch.Tensor,
-              blend: torch.Tensor) -> torch.Tensor:
+              blend: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Warp `previous` along the backward flow and blend it into `current` by confidence.
 
     current, previous (B, C, h, w): this frame's and the last frame's output (latents or
@@ -136,9 +136,9 @@ def propagate(current: torch.Tensor, previous: torch.Tensor, back: torch.Tensor,
     previous one (stream.flow.Motion). confidence (B, 1, fh, fw) fp32 in [0, 1]. blend
     (B,) fp32: the previous output's share where the flow is fully trusted; 0 returns
     current exactly. The flow and confidence are upsampled bilinearly (align_corners=False)
-    to (h, w) and the flow scaled to (h, w) pixels; previous is sampled there bilinearly,
-    borders replicated: out = current + blend * confidence * (warped - current), fp32
-    math, in current's dtype.
+    to (h, w) and the flow scaled to (h, w) pixels; previous is sampled there (mode
+    "bilinear" or "bicubic", grid_sample's), borders replicated: out = current + blend *
+    confidence * (warped - current), fp32 math, in current's dtype.
     """
     _check_motion(current, previous, back, confidence, blend)
     B, _, h, w = current.shape
@@ -150,7 +150,7 @@ def propagate(current: torch.Tensor, previous: torch.Tensor, back: torch.Tensor,
                             torch.arange(w, device=back.device, dtype=torch.float32), indexing="ij")
     grid = torch.stack([(xs + back[:, 0]) * (2 / max(w - 1, 1)) - 1,
                         (ys + back[:, 1]) * (2 / max(h - 1, 1)) - 1], dim=-1)  # (B, h, w, 2) in [-1, 1]
-    warped = F.grid_sample(previous.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    warped = F.grid_sample(previous.float(), grid, mode=mode, padding_mode="border", align_corners=True)
     weight = blend.float()[:, None, None, None] * confidence  # (B, 1, h, w)
     return (current.float() + weight * (warped - current.float())).to(current.dtype)
 

@@ -848,13 +848,14 @@ class Engine:
         size = (current.shape[-1], current.shape[-2])
         if not self.grid_on_device:
             grid, confidence = sampling_grid(motion, size, self.device)
-            return propagate(current, previous, grid, confidence, blend)
+            return propagate(current, previous, grid, confidence, blend, state.settings.temporal.warp)
         if size not in warps:
             warps[size] = warp_inputs(motion, size)
         # Small host tensors (the flow grid): the copies are queued, no sync.
         back, confidence = (t.to(self.device, non_blocking=True) for t in warps[size])
         return kernels.propagate(current, previous, back, confidence,
-                                 torch.full((1,), blend, dtype=torch.float32, device=self.device))
+                                 torch.full((1,), blend, dtype=torch.float32, device=self.device),
+                                 state.settings.temporal.warp)
 
     def _prior(self, state: StreamState, tag: Tag, z: torch.Tensor) -> torch.Tensor:
         """z with the previous output latent blended in along the motion (flow-guided latents)."""

@@ -155,36 +155,43 @@ def _pair(x: float, y: float) -> tuple[float, float, float, float]:
     return float(np.float32(x)), float(np.float32(y)), 0.0, 0.0
 
 
+_REMAP = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}  # grid_sample's modes -> cv2.remap's
+
+
 def propagate(current: torch.Tensor, previous: torch.Tensor, grid: torch.Tensor, confidence: torch.Tensor,
-              blend: float) -> torch.Tensor:
+              blend: float, mode: str = "bilinear") -> torch.Tensor:
     """Blend `previous`, warped along `grid`, into `current` where `confidence` trusts it.
 
     current, previous: (1, C, h, w) latents or images of the same size; grid (1, h, w, 2),
     confidence (1, 1, h, w) from `sampling_grid`; blend in [0, 1): the previous output's
-    share where the flow is fully trusted. Returns (1, C, h, w) in current's dtype:
+    share where the flow is fully trusted; mode "bilinear" or "bicubic" (TemporalSettings.warp).
+    Returns (1, C, h, w) in current's dtype:
 
-        warped = F.grid_sample(previous, grid, "bilinear", padding_mode="border", align_corners=True)
+        warped = F.grid_sample(previous, grid, mode, padding_mode="border", align_corners=True)
         out = current + blend * confidence * (warped - current), in float32
 
     On the CPU (tensors that need no gradient) this samples with cv2.remap, bilinear with
     replicated borders (the same sample as grid_sample's "border" with align_corners),
     and blends in numpy; the grid goes back to pixels first, which rounds the positions
     differently in the last float32 bit. Tested equal to grid_sample within 1e-4 (values
-    in [-1, 1]). OpenCV's remap kernels before 4.11 (opencv/opencv#26348) round the
+    in [-1, 1]), bicubic too (OpenCV's bicubic is torch's: a = -0.75, each tap's
+    position clamped to the border). OpenCV's remap kernels before 4.11 (opencv/opencv#26348) round the
     sample positions to 1/32 of a pixel: off by up to 1/64 pixel's worth of the local
     gradient there.
     """
+    if mode not in _REMAP:
+        raise ValueError(f"propagate: mode {mode!r} is not one of {', '.join(_REMAP)}")
     if current.is_cpu and previous.is_cpu and current.shape[0] == 1 \
             and not (current.requires_grad or previous.requires_grad):
-        return _propagate_host(current, previous, grid, confidence, blend)
-    warped = F.grid_sample(previous.float(), grid.float(), mode="bilinear", padding_mode="border",
+        return _propagate_host(current, previous, grid, confidence, blend, mode)
+    warped = F.grid_sample(previous.float(), grid.float(), mode=mode, padding_mode="border",
                            align_corners=True)
     weight = blend * confidence.float()
     return (current.float() + weight * (warped - current.float())).to(current.dtype)
 
 
 def _propagate_host(current: torch.Tensor, previous: torch.Tensor, grid: torch.Tensor, confidence: torch.Tensor,
-                    blend: float) -> torch.Tensor:
+                    blend: float, mode: str) -> torch.Tensor:
     """propagate on the CPU: cv2.remap per channel and a numpy blend, in float32, on this thread."""
     _, C, h, w = current.shape
     # [-1, 1] -> pixels (align_corners=True): x = (g + 1) * (w - 1) / 2; one (h, w, 2) remap map.
@@ -194,7 +201,7 @@ def _propagate_host(current: torch.Tensor, previous: torch.Tensor, grid: torch.T
     cur, prev = current[0].float().numpy(), previous[0].float().numpy()  # (C, h, w), views
     out = np.empty((C, h, w), np.float32)
     for c in range(C):
-        warped = cv2.remap(np.ascontiguousarray(prev[c]), where, None, cv2.INTER_LINEAR,
+        warped = cv2.remap(np.ascontiguousarray(prev[c]), where, None, _REMAP[mode],
                            borderMode=cv2.BORDER_REPLICATE)  # (h, w)
         np.subtract(warped, cur[c], out=warped)
         np.multiply(warped, weight, out=warped)
