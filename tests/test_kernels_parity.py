@@ -488,6 +488,8 @@ def test_bicubic_propagate_is_the_reference_on_every_backend_and_the_cpu_path(tr
                                want.cpu(), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="nearest"):
         flow.propagate(current.cpu(), previous.cpu(), grid, conf, 0.8, "nearest")
+    with pytest.raises(ValueError, match="bilinearly only"):  # the kernel is never handed a mode it lacks
+        kernels._load_triton()["propagate"].propagate(current, previous, back, confidence, blend, "bicubic")
 
 
 # -- sampler step -----------------------------------------------------------------------------

@@ -184,9 +184,9 @@ def steady_teacher(teacher, paths, frames: int, size: tuple[int, int], style: st
     the same camera path, so its strokes move exactly with the scene.
 
     Its warp error is what resampling alone costs an output as sharp as this (the clips
-    and the metric both interpolate bilinearly), the least any output of its sharpness
-    can score; flicker's student figures are to be read against it. Returns the mean
-    warp error and the mean sharpness of its frames.
+    and the metric both interpolate bilinearly), about the least an output of its
+    sharpness can score; flicker's student figures are to be read against it. Returns
+    the mean warp error and the mean sharpness of its frames.
     """
     errors, sharp = [], []
     for name, path in paths:

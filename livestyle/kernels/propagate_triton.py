@@ -86,8 +86,11 @@ def _propagate_kernel(cur_ptr, prev_ptr, back_ptr, conf_ptr, blend_ptr, out_ptr,
 
 
 def propagate(current: torch.Tensor, previous: torch.Tensor, back: torch.Tensor, confidence: torch.Tensor,
-              blend: torch.Tensor) -> torch.Tensor:
-    """Same contract as reference.propagate; returns (B, C, h, w) contiguous, in current's dtype."""
+              blend: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Same contract as reference.propagate, bilinear only (kernels.propagate sends "bicubic" to the
+    reference); returns (B, C, h, w) contiguous, in current's dtype."""
+    if mode != "bilinear":
+        raise ValueError(f"propagate_triton: samples bilinearly only, got mode {mode!r}")
     reference._check_motion(current, previous, back, confidence, blend)
     B, C, h, w = current.shape
     fh, fw = back.shape[-2:]

@@ -170,14 +170,14 @@ def propagate(current: torch.Tensor, previous: torch.Tensor, grid: torch.Tensor,
         warped = F.grid_sample(previous, grid, mode, padding_mode="border", align_corners=True)
         out = current + blend * confidence * (warped - current), in float32
 
-    On the CPU (tensors that need no gradient) this samples with cv2.remap, bilinear with
-    replicated borders (the same sample as grid_sample's "border" with align_corners),
-    and blends in numpy; the grid goes back to pixels first, which rounds the positions
-    differently in the last float32 bit. Tested equal to grid_sample within 1e-4 (values
-    in [-1, 1]), bicubic too (OpenCV's bicubic is torch's: a = -0.75, each tap's
-    position clamped to the border). OpenCV's remap kernels before 4.11 (opencv/opencv#26348) round the
-    sample positions to 1/32 of a pixel: off by up to 1/64 pixel's worth of the local
-    gradient there.
+    On the CPU (tensors that need no gradient) this samples with cv2.remap in the same
+    mode with replicated borders (the same sample as grid_sample's "border" with
+    align_corners; OpenCV's bicubic is torch's, a = -0.75, each tap clamped to the
+    border), and blends in numpy; the grid goes back to pixels first, which rounds the
+    positions differently in the last float32 bit. Tested equal to grid_sample within
+    1e-4 (values in [-1, 1]), both modes. OpenCV's remap kernels before 4.11
+    (opencv/opencv#26348) round the sample positions to 1/32 of a pixel: off by up to
+    1/64 pixel's worth of the local gradient there.
     """
     if mode not in _REMAP:
         raise ValueError(f"propagate: mode {mode!r} is not one of {', '.join(_REMAP)}")
