@@ -8,7 +8,7 @@ earlier one, resampled once per frame since. To separate what that resampling co
 from what averaging textures that do not line up costs, this runs the blend with full
 confidence and the true motion on clips that are steady by construction (the teacher's
 stylisation rendered along each camera path, training/evaluate_demo.py's
-steady_teacher), where averaging aligned frames would change nothing; prints the
+steady_clip), where averaging aligned frames would change nothing; prints the
 output's sharpness (variance of the Laplacian) over the clip's own, per style and
 interpolation (OpenCV remap, replicated borders), frames 4 to 11 of each clip (after
 the blend has settled). Deterministic; needs the style teacher (extra "train").
@@ -27,12 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from livestyle.capture.synthetic import motion_clip  # noqa: E402
-from training.data import HELD_OUT, camera_paths, load_image  # noqa: E402
-from training.evaluate_demo import at_frame_scale, sharpness  # noqa: E402
+from training.data import HELD_OUT, camera_paths  # noqa: E402
+from training.evaluate_demo import sharpness, steady_clip  # noqa: E402
 from training.train_demo import STYLES  # noqa: E402
 
-INTERPOLATIONS = {"bilinear (the engine's)": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic (the engine's default)": cv2.INTER_CUBIC}
 SETTLE = 3  # blended frames left out before the blend has carried a few frames
 
 
@@ -74,15 +73,12 @@ def main(argv: list[str] | None = None) -> int:
           f"blend {args.blend}, full confidence, true motion")
     print("| style | " + " | ".join(f"sharpness kept, {name}" for name in INTERPOLATIONS) + " |")
     print("| --- |" + " --- |" * len(INTERPOLATIONS))
-    for style, index in STYLES.items():
+    for style in STYLES:
         kept = {name: [] for name in INTERPOLATIONS}
         for name, path in paths:
-            big, big_path = at_frame_scale(load_image(name), path)
-            styled = teacher.stylize(big.astype(np.float32).transpose(2, 0, 1)[None] / 255, index)[0]
-            styled = (styled.transpose(1, 2, 0).clip(0, 1) * 255 + 0.5).astype(np.uint8)
-            clip, flows, _ = motion_clip(styled, big_path, args.frames, size)
+            clip, flows, _ = steady_clip(teacher, name, path, args.frames, size, style)
             for label, interpolation in INTERPOLATIONS.items():
-                kept[label].append(blended_sharpness(clip.astype(np.float32) / 255, flows, args.blend, interpolation))
+                kept[label].append(blended_sharpness(clip, flows, args.blend, interpolation))
         print(f"| {style} | " + " | ".join(f"{np.mean(v):.3f}" for v in kept.values()) + " |")
     return 0
 

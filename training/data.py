@@ -158,5 +158,6 @@ def motion_clips(
     uint8 (T, h, w, 3), flows float32 (T - 1, h, w, 2) from frame t + 1 back to frame t,
     valid bool (T - 1, h, w), for `size` = (w, h). Use HELD_OUT names for evaluation.
     """
-    return [motion_clip(load_image(name), path, frames, size)
+    images = {name: load_image(name) for name in dict.fromkeys(names)}
+    return [motion_clip(images[name], path, frames, size)
             for name, path in camera_paths(names, rng, n_clips, frames, size)]

@@ -177,11 +177,20 @@ def at_frame_scale(image: np.ndarray, path: CameraPath) -> tuple[np.ndarray, Cam
         pan=(path.pan[0] * kx, path.pan[1] * ky))
 
 
+def steady_clip(teacher, name: str, path: CameraPath, frames: int, size: tuple[int, int], style: str):
+    """The teacher's stylisation of image `name`, made once at the scale `path`'s frames show
+    it (at_frame_scale), rendered along `path`: frames (T, h, w, 3) float32 in [0, 1] (from
+    uint8, as the clips), flows and valid as motion_clip's. Its strokes move exactly with the scene."""
+    big, big_path = at_frame_scale(load_image(name), path)
+    styled = teacher.stylize(big.astype(np.float32).transpose(2, 0, 1)[None] / 255, STYLES[style])[0]
+    styled = (styled.transpose(1, 2, 0).clip(0, 1) * 255 + 0.5).astype(np.uint8)
+    clip, flows, valid = motion_clip(styled, big_path, frames, size)
+    return clip.astype(np.float32) / 255, flows, valid
+
+
 def steady_teacher(teacher, paths, frames: int, size: tuple[int, int], style: str) -> dict:
     """A perfectly steady stylisation at the teacher's own stroke scale, as a reference for
-    the warp error: the teacher stylises each clip's source image once, at the scale the
-    clip's frames show it (at_frame_scale), and the clip is rendered from that along
-    the same camera path, so its strokes move exactly with the scene.
+    the warp error: steady_clip along each of `paths` ((image name, CameraPath) pairs).
 
     Its warp error is what resampling alone costs an output as sharp as this (the clips
     and the metric both interpolate bilinearly), about the least an output of its
@@ -190,11 +199,7 @@ def steady_teacher(teacher, paths, frames: int, size: tuple[int, int], style: st
     """
     errors, sharp = [], []
     for name, path in paths:
-        big, big_path = at_frame_scale(load_image(name), path)
-        styled = teacher.stylize(big.astype(np.float32).transpose(2, 0, 1)[None] / 255, STYLES[style])[0]
-        styled = (styled.transpose(1, 2, 0).clip(0, 1) * 255 + 0.5).astype(np.uint8)
-        clip, flows, valid = motion_clip(styled, big_path, frames, size)
-        clip = clip.astype(np.float32) / 255
+        clip, flows, valid = steady_clip(teacher, name, path, frames, size, style)
         errors.append(warp_error(clip, flows, valid))
         sharp.append(np.mean([sharpness(f) for f in clip]))
     return {"warp": float(np.mean(errors)), "sharpness": float(np.mean(sharp))}
