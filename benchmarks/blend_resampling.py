@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from livestyle.metrics import sharpness  # noqa: E402
 from training.data import HELD_OUT, camera_paths  # noqa: E402
-from training.evaluate_demo import sharpness, steady_clip  # noqa: E402
+from training.evaluate_demo import steady_clip  # noqa: E402
 from training.train_demo import STYLES  # noqa: E402
 
 INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic (the engine's default)": cv2.INTER_CUBIC}

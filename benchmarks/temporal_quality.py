@@ -29,13 +29,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from livestyle.config import StreamSettings, TemporalSettings  # noqa: E402
-from livestyle.metrics import warp_error  # noqa: E402
+from livestyle.metrics import sharpness, warp_error  # noqa: E402
 from livestyle.errors import LivestyleError  # noqa: E402
 from livestyle.models.demo import DEMO_MODEL  # noqa: E402
 from livestyle.models.loading import load_pipeline  # noqa: E402
 from livestyle.stream.engine import Engine  # noqa: E402
 from training.data import HELD_OUT, motion_clips  # noqa: E402
-from training.evaluate_demo import sharpness  # noqa: E402
 
 NOISE = 0.01  # per-pixel sensor noise (std, on [0,1]), as training/evaluate_demo.py
 

@@ -56,6 +56,16 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
+def sharpness(image: np.ndarray) -> float:
+    """Variance of the Laplacian of an (H, W, 3) image in [0, 1], on its 8-bit-scale luma.
+
+    The usual focus measure (Pech-Pacheco et al. 2000): edges and strokes raise it,
+    blur lowers it. Only ratios between images of the same scene are meaningful.
+    """
+    luma = np.asarray(image, np.float64) @ np.array([0.299, 0.587, 0.114]) * 255
+    return float(cv2.Laplacian(luma, cv2.CV_64F).var())
+
+
 def warp(frame: np.ndarray, flow: np.ndarray) -> np.ndarray:
     """Backward warp: output[p] = frame[p + flow[p]], bilinear (cv2.remap).
 

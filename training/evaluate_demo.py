@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from livestyle.capture.synthetic import CameraPath, motion_clip  # noqa: E402
-from livestyle.metrics import psnr, ssim, warp_error  # noqa: E402
+from livestyle.metrics import psnr, sharpness, ssim, warp_error  # noqa: E402
 from livestyle.models.demo import DEMO_MODEL  # noqa: E402
 from livestyle.models.loading import load_autoencoder, load_pipeline  # noqa: E402
 from livestyle.models.temporal import TemporalCache  # noqa: E402
@@ -56,16 +56,6 @@ NOISE = 0.01  # per-pixel sensor noise (std, on [0,1]) added to clip frames
 def hwc(x: torch.Tensor) -> np.ndarray:
     """(3,H,W) tensor -> (H,W,3) float array."""
     return x.permute(1, 2, 0).float().numpy()
-
-
-def sharpness(image: np.ndarray) -> float:
-    """Variance of the Laplacian of an (H, W, 3) image in [0, 1], on its 8-bit-scale luma.
-
-    The usual focus measure (Pech-Pacheco et al. 2000): edges and strokes raise it,
-    blur lowers it. Only ratios between images of the same scene are meaningful.
-    """
-    luma = np.asarray(image, np.float64) @ np.array([0.299, 0.587, 0.114]) * 255
-    return float(cv2.Laplacian(luma, cv2.CV_64F).var())
 
 
 def grid_ratio(output: np.ndarray, reference: np.ndarray, period: int = 8) -> float:
