@@ -172,3 +172,10 @@ def test_blend_resampling_keeps_a_still_texture_and_blurs_a_moving_one_less_with
     bilinear = blend_resampling.blended_sharpness(frames, back, 0.5, cv2.INTER_LINEAR)
     bicubic = blend_resampling.blended_sharpness(frames, back, 0.5, cv2.INTER_CUBIC)
     assert bilinear < 0.7 and bicubic > bilinear + 0.1, (bilinear, bicubic)  # 0.58 and 0.75 measured
+
+
+def test_blend_resampling_times_both_warp_modes():
+    from benchmarks import blend_resampling
+
+    ms = blend_resampling.warp_ms(3, 32, runs=2)
+    assert set(ms) == {"bilinear", "bicubic"} and all(v > 0 for v in ms.values())
