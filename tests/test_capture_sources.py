@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from media_clips import make_clip, picture
 
-from livestyle.capture.files import FileSource
+from livestyle.capture.files import FileSource, frames_in_gaps
 from livestyle.capture.folder import ImageFolderSource, list_images
 from livestyle.capture.sources import SyntheticSource, camera_index, is_url, open_source
 from livestyle.errors import LivestyleError
@@ -98,19 +98,42 @@ def test_bad_files_fail_at_opening_with_one_line(tmp_path, make, message):
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_damaged_middle_keeps_what_decodes(tmp_path):
-    """Zeros over part of an MPEG-TS stream: the frames around them still come out, and the
-    damage is counted (the CLI reports it in one line and exits 1)."""
+@pytest.mark.parametrize("where", [0.25, 0.5, 0.7])
+def test_damaged_middle_keeps_what_decodes_and_counts_the_rest(tmp_path, where):
+    """Zeros over part of an MPEG-TS stream (no index: the demuxer drops what it cannot parse
+    without a word): the frames around them still come out, and every frame that did not is
+    counted from the gap in the timestamps (the CLI reports it in one line and exits 1)."""
     clip = make_clip(tmp_path / "in.ts", (64, 48), frames=48, audio=None)
     data = bytearray(clip.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 2000] = bytes(2000)
+    at = int(len(data) * where)
+    data[at:at + 2000] = bytes(2000)
     damaged = tmp_path / "damaged.ts"
     damaged.write_bytes(bytes(data))
     with FileSource(damaged) as source:
         frames = list(source)
-    assert 36 <= len(frames) < 48
-    assert source.damaged >= 1
+    assert 30 <= len(frames) < 48
+    assert len(frames) + source.damaged >= 48  # a lost frame may also have been a packet the decoder refused
+
+
+def test_a_whole_ts_stream_has_nothing_missing_at_a_constant_or_variable_rate(tmp_path):
+    stamps = [0, 40, 70, 130, 140, 200, 260, 262, 300, 400]
+    for clip in (make_clip(tmp_path / "cfr.ts", frames=24, audio=None),
+                 make_clip(tmp_path / "vfr.ts", frames=len(stamps), pts=stamps, time_base=Fraction(1, 1000),
+                           audio=None)):
+        with FileSource(clip) as source:
+            frames = list(source)
+        assert source.damaged == 0 and len(frames) == (24 if clip.stem == "cfr" else len(stamps))
+
+
+def test_frames_in_gaps_counts_whole_missing_steps_of_a_constant_rate_only():
+    step = Fraction(1, 24)
+    kept = [i * step for i in range(48) if i not in (10, 11, 12, 30)]
+    assert frames_in_gaps(kept, step) == 4
+    assert frames_in_gaps([i * step for i in range(48)], step) == 0
+    assert frames_in_gaps(list(reversed(kept)) + kept[:5], step) == 4  # order and repeats do not matter
+    variable = [Fraction(t, 1000) for t in (0, 40, 70, 130, 140, 200, 260, 262, 300, 400)]
+    assert frames_in_gaps(variable, Fraction(1, 25)) == 0  # a variable rate's gaps are its timing
+    assert frames_in_gaps([Fraction(0)], step) == 0 and frames_in_gaps([], step) == 0
 
 
 def test_image_folder_in_natural_order_and_one_size(tmp_path):

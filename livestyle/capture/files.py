@@ -21,12 +21,29 @@ from livestyle.errors import LivestyleError
 
 log = logging.getLogger(__name__)
 
+MAX_RESYNCS = 1000  # a damaged file: times the demuxer may lose sync (EAGAIN) before reading stops
 OPEN_TIMEOUT_S = 10.0  # network streams: give up opening, or a read, after this long (the CLI's --timeout)
 
 
 def _describe_streams(container: av.container.InputContainer) -> str:
     kinds = [f"{s.type} {s.codec_context.name if s.codec_context else '?'}" for s in container.streams]
     return ", ".join(kinds) or "no streams"
+
+
+def frames_in_gaps(stamps: list[Fraction], step: Fraction) -> int:
+    """Frames missing from a constant-rate stream: what the gaps in its timestamps would hold.
+
+    stamps: the decoded frames' times; step: one frame's duration, in the same unit. A
+    constant-rate stream's intervals are whole steps, most of them one; a stream whose
+    intervals fall between steps is variable-rate, its gaps are its timing, not loss, and 0
+    is returned.
+    """
+    times = sorted(set(stamps))
+    steps = [(b - a) / step for a, b in zip(times, times[1:])] if step > 0 else []
+    on_grid = [round(s) for s in steps if round(s) >= 1 and abs(s - round(s)) <= 0.02]
+    if not steps or len(on_grid) < 0.9 * len(steps) or on_grid.count(1) < 0.5 * len(steps):
+        return 0
+    return sum(n - 1 for n in on_grid)
 
 
 def upright(frame: av.VideoFrame) -> av.VideoFrame:
@@ -55,8 +72,9 @@ class FileSource:
     one without video, fails here with a one-line LivestyleError.
 
     A damaged file is read past its damage: `damaged` counts the video packets that could
-    not be decoded, the read errors that ended it early and the frames a container's index
-    lists that never came, for the caller to report.
+    not be decoded, the read errors that ended it early and the frames that never came: those
+    a container's index lists (MP4, MOV) or, in one without an index (MPEG-TS, Matroska), those
+    the gaps in a constant-rate stream's timestamps would hold. The caller reports the count.
     """
 
     def __init__(self, path: str | Path, live: bool | None = None, timeout: float = OPEN_TIMEOUT_S):
@@ -128,7 +146,7 @@ class FileSource:
         """Decoded video frames (upright, with pts) and raw audio packets, in file order."""
         streams = [self.video] + ([self.audio] if self.audio else [])
         rate = self.video.average_rate or self.video.guessed_rate or 25
-        count = 0
+        count, stamps, resyncs = 0, [], 0
         packets = self.container.demux(streams)
         while True:
             try:
@@ -136,6 +154,10 @@ class FileSource:
             except StopIteration:
                 break
             except av.FFmpegError as e:
+                if isinstance(e, av.error.BlockingIOError) and not self.network and resyncs < MAX_RESYNCS:
+                    resyncs += 1  # EAGAIN: the demuxer lost sync in damaged data; a new read goes on past it
+                    packets = self.container.demux(streams)
+                    continue
                 if self.network:  # a stalled or dropped stream: an error the run reports, not an end
                     why = (f"no data for {self.timeout:g} s" if isinstance(e, av.error.ExitError)
                            else e.strerror if isinstance(e, OSError) and e.strerror else e)
@@ -158,12 +180,17 @@ class FileSource:
                     frame.time_base = Fraction(1, 1) / Fraction(rate)
                     frame.pts = count
                 count += 1
+                if frame.time_base:
+                    stamps.append(frame.pts * frame.time_base)  # seconds, exact
                 yield upright(frame)
         # MP4 and MOV list every frame in their index: fewer decoded is a cut or damaged file.
-        missing = self.video.frames - count - self.damaged
-        if self.video.frames and missing > 0:
-            log.debug("%s: %d of the %d frames its index lists could not be read", self.name, missing,
-                      self.video.frames)
+        # Without an index, a damaged MPEG-TS loses whole packets silently: its timestamps show the gap.
+        if self.video.frames:
+            missing = self.video.frames - count - self.damaged
+        else:
+            missing = frames_in_gaps(stamps, 1 / Fraction(rate)) - self.damaged
+        if missing > 0:
+            log.debug("%s: %d frames could not be read", self.name, missing)
             self.damaged += missing
 
     def read(self, audio: bool = False) -> Iterator[av.VideoFrame | av.Packet]:
