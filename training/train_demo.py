@@ -19,6 +19,10 @@
         --consistency 2 --temporal-disc --out /tmp/v3t   # v3b with the temporal discriminator (4.6 min);
         # --moved-views instead of --temporal-disc: v3m; --ae-steps 0 --lr 0 --decoder-lr 2e-4 and neither:
         # the adversarial decoder alone on v2's U-Net, v3d (figures: README)
+    python training/train_demo.py --init livestyle/weights/demo --upsample bilinear --pool 600 --size 96 \
+        --ae-steps 200 --ae-lr 5e-4 --bridge-steps 1200 --batch 6 --lr 2e-4 --sharp 1 --adversarial 0.05 \
+        --consistency 6 --temporal-disc --threads 2 --out /tmp/v3tb6   # v3t (6) on v2's decoder upsampling
+        # bilinearly (7.9 min); --consistency 2 without --temporal-disc: v3bb; add --equivariance 4: v3be
 
 Objective: distillation of a feed-forward style-transfer teacher into a rectified-flow
 bridge from frame to stylised frame, in a learned latent space.
@@ -50,6 +54,11 @@ bridge from frame to stylised frame, in a learned latent space.
   al. 2020); `--moved-views` makes the consistency term compare views a sub-pixel pan,
   rotation and zoom apart, warped bilinearly as the evaluation's clips are, instead of
   a whole-pixel shift.
+- Texture that moves with the scene (v3): `--upsample bilinear` gives v2's decoder
+  (same weights) bilinear instead of nearest 2x upsampling, which pins texture to the
+  latent grid (StyleGAN3's "texture sticking"); `--equivariance` adds
+  `decoder_equivariance`, the decoder's output for a latent moved by a fraction of a
+  cell against its output moved.
 - Style is conditioned like a prompt: a learned embedding of 4 tokens x 64 dims per
   style, fed to the U-Net's cross-attention (`StyleBank`).
 
@@ -163,6 +172,33 @@ def moved_view(batch: torch.Tensor, size: int, gen: torch.Generator) -> tuple[to
     return b, normalised(qx, qy, size), valid
 
 
+def decoder_equivariance(decode, latents: torch.Tensor, gen: torch.Generator, margin: int = 8) -> torch.Tensor:
+    """L1 between the decoding of moved latents and the decoding moved: what a decoder's
+    texture does when the scene moves by a fraction of a latent cell.
+
+    One random motion for the batch, a sub-pixel pan (up to 3 output px), rotation (up to
+    1.5 degrees) and zoom (up to 1.5%) about the centre, applied to the latents
+    (bilinearly) and to their decoding (bicubically) through the same normalised affine
+    grid, which is one geometric motion at both resolutions (align_corners=False). A
+    decoder that pins its texture to the latent grid (nearest upsampling) scores high; one
+    whose texture moves with its latent scores low. `margin` output px at the borders,
+    where the moved views run off the image, are left out.
+    """
+    h, w = latents.shape[-2:]
+    d = (torch.rand(2, generator=gen) * 2 - 1) * 3
+    angle = float(torch.rand((), generator=gen) * 2 - 1) * np.deg2rad(1.5)
+    scale = float(np.exp(float(torch.rand((), generator=gen) * 2 - 1) * np.log(1.015)))
+    theta = torch.tensor([[scale * np.cos(angle), -scale * np.sin(angle), 2 * float(d[0]) / (8 * w)],
+                          [scale * np.sin(angle), scale * np.cos(angle), 2 * float(d[1]) / (8 * h)]],
+                         dtype=latents.dtype, device=latents.device)[None].expand(len(latents), -1, -1)
+    small = F.affine_grid(theta, list(latents.shape), align_corners=False)
+    moved = decode(F.grid_sample(latents, small, mode="bicubic", padding_mode="border", align_corners=False))
+    out = decode(latents)
+    big = F.affine_grid(theta, list(out.shape), align_corners=False)
+    expected = F.grid_sample(out, big, mode="bicubic", padding_mode="border", align_corners=False)
+    return (moved - expected)[..., margin:-margin, margin:-margin].abs().mean()
+
+
 def gradient_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """L1 between image gradients: keeps the strokes and edges sharp."""
     return ((x[..., 1:, :] - x[..., :-1, :]) - (y[..., 1:, :] - y[..., :-1, :])).abs().mean() + \
@@ -258,8 +294,9 @@ def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, 
     renders the one-step latents sharply, while the encoder stays fixed.
 
     weights: "flow", "pixel", "consistency", "recon", "sharp" (sharpness_loss on the
-    one-step output and the reconstruction) and "adversarial" (0 leaves the
-    discriminator out). temporal_disc: the discriminator judges the two shifted views'
+    one-step output and the reconstruction), "adversarial" (0 leaves the
+    discriminator out) and "equivariance" (decoder_equivariance on view a's one-step
+    latents, detached: it trains the decoder only). temporal_disc: the discriminator judges the two shifted views'
     outputs together, aligned on their overlap (PatchDiscriminator(images=2)), instead
     of view a's output alone. moved_views: view b is moved_view's sub-pixel camera motion
     instead of views' whole-pixel shift.
@@ -309,6 +346,8 @@ def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, 
         # Strength 0 must still give the input back: the tuned decoder keeps reconstructing photos.
         recon_loss = (recon - a).abs().mean()
         sharp = sharpness_loss(out_a, target_a) + sharpness_loss(recon, a) if weights["sharp"] else torch.zeros(())
+        equivariance = decoder_equivariance(vae.decode_raw, (z0 + v0[:batch]).detach(), gen) \
+            if weights["equivariance"] else torch.zeros(())
         if temporal_disc:  # the photo and both views' outputs on their overlap; the teacher's two views are equal
             photo_o, _ = overlap(a, b, shift)
             teacher_o, _ = overlap(target_a, target_a, shift)
@@ -319,7 +358,8 @@ def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, 
         adversarial = -disc(*fake, style=style).mean() if disc is not None else torch.zeros(())
         loss = weights["flow"] * flow_loss + weights["pixel"] * pixel_loss + \
             weights["consistency"] * consistency + weights["recon"] * recon_loss + \
-            weights["sharp"] * sharp + weights["adversarial"] * adversarial
+            weights["sharp"] * sharp + weights["adversarial"] * adversarial + \
+            weights["equivariance"] * equivariance
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -334,6 +374,7 @@ def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, 
         if step % 100 == 0 or step == steps - 1:
             log(f"bridge step {step:5d}/{steps}  flow {flow_loss.item():.4f}  pixel {pixel_loss.item():.4f}  "
                 f"consistency {consistency.item():.4f}  sharp {sharp.item():.4f}  adversarial {adversarial.item():.3f}  "
+                f"equivariance {equivariance.item():.4f}  "
                 f"{time.perf_counter() - start:.0f} s")
 
 
@@ -379,8 +420,9 @@ def main(argv: list[str] | None = None) -> int:
                         "output) instead of a fresh one; with --ae-steps 0 the bridge trains on it as it is")
     parser.add_argument("--ae-only", action="store_true", help="train the autoencoder only and write it to --out "
                         "as a LiteAutoencoder folder")
-    parser.add_argument("--upsample", choices=UPSAMPLES, default="nearest",
-                        help="decoder of a fresh autoencoder: nearest (v2) or shuffle (sub-pixel convs, v3)")
+    parser.add_argument("--upsample", choices=UPSAMPLES, help="the decoder's upsampling: nearest (v2, the default "
+                        "of a fresh one), bilinear (v2's weights, smooth) or shuffle (sub-pixel convs, v3); "
+                        "with --init or --autoencoder, switches between nearest and bilinear")
     parser.add_argument("--full-res-width", type=int, default=0,
                         help="channels of the fresh shuffle decoder's full-resolution residual block (0: none)")
     parser.add_argument("--latent-channels", type=int, default=LATENT,
@@ -406,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--moved-views", action="store_true", help="the consistency term compares views a "
                         "sub-pixel pan, rotation and zoom apart instead of a whole-pixel shift")
     parser.add_argument("--consistency", type=float, default=1.0, help="weight of the shift-consistency term")
+    parser.add_argument("--equivariance", type=float, default=0.0, help="weight of the decoder-equivariance term: "
+                        "the decoder's output must move as its latent moves by a fraction of a cell")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a tiny run that only checks the script works")
     args = parser.parse_args(argv)
@@ -426,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.autoencoder is not None and not (args.autoencoder / "config.json").is_file():
         parser.error(f"--autoencoder {args.autoencoder}: not an autoencoder folder (no config.json)")
     try:
-        ae_config = LiteAutoencoderConfig(latent_channels=args.latent_channels, upsample=args.upsample,
+        ae_config = LiteAutoencoderConfig(latent_channels=args.latent_channels, upsample=args.upsample or "nearest",
                                           full_res_width=args.full_res_width)
     except ValueError as e:
         parser.error(str(e))
@@ -460,6 +504,11 @@ def main(argv: list[str] | None = None) -> int:
             vae = LiteAutoencoder(ae_config)
         unet = UNet(demo_unet_config(latent_channels=args.latent_channels, style_dim=STYLE_DIM))
         styles = StyleBank(tuple(STYLES), torch.randn(len(STYLES), STYLE_TOKENS, STYLE_DIM) * 0.5)
+    if args.upsample is not None and isinstance(vae, LiteAutoencoder):
+        try:
+            vae = vae.with_upsample(args.upsample)
+        except ValueError as e:
+            parser.error(f"--upsample {args.upsample}: {e}")
     vae, unet, styles = vae.to(args.device).train(), unet.to(args.device).train(), styles.to(args.device)
     vae.requires_grad_(True)
     train_autoencoder(vae, crops, styled, args.ae_steps, args.batch * 2, args.size, gen, args.ae_lr, args.sharp,
@@ -479,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     styles.requires_grad_(True)
     train_bridge(unet, styles, vae, crops, styled, args.bridge_steps, args.batch, args.size, gen, args.lr,
                  args.decoder_lr, {"flow": 1.0, "pixel": 1.0, "consistency": args.consistency, "recon": 0.5,
-                                   "sharp": args.sharp, "adversarial": args.adversarial}, args.device,
+                                   "sharp": args.sharp, "adversarial": args.adversarial,
+                                   "equivariance": args.equivariance}, args.device,
                  temporal_disc=args.temporal_disc, moved_views=args.moved_views)
 
     seconds = time.perf_counter() - begin
@@ -490,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ae_steps": args.ae_steps, "ae_photo_share": args.ae_photo_share, "bridge_steps": args.bridge_steps, "batch": args.batch,
                 "ae_lr": args.ae_lr, "lr": args.lr, "decoder_lr": args.decoder_lr, "sharp": args.sharp,
                 "adversarial": args.adversarial, "temporal_disc": args.temporal_disc, "moved_views": args.moved_views,
-                "consistency": args.consistency,
+                "consistency": args.consistency, "equivariance": args.equivariance, "upsample": vae.config.upsample,
                 "teacher_styles": STYLES}
     save_demo_model(args.out, unet.eval(), vae.eval().requires_grad_(False), styles, schedule_extra={"training": training})
     log(f"wrote {args.out} after {seconds / 60:.1f} min: {json.dumps(training)}")

@@ -10,11 +10,16 @@ A slimmer cousin of taesd.py's TinyAutoencoder, sized so that encode + decode at
   so no conv ever runs at full resolution (v3's full-resolution block is narrow);
 - residual blocks are two convs wide instead of TAESD's three.
 
-Two decoders, chosen by the config (its defaults are the shipped v2 one):
+Three decoders, chosen by the config (its defaults are the shipped v2 one):
 
 - upsample "nearest" (v2): nearest-neighbour 2x then a conv, twice, and a final
   PixelShuffle. Cheap, but each nearest upsample copies a value into a 2x2 block
   and the round trip shows a faint 8-px grid and keeps ~5% of a photo's sharpness.
+- upsample "bilinear": v2's layout and weights (the same tensors, so a v2 decoder loads
+  into it) with bilinear 2x upsampling. Nearest copies pin the decoder's texture to the
+  latent grid: a latent that moves by a fraction of a cell comes out as texture that
+  jumps (StyleGAN3's "texture sticking", Karras et al. 2021, arXiv:2106.12423); bilinear
+  upsampling lets it move smoothly with the scene.
 - upsample "shuffle": every 2x is a conv to 4x the channels and a PixelShuffle
   (sub-pixel convolution, Shi et al. 2016, arXiv:1609.05158), initialised as
   nearest-neighbour (ICNR, Aitken et al. 2017, arXiv:1707.02937) so that training
@@ -33,7 +38,7 @@ v2 folders read and write exactly as before.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -41,14 +46,16 @@ import torch.nn as nn
 from livestyle.errors import CheckpointError
 
 CLASS_NAME = "LiteAutoencoder"  # config.json `_class_name`
-UPSAMPLES = ("nearest", "shuffle")
+UPSAMPLES = ("nearest", "bilinear", "shuffle")
+V2_LAYOUT = ("nearest", "bilinear")  # upsamples with v2's tensors: either loads the other's weights
 
 
 @dataclass(frozen=True)
 class LiteAutoencoderConfig:
     """latent_channels: C of the (B, C, H/8, W/8) latents; width: channels of the inner convs (even).
 
-    upsample: "nearest" (v2's decoder) or "shuffle" (sub-pixel convs at every 2x).
+    upsample: "nearest" (v2's decoder), "bilinear" (v2's layout, smooth upsampling) or "shuffle"
+    (sub-pixel convs at every 2x).
     full_res_width: channels of the residual block at full resolution ("shuffle" only; 0: none).
     """
 
@@ -134,15 +141,18 @@ class Shuffle2x(nn.Sequential):
             bias.copy_(bias[::4].repeat_interleave(4, dim=0))
 
 
-def Decoder(latent_channels=16, width=48):
-    """v2: (B, latent_channels, h, w) -> (B, 3, 8h, 8w), roughly [0, 1] (not clamped)."""
+def Decoder(latent_channels=16, width=48, mode="nearest"):
+    """v2: (B, latent_channels, h, w) -> (B, 3, 8h, 8w), roughly [0, 1] (not clamped).
+
+    mode: the two 2x upsamples' interpolation, "nearest" (v2) or "bilinear"; no weights of their own.
+    """
     w = width
     return nn.Sequential(
         conv(latent_channels, w), nn.ReLU(),
         Res(w), Res(w),
-        nn.Upsample(scale_factor=2), conv(w, w), nn.ReLU(),           # 2h
+        nn.Upsample(scale_factor=2, mode=mode), conv(w, w), nn.ReLU(),       # 2h
         Res(w),
-        nn.Upsample(scale_factor=2), conv(w, w // 2), nn.ReLU(),      # 4h
+        nn.Upsample(scale_factor=2, mode=mode), conv(w, w // 2), nn.ReLU(),  # 4h
         conv(w // 2, 3 * 2 * 2), nn.PixelShuffle(2),                  # 8h: (B, 12, 4h, 4w) -> (B, 3, 8h, 8w)
     )  # fmt: skip
 
@@ -177,10 +187,22 @@ class LiteAutoencoder(nn.Module):
         self.config = config
         self.latent_channels = config.latent_channels
         self.encoder = Encoder(config.latent_channels, config.width)
-        if config.upsample == "nearest":
-            self.decoder = Decoder(config.latent_channels, config.width)
+        if config.upsample in V2_LAYOUT:
+            self.decoder = Decoder(config.latent_channels, config.width, config.upsample)
         else:
             self.decoder = ShuffleDecoder(config.latent_channels, config.width, config.full_res_width)
+
+    def with_upsample(self, upsample: str) -> LiteAutoencoder:
+        """A copy whose decoder upsamples another way, with these weights: "nearest" and "bilinear"
+        only (the same tensors; "shuffle" has others). ValueError for any other switch."""
+        if upsample == self.config.upsample:
+            return self
+        if upsample not in V2_LAYOUT or self.config.upsample not in V2_LAYOUT:
+            raise ValueError(f"a {self.config.upsample!r} decoder's weights cannot become a {upsample!r} one's "
+                             f"(only {' and '.join(V2_LAYOUT)} share theirs)")
+        twin = LiteAutoencoder(replace(self.config, upsample=upsample))
+        twin.load_state_dict(self.state_dict())
+        return twin.to(next(self.parameters()).device)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1], H and W multiples of 8 -> latents (B, C, H/8, W/8)."""
