@@ -177,8 +177,8 @@ def decoder_equivariance(decode, latents: torch.Tensor, gen: torch.Generator, ma
     texture does when the scene moves by a fraction of a latent cell.
 
     One random motion for the batch, a sub-pixel pan (up to 3 output px), rotation (up to
-    1.5 degrees) and zoom (up to 1.5%) about the centre, applied to the latents
-    (bilinearly) and to their decoding (bicubically) through the same normalised affine
+    1.5 degrees) and zoom (up to 1.5%) about the centre, applied to the latents and to
+    their decoding (both bicubically) through the same normalised affine
     grid, which is one geometric motion at both resolutions (align_corners=False). A
     decoder that pins its texture to the latent grid (nearest upsampling) scores high; one
     whose texture moves with its latent scores low. `margin` output px at the borders,
@@ -296,9 +296,9 @@ def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, 
     weights: "flow", "pixel", "consistency", "recon", "sharp" (sharpness_loss on the
     one-step output and the reconstruction), "adversarial" (0 leaves the
     discriminator out) and "equivariance" (decoder_equivariance on view a's one-step
-    latents, detached: it trains the decoder only). temporal_disc: the discriminator judges the two shifted views'
-    outputs together, aligned on their overlap (PatchDiscriminator(images=2)), instead
-    of view a's output alone. moved_views: view b is moved_view's sub-pixel camera motion
+    latents, detached: it trains the decoder only). temporal_disc: the discriminator
+    judges the two shifted views' outputs together, aligned on their overlap
+    (PatchDiscriminator(images=2)), instead of view a's output alone. moved_views: view b is moved_view's sub-pixel camera motion
     instead of views' whole-pixel shift.
     """
     if steps == 0:
