@@ -30,20 +30,38 @@ def _describe_streams(container: av.container.InputContainer) -> str:
     return ", ".join(kinds) or "no streams"
 
 
-def frames_in_gaps(stamps: list[Fraction], step: Fraction) -> int:
+class TimestampGaps:
     """Frames missing from a constant-rate stream: what the gaps in its timestamps would hold.
 
-    stamps: the decoded frames' times; step: one frame's duration, in the same unit. A
+    Fed each decoded frame's time in turn (`add`), in constant memory, so a stream of any
+    length can be followed. step: one frame's duration, in the times' unit. A
     constant-rate stream's intervals are whole steps, most of them one; a stream whose
-    intervals fall between steps is variable-rate, its gaps are its timing, not loss, and 0
-    is returned.
+    intervals fall between steps is variable-rate, its gaps are its timing, not loss, and
+    `missing` is 0. A time not after the latest one (a repeat, or out of order) makes no
+    interval.
     """
-    times = sorted(set(stamps))
-    steps = [(b - a) / step for a, b in zip(times, times[1:])] if step > 0 else []
-    on_grid = [round(s) for s in steps if round(s) >= 1 and abs(s - round(s)) <= 0.02]
-    if not steps or len(on_grid) < 0.9 * len(steps) or on_grid.count(1) < 0.5 * len(steps):
-        return 0
-    return sum(n - 1 for n in on_grid)
+
+    def __init__(self, step: Fraction):
+        self.step = step
+        self.latest: Fraction | None = None
+        self.intervals = self.on_grid = self.single = self.skipped = 0
+
+    def add(self, time: Fraction) -> None:
+        if self.latest is not None and time > self.latest and self.step > 0:
+            steps = (time - self.latest) / self.step
+            whole = round(steps)
+            self.intervals += 1
+            if whole >= 1 and abs(steps - whole) <= 0.02:
+                self.on_grid += 1
+                self.single += whole == 1
+                self.skipped += whole - 1
+        if self.latest is None or time > self.latest:
+            self.latest = time
+
+    @property
+    def missing(self) -> int:
+        n = self.intervals
+        return self.skipped if n and self.on_grid >= 0.9 * n and self.single >= 0.5 * n else 0
 
 
 def upright(frame: av.VideoFrame) -> av.VideoFrame:
@@ -146,7 +164,8 @@ class FileSource:
         """Decoded video frames (upright, with pts) and raw audio packets, in file order."""
         streams = [self.video] + ([self.audio] if self.audio else [])
         rate = self.video.average_rate or self.video.guessed_rate or 25
-        count, stamps, resyncs = 0, [], 0
+        count, resyncs = 0, 0
+        gaps = TimestampGaps(1 / Fraction(rate))
         packets = self.container.demux(streams)
         while True:
             try:
@@ -181,14 +200,14 @@ class FileSource:
                     frame.pts = count
                 count += 1
                 if frame.time_base:
-                    stamps.append(frame.pts * frame.time_base)  # seconds, exact
+                    gaps.add(frame.pts * frame.time_base)  # seconds, exact
                 yield upright(frame)
         # MP4 and MOV list every frame in their index: fewer decoded is a cut or damaged file.
         # Without an index, a damaged MPEG-TS loses whole packets silently: its timestamps show the gap.
         if self.video.frames:
             missing = self.video.frames - count - self.damaged
         else:
-            missing = frames_in_gaps(stamps, 1 / Fraction(rate)) - self.damaged
+            missing = gaps.missing - self.damaged
         if missing > 0:
             log.debug("%s: %d frames could not be read", self.name, missing)
             self.damaged += missing
