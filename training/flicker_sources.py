@@ -5,7 +5,8 @@
 The warp error of training/evaluate_demo.py's clips (camera motion plus sensor noise,
 the figure its table reports) is measured again under three conditions, per style and
 for the autoencoder's round trip of the frames alone (no U-Net, no style):
-- "motion + noise": the evaluation's clips as they are;
+- "motion + noise": the evaluation's clips with sensor noise of the same std (drawn here,
+  so the figures differ a little from evaluate_demo's);
 - "motion": the same clips without the noise;
 - "noise": each clip's first frame held still, fresh noise on every frame (zero flow).
 A model whose flicker is mostly "noise" turns sensor noise into texture changes (its
@@ -63,13 +64,13 @@ def measure(pipe, clips: dict) -> dict[str, dict[str, float]]:
     """{row: {condition: mean warp error x 1e3}} for the input frames themselves (what the
     clips' and the metric's resampling cost), the round trip, each style and their mean."""
     rows = {"input": {}, "round trip": {}} | {style: {} for style in STYLES}
+    contexts = {style: pipe.styles.context(style) for style in STYLES}
     for name, items in clips.items():
         inputs, trips, styled = [], [], {style: [] for style in STYLES}
         for frames, flows, valid in items:
             inputs.append(flicker(frames, flows, valid))
-            trips.append(flicker(pipe.autoencoder.decode(pipe.autoencoder.encode(frames)).clamp(0, 1), flows, valid))
-            for style in STYLES:
-                context = pipe.styles.context(style)
+            trips.append(flicker(pipe.autoencoder.decode(pipe.autoencoder.encode(frames)), flows, valid))
+            for style, context in contexts.items():
                 out = torch.cat([restyle(pipe, f[None], context) for f in frames])
                 styled[style].append(flicker(out, flows, valid))
         rows["input"][name] = float(np.mean(inputs)) * 1e3
