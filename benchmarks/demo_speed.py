@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 
 from livestyle.errors import LivestyleError  # noqa: E402
 from livestyle.models.demo import DEMO_MODEL  # noqa: E402
-from livestyle.models.loading import load_pipeline  # noqa: E402
+from livestyle.models.loading import decode_frames, load_pipeline  # noqa: E402
 from livestyle.models.temporal import TemporalCache  # noqa: E402
 from livestyle.stream.samplers import sample_bridge  # noqa: E402
 
@@ -68,8 +68,8 @@ def stage_calls(pipe, size: int, steps: int, use_cache: bool, device: str) -> di
 
     return {"encode": lambda: pipe.autoencoder.encode(images),
             "denoise": lambda: denoise(z0),
-            "decode": lambda: pipe.autoencoder.decode(z0),
-            "end to end": lambda: pipe.autoencoder.decode(denoise(pipe.autoencoder.encode(images)))}
+            "decode": lambda: decode_frames(pipe.autoencoder, z0, images),
+            "end to end": lambda: decode_frames(pipe.autoencoder, denoise(pipe.autoencoder.encode(images)), images)}
 
 
 def main(argv: list[str] | None = None) -> int:

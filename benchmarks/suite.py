@@ -620,6 +620,7 @@ def section_roofline(b: Bench) -> None:
 
     from livestyle.models import packed
     from livestyle.models.demo import load_demo
+    from livestyle.models.loading import decode_frames
 
     torch = b.torch
     parts = b.parts(torch.float16 if b.cuda else torch.float32)  # packed in place if the frame section ran
@@ -633,7 +634,8 @@ def section_roofline(b: Bench) -> None:
         f"SD-Turbo architecture, {size}x{size}, 1 step (encode, U-Net, decode)":
             lambda: parts.autoencoder.decode(parts.unet(parts.autoencoder.encode(images), t, parts.context)),
         f"demo model, {size}x{size}, 1 step (encode, U-Net, decode)":
-            lambda: demo.autoencoder.decode(demo.unet(demo.autoencoder.encode(images.float()), t, demo_context)),
+            lambda: decode_frames(demo.autoencoder, demo.unet(demo.autoencoder.encode(images.float()), t, demo_context),
+                                  images.float()),
     }
     name = torch.cuda.get_device_name() if b.cuda else None
     peak = next((v for k, v in PEAKS.items() if name and k in name), None)

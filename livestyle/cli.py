@@ -197,7 +197,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"{path}: {what}")
             if kind == "autoencoder":
                 vae = load_autoencoder(path, dtype=dtype)
-                print(f"  autoencoder  {type(vae).__name__}, {vae.latent_channels} latent channels, {_count(vae)}")
+                guide = ", its decoder reads the input frame" if vae.guided else ""
+                print(f"  autoencoder  {type(vae).__name__}, {vae.latent_channels} latent channels, {_count(vae)}{guide}")
             return 0
     pipe = load_pipeline(path, dtype=dtype, autoencoder=args.autoencoder,
                          loras=tuple((p, args.lora_scale) for p in args.lora))
@@ -207,7 +208,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"context {unet.cross_attention_dim}")
     vae_dtype = next(pipe.autoencoder.parameters()).dtype
     print(f"  autoencoder  {type(pipe.autoencoder).__name__}, {pipe.autoencoder.latent_channels} latent channels, "
-          f"{_count(pipe.autoencoder)}{', kept in fp32 (fp16 overflows it)' if vae_dtype != dtype else ''}")
+          f"{_count(pipe.autoencoder)}{', kept in fp32 (fp16 overflows it)' if vae_dtype != dtype else ''}"
+          f"{', its decoder reads the input frame' if pipe.autoencoder.guided else ''}")
     for name, text in (("text", pipe.text), ("text_2", pipe.text_2)):  # SDXL has two encoders
         if text is not None:
             text_cfg = text.encoder.config

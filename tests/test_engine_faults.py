@@ -254,9 +254,9 @@ def test_one_non_finite_output_does_not_spread_to_later_frames(pipe, monkeypatch
     decode = pipe.autoencoder.decode
     calls = {"n": 0}
 
-    def nan_once(latents):
+    def nan_once(latents, *frames):  # frames: a guided decoder's (the demo model's)
         calls["n"] += 1
-        image = decode(latents)
+        image = decode(latents, *frames)
         return image.fill_(float("nan")) if calls["n"] == 3 else image
 
     monkeypatch.setattr(pipe.autoencoder, "decode", nan_once)

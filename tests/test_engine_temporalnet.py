@@ -131,7 +131,7 @@ def test_a_controlnet_made_from_the_unet_changes_nothing_before_training():
         down, mid = net(z, torch.zeros(2), pipeline.styles.embeddings[style], image)
         assert all(d.abs().max() == 0 for d in down) and mid.abs().max() == 0
         residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-        assert torch.equal(frozen_output(pipeline, z, style, residuals), frozen_output(pipeline, z, style))
+        assert torch.equal(frozen_output(pipeline, z, image, style, residuals), frozen_output(pipeline, z, image, style))
 
 
 def test_training_is_seeded_and_moves_only_its_parts(tmp_path):

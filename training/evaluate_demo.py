@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
 from livestyle.capture.synthetic import CameraPath, motion_clip  # noqa: E402
 from livestyle.metrics import psnr, sharpness, ssim, warp_error  # noqa: E402
 from livestyle.models.demo import DEMO_MODEL  # noqa: E402
-from livestyle.models.loading import load_autoencoder, load_pipeline  # noqa: E402
+from livestyle.models.loading import decode_frames, load_autoencoder, load_pipeline  # noqa: E402
 from livestyle.models.temporal import TemporalCache  # noqa: E402
 from livestyle.stream.restyle import restyle  # noqa: E402
 from training.data import HELD_OUT, camera_paths, held_out_images, load_image, motion_clips  # noqa: E402
@@ -79,12 +79,13 @@ def grid_ratio(output: np.ndarray, reference: np.ndarray, period: int = 8) -> fl
 
 @torch.inference_mode()
 def round_trip(autoencoder, images: torch.Tensor) -> dict:
-    """The autoencoder's decode(encode(x)) on images (B, 3, H, W) in [0, 1], against x.
+    """The autoencoder's decode(encode(x)) on images (B, 3, H, W) in [0, 1], against x (a guided
+    decoder reads x too, as it reads the input frame when restyling).
 
     Returns mean PSNR (dB), sharpness kept (mean sharpness of the outputs over the inputs')
     and the mean grid_ratio.
     """
-    out = autoencoder.decode(autoencoder.encode(images))
+    out = decode_frames(autoencoder, autoencoder.encode(images), images)
     pairs = [(hwc(o), hwc(x)) for o, x in zip(out, images)]
     return {"psnr": float(np.mean([psnr(o, x) for o, x in pairs])),
             "sharpness": float(np.mean([sharpness(o) for o, _ in pairs]) / np.mean([sharpness(x) for _, x in pairs])),
@@ -93,7 +94,8 @@ def round_trip(autoencoder, images: torch.Tensor) -> dict:
 
 @torch.inference_mode()
 def decoder_speed(autoencoders: dict, size: int, rounds: int = 30) -> dict:
-    """Median milliseconds of each autoencoder's decode of one (1, C, size/8, size/8) latent.
+    """Median milliseconds of each autoencoder's decode of one (1, C, size/8, size/8) latent (and
+    of a size x size frame for a guided decoder, which reads it).
 
     The decoders take turns within each round, so a load that comes and goes on a shared
     machine falls on all of them alike; one warm-up round is not counted.
@@ -101,10 +103,11 @@ def decoder_speed(autoencoders: dict, size: int, rounds: int = 30) -> dict:
     times = {name: [] for name in autoencoders}
     latents = {name: torch.randn(1, ae.latent_channels, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
                for name, ae in autoencoders.items()}
+    frames = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     for r in range(rounds + 1):
         for name, ae in autoencoders.items():
             start = time.perf_counter()
-            ae.decode(latents[name])
+            decode_frames(ae, latents[name], frames)
             if r:
                 times[name].append((time.perf_counter() - start) * 1e3)
     return {name: float(np.median(t)) for name, t in times.items()}

@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 
 from livestyle.metrics import warp_error  # noqa: E402
 from livestyle.models.demo import DEMO_MODEL  # noqa: E402
-from livestyle.models.loading import load_pipeline  # noqa: E402
+from livestyle.models.loading import decode_frames, load_pipeline  # noqa: E402
 from livestyle.stream.restyle import restyle  # noqa: E402
 from training.data import HELD_OUT, motion_clips  # noqa: E402
 from training.evaluate_demo import NOISE  # noqa: E402
@@ -69,7 +69,7 @@ def measure(pipe, clips: dict) -> dict[str, dict[str, float]]:
         inputs, trips, styled = [], [], {style: [] for style in STYLES}
         for frames, flows, valid in items:
             inputs.append(flicker(frames, flows, valid))
-            trips.append(flicker(pipe.autoencoder.decode(pipe.autoencoder.encode(frames)), flows, valid))
+            trips.append(flicker(decode_frames(pipe.autoencoder, pipe.autoencoder.encode(frames), frames), flows, valid))
             for style, context in contexts.items():
                 out = torch.cat([restyle(pipe, f[None], context) for f in frames])
                 styled[style].append(flicker(out, flows, valid))

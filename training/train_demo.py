@@ -1,6 +1,6 @@
 """Train livestyle's embedded demo model: a few-step temporal restyler for CPUs.
 
-    python training/train_demo.py                   # the shipped model (seed 0)
+    python training/train_demo.py --out V2_FOLDER   # v2 (seed 0); the default --out is the shipped folder
     python training/train_demo.py --quick --out /tmp/demo   # a few steps, to check it runs
     python training/train_demo.py --init livestyle/weights/demo --out /tmp/v3b --pool 600 --size 96 \
         --ae-steps 200 --ae-lr 5e-4 --bridge-steps 1200 --batch 6 --lr 2e-4 --sharp 1 \
@@ -23,6 +23,13 @@
         --ae-steps 200 --ae-lr 5e-4 --bridge-steps 1200 --batch 6 --lr 2e-4 --sharp 1 --adversarial 0.05 \
         --consistency 6 --temporal-disc --threads 2 --out /tmp/v3tb6   # v3t (6) on v2's decoder upsampling
         # bilinearly (7.9 min); --consistency 2 without --temporal-disc: v3bb; add --equivariance 4: v3be
+    python training/train_demo.py --init V2_FOLDER --guide-width 16 --more-images --pool 400 --size 96 \
+        --ae-steps 0 --bridge-steps 1200 --batch 6 --lr 0 --decoder-lr 0 --guide-lr 1e-3 --sharp 1 \
+        --consistency 2 --threads 2 --out livestyle/weights/demo   # v3, shipped: v2's decoder given a
+        # guide head that reads the frame, trained alone (2.8 min; V2_FOLDER: the v2 model, the first command)
+
+The fine-tunes before v3 were made with `--init livestyle/weights/demo` when that folder held
+v2; pass V2_FOLDER there now for their figures (v3's decoder also reads the frame).
 
 Objective: distillation of a feed-forward style-transfer teacher into a rectified-flow
 bridge from frame to stylised frame, in a learned latent space.
@@ -59,6 +66,12 @@ bridge from frame to stylised frame, in a learned latent space.
   latent grid (StyleGAN3's "texture sticking"); `--equivariance` adds
   `decoder_equivariance`, the decoder's output for a latent moved by a fraction of a
   cell against its output moved.
+- What a latent cannot hold (v3, shipped): a latent cell covers 8x8 pixels, so the
+  frame's edges, eyes and lines are not in it for any decoder to give back.
+  `--guide-width` gives the decoder a guide head that reads the frame itself at full
+  resolution beside the decoder's features (LiteAutoencoder.guided); with `--lr 0
+  --decoder-lr 0` on v2 only the head trains, at `--guide-lr`. What it adds comes from
+  the current frame, so it moves with the scene.
 - Style is conditioned like a prompt: a learned embedding of 4 tokens x 64 dims per
   style, fed to the U-Net's cross-attention (`StyleBank`).
 
@@ -276,7 +289,7 @@ def train_autoencoder(vae, crops, styled, steps, batch, size, gen, lr, sharp, de
                                torch.randint(0, S, (batch,), generator=gen))
         x = torch.where((pick == S)[:, None, None, None], crops[idx], styled[pick.clamp(max=S - 1), idx])
         x = x[..., 4:4 + size, 4:4 + size].to(device)
-        out = vae.decode_raw(vae.encode(x))
+        out = vae.decode_raw(vae.encode(x), x) if vae.guided else vae.decode_raw(vae.encode(x))
         loss = (out - x).abs().mean() + gradient_l1(out, x) + sharp * sharpness_loss(out, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -289,9 +302,10 @@ def train_autoencoder(vae, crops, styled, steps, batch, size, gen, lr, sharp, de
 
 
 def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, decoder_lr, weights, device,
-                 temporal_disc: bool = False, moved_views: bool = False) -> None:
+                 temporal_disc: bool = False, moved_views: bool = False, guide_lr: float = 0.0) -> None:
     """U-Net and style embeddings; the decoder is tuned along (at decoder_lr) so that it
-    renders the one-step latents sharply, while the encoder stays fixed.
+    renders the one-step latents sharply, and a guided decoder's guide head (at guide_lr),
+    while the encoder stays fixed.
 
     weights: "flow", "pixel", "consistency", "recon", "sharp" (sharpness_loss on the
     one-step output and the reconstruction), "adversarial" (0 leaves the
@@ -299,15 +313,24 @@ def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, 
     latents, detached: it trains the decoder only). temporal_disc: the discriminator
     judges the two shifted views' outputs together, aligned on their overlap
     (PatchDiscriminator(images=2)), instead of view a's output alone. moved_views: view b is moved_view's sub-pixel camera motion
-    instead of views' whole-pixel shift.
+    instead of views' whole-pixel shift. lr 0: the U-Net and styles stay as they are and run
+    without gradients (a fine-tune of the decoder or its guide head alone).
     """
     if steps == 0:
         return
     vae.decoder.requires_grad_(True)
-    params = [*unet.parameters(), *styles.parameters(), *vae.decoder.parameters()]
-    opt = torch.optim.AdamW([{"params": [*unet.parameters(), *styles.parameters()]},
-                             {"params": vae.decoder.parameters(), "lr": decoder_lr}], lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr, decoder_lr], total_steps=steps, pct_start=0.05)
+    frozen = lr == 0  # the U-Net and styles as they are: run without their gradients (a guide head's fine-tune)
+    unet.requires_grad_(not frozen)
+    styles.requires_grad_(not frozen)
+    groups = [([*unet.parameters(), *styles.parameters()], lr)] if not frozen else []
+    groups.append(([*vae.decoder.parameters()], decoder_lr))
+    if vae.guided:
+        vae.guide.requires_grad_(True)
+        groups.append(([*vae.guide.parameters()], guide_lr))
+    params = [p for group, _ in groups for p in group]
+    opt = torch.optim.AdamW([{"params": group, "lr": rate} for group, rate in groups], weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[rate for _, rate in groups], total_steps=steps,
+                                                pct_start=0.05)
     n, S = crops.shape[0], styled.shape[0]
     disc = PatchDiscriminator(S, images=2 if temporal_disc else 1).to(device) if weights["adversarial"] else None
     if disc is not None:
@@ -331,11 +354,14 @@ def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, 
         # Half the batch at t = 0, where one-step sampling evaluates the model.
         t = (torch.rand(batch, generator=gen) * (torch.rand(batch, generator=gen) < 0.5)).to(device)
         zt = (1 - t)[:, None, None, None] * z0 + t[:, None, None, None] * z1
-        v = unet(zt, t * 1000, context)
-        flow_loss = F.mse_loss(v, z1 - z0)
-        # One step from t = 0 for both views: pixel loss on a, consistency between a and b.
-        v0 = unet(torch.cat([z0, z0b]), torch.zeros(2 * batch, device=device), torch.cat([context, context]))
-        out_a, out_b, recon = vae.decode_raw(torch.cat([torch.cat([z0, z0b]) + v0, z0])).split(batch)
+        with torch.set_grad_enabled(not frozen):
+            v = unet(zt, t * 1000, context)
+            flow_loss = F.mse_loss(v, z1 - z0)
+            # One step from t = 0 for both views: pixel loss on a, consistency between a and b.
+            v0 = unet(torch.cat([z0, z0b]), torch.zeros(2 * batch, device=device), torch.cat([context, context]))
+        latents = torch.cat([torch.cat([z0, z0b]) + v0, z0])
+        out_a, out_b, recon = (vae.decode_raw(latents, torch.cat([a, b, a])) if vae.guided else
+                               vae.decode_raw(latents)).split(batch)
         pixel_loss = (out_a - target_a).abs().mean() + gradient_l1(out_a, target_a)
         if moved_views:  # b's output against a's output moved along the same motion (bilinear)
             oa = F.grid_sample(out_a, grid.expand(batch, -1, -1, -1), mode="bilinear", align_corners=False)
@@ -425,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
                         "with --init or --autoencoder, switches between nearest and bilinear")
     parser.add_argument("--full-res-width", type=int, default=0,
                         help="channels of the fresh shuffle decoder's full-resolution residual block (0: none)")
+    parser.add_argument("--guide-width", type=int, default=0, help="give the decoder a guide head of this many "
+                        "channels that reads the input frame (v3; 0: none); with --init or --autoencoder, added "
+                        "fresh to their decoder (it decodes as before until trained)")
+    parser.add_argument("--guide-lr", type=float, default=1e-3, help="the guide head's learning rate (bridge stage)")
     parser.add_argument("--latent-channels", type=int, default=LATENT,
                         help=f"latent channels of a fresh autoencoder and U-Net (v2: {LATENT})")
     parser.add_argument("--more-images", action="store_true", help="also train on training/data.py's MORE_TRAIN "
@@ -451,14 +481,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--equivariance", type=float, default=0.0, help="weight of the decoder-equivariance term: "
                         "the decoder's output must move as its latent moves by a fraction of a cell")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="a tiny run that only checks the script works")
+    parser.add_argument("--quick", action="store_true", help="a tiny run that only checks the script works "
+                        "(at most 3 steps a stage)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.size, args.pool, args.ae_steps, args.bridge_steps, args.batch = 32, 16, 3, 3, 2
+        args.size, args.pool, args.batch = 32, 16, 2
+        args.ae_steps, args.bridge_steps = min(args.ae_steps, 3), min(args.bridge_steps, 3)  # 0 stays 0
     if args.ae_photo_share is not None and not 0 <= args.ae_photo_share <= 1:
         parser.error(f"--ae-photo-share must be in [0, 1], got {args.ae_photo_share}")
     if args.temporal_disc and not args.adversarial:
         parser.error("--temporal-disc needs --adversarial")
+    if args.guide_width and args.equivariance:
+        parser.error("--equivariance moves latents alone: a guided decoder (--guide-width) also reads the frame")
     if args.temporal_disc and args.moved_views:
         parser.error("--temporal-disc compares whole-pixel shifts: it cannot be used with --moved-views")
     if args.size < 32 or args.size % 8:
@@ -471,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--autoencoder {args.autoencoder}: not an autoencoder folder (no config.json)")
     try:
         ae_config = LiteAutoencoderConfig(latent_channels=args.latent_channels, upsample=args.upsample or "nearest",
-                                          full_res_width=args.full_res_width)
+                                          full_res_width=args.full_res_width, guide_width=args.guide_width)
     except ValueError as e:
         parser.error(str(e))
 
@@ -509,6 +543,11 @@ def main(argv: list[str] | None = None) -> int:
             vae = vae.with_upsample(args.upsample)
         except ValueError as e:
             parser.error(f"--upsample {args.upsample}: {e}")
+    if args.guide_width and isinstance(vae, LiteAutoencoder) and vae.config.guide_width != args.guide_width:
+        try:
+            vae = vae.with_guide(args.guide_width)
+        except ValueError as e:
+            parser.error(f"--guide-width {args.guide_width}: {e}")
     vae, unet, styles = vae.to(args.device).train(), unet.to(args.device).train(), styles.to(args.device)
     vae.requires_grad_(True)
     train_autoencoder(vae, crops, styled, args.ae_steps, args.batch * 2, args.size, gen, args.ae_lr, args.sharp,
@@ -530,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
                  args.decoder_lr, {"flow": 1.0, "pixel": 1.0, "consistency": args.consistency, "recon": 0.5,
                                    "sharp": args.sharp, "adversarial": args.adversarial,
                                    "equivariance": args.equivariance}, args.device,
-                 temporal_disc=args.temporal_disc, moved_views=args.moved_views)
+                 temporal_disc=args.temporal_disc, moved_views=args.moved_views, guide_lr=args.guide_lr)
 
     seconds = time.perf_counter() - begin
     training = {"seed": args.seed, "seconds": round(seconds), "device": str(args.device), "threads": args.threads,
@@ -541,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ae_lr": args.ae_lr, "lr": args.lr, "decoder_lr": args.decoder_lr, "sharp": args.sharp,
                 "adversarial": args.adversarial, "temporal_disc": args.temporal_disc, "moved_views": args.moved_views,
                 "consistency": args.consistency, "equivariance": args.equivariance, "upsample": vae.config.upsample,
+                "guide_width": vae.config.guide_width, "guide_lr": args.guide_lr,
                 "teacher_styles": STYLES}
     save_demo_model(args.out, unet.eval(), vae.eval().requires_grad_(False), styles, schedule_extra={"training": training})
     log(f"wrote {args.out} after {seconds / 60:.1f} min: {json.dumps(training)}")

@@ -156,23 +156,28 @@ def load_trained(unet: UNet, path: Path) -> ControlNet:
 
 @dataclass
 class Pairs:
-    """Training examples, made once: latents z (N, C, h, w) of frame t; the control image c,
+    """Training examples, made once: latents z (N, C, h, w) of frame t and the frames (N, 3, H, W)
+    they were made from; the control image c,
     the frozen model's output o of frame t and the consistency mask (N, 1, H, W) (0 for a
     first frame); the style index (N,). Images (N, 3, H, W) in [0, 1]."""
 
     z: torch.Tensor
+    frames: torch.Tensor
     control: torch.Tensor
     target: torch.Tensor
     mask: torch.Tensor
     style: torch.Tensor
 
 
-def frozen_output(pipeline: Pipeline, z: torch.Tensor, style: torch.Tensor, residuals: dict | None = None):
+def frozen_output(pipeline: Pipeline, z: torch.Tensor, frames: torch.Tensor, style: torch.Tensor,
+                  residuals: dict | None = None):
     """The demo model's one step at strength 1 (the engine's default): D(z + v(z, 0, style)),
-    unclamped; residuals: a ControlNet's, as the U-Net takes them."""
+    unclamped; frames: those z was made from, for a decoder that reads them (guided);
+    residuals: a ControlNet's, as the U-Net takes them."""
     t = torch.zeros(z.shape[0], device=z.device)
     v = pipeline.unet(z, t, pipeline.styles.embeddings[style], **(residuals or {}))
-    return pipeline.autoencoder.decode_raw(z + v)
+    return pipeline.autoencoder.decode_raw(z + v, frames) if pipeline.autoencoder.guided else \
+        pipeline.autoencoder.decode_raw(z + v)
 
 
 def make_pairs(pipeline: Pipeline, clips: int, frames: int, size: int, rng: np.random.Generator,
@@ -181,20 +186,22 @@ def make_pairs(pipeline: Pipeline, clips: int, frames: int, size: int, rng: np.r
     ones), sensor noise added, one random style each; every frame after the first is a
     pair with its predecessor's output warped, every first frame one with itself."""
     styles = len(pipeline.styles.names)
-    zs, controls, targets, masks, picks = [], [], [], [], []
+    zs, frames_, controls, targets, masks, picks = [], [], [], [], [], []
     for rgb, flows, valid in motion_clips(TRAIN, rng, clips, frames, (size, size)):
         noisy = np.clip(rgb / 255 + rng.normal(0, NOISE, rgb.shape), 0, 1).astype(np.float32)
         x = torch.from_numpy(noisy).permute(0, 3, 1, 2).to(device)  # (T, H, W, 3) -> (T, 3, H, W)
         style = torch.full((frames,), int(rng.integers(styles)), device=device)
         with torch.no_grad():
             z = pipeline.autoencoder.encode(x)
-            out = frozen_output(pipeline, z, style).clamp(0, 1)  # the engine's outputs are clamped
+            out = frozen_output(pipeline, z, x, style).clamp(0, 1)  # the engine's outputs are clamped
         o = out.permute(0, 2, 3, 1).cpu().numpy()  # (T, H, W, 3)
         moved = [np.where(valid[t][..., None], warp(o[t], flows[t]), o[t]) for t in range(frames - 1)]
         control = torch.cat([x[:1], torch.from_numpy(np.stack(moved)).permute(0, 3, 1, 2).to(device)])
         mask = torch.from_numpy(np.concatenate([np.zeros_like(valid[:1]), valid])).to(device, torch.float32)
-        zs.append(z), controls.append(control), targets.append(out), masks.append(mask[:, None]), picks.append(style)
-    return Pairs(torch.cat(zs), torch.cat(controls), torch.cat(targets), torch.cat(masks), torch.cat(picks))
+        zs.append(z), frames_.append(x), controls.append(control), targets.append(out), masks.append(mask[:, None])
+        picks.append(style)
+    return Pairs(torch.cat(zs), torch.cat(frames_), torch.cat(controls), torch.cat(targets), torch.cat(masks),
+                 torch.cat(picks))
 
 
 def train_temporalnet(pipeline: Pipeline, steps: int, size: int, seed: int, device: torch.device = torch.device("cpu"),
@@ -226,12 +233,12 @@ def train_temporalnet(pipeline: Pipeline, steps: int, size: int, seed: int, devi
     for step in range(steps):
         pick = torch.cat([later[torch.randint(len(later), (batch - n_first,), generator=gen)],
                           first[torch.randint(len(first), (n_first,), generator=gen)]])
-        z, c, o, mask, style = (data.z[pick], data.control[pick], data.target[pick], data.mask[pick],
-                                data.style[pick])
+        z, x, c, o, mask, style = (data.z[pick], data.frames[pick], data.control[pick], data.target[pick],
+                                   data.mask[pick], data.style[pick])
         context = pipeline.styles.embeddings[style]
         down, mid = net(z, torch.zeros(len(pick), device=device), context, c)
-        out = frozen_output(pipeline, z, style, {"down_block_additional_residuals": down,
-                                                 "mid_block_additional_residual": mid})
+        out = frozen_output(pipeline, z, x, style, {"down_block_additional_residuals": down,
+                                                    "mid_block_additional_residual": mid})
         consistency = (mask * (out - c) ** 2).sum() / (3 * mask.sum()).clamp(min=1)
         drift = ((out - o) ** 2).mean()
         flattening = ((out.std(dim=(2, 3)) - o.std(dim=(2, 3))) ** 2).mean()  # per image and channel

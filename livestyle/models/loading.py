@@ -56,6 +56,14 @@ from livestyle.models.vae import KLAutoencoder, KLAutoencoderConfig
 
 Autoencoder = TinyAutoencoder | KLAutoencoder | LiteAutoencoder
 
+
+def decode_frames(autoencoder: Autoencoder, latents: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
+    """autoencoder.decode(latents), given the frames (B, 3, H, W) in [0, 1] the latents were made
+    from when its decoder reads them (a guided LiteAutoencoder); the others take the latents alone
+    (frames may then be None)."""
+    return autoencoder.decode(latents, frames) if autoencoder.guided else autoencoder.decode(latents)
+
+
 _UNET = "model.diffusion_model."
 _VAE = "first_stage_model."
 _TEXT = "cond_stage_model."

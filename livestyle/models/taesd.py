@@ -99,6 +99,8 @@ def Decoder(latent_channels=4, pooled=frozenset()):
 class TinyAutoencoder(nn.Module):
     """TAESD-family encoder + decoder. Build from weights with `from_state_dicts`."""
 
+    guided = False  # decode takes the latents alone (LiteAutoencoder.guided)
+
     def __init__(self, latent_channels=4, encoder_pooled=frozenset(), decoder_pooled=frozenset()):
         super().__init__()
         self.latent_channels = latent_channels

@@ -226,6 +226,8 @@ class Decoder(nn.Module):
 class KLAutoencoder(nn.Module):
     """SD's VAE with the same encode/decode contract as TinyAutoencoder."""
 
+    guided = False  # decode takes the latents alone (LiteAutoencoder.guided)
+
     def __init__(self, config: KLAutoencoderConfig):
         super().__init__()
         self.config = config

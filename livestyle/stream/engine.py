@@ -75,7 +75,7 @@ from livestyle.errors import LivestyleError
 from livestyle.frame import rgb_array
 from livestyle.models.controlnet import ControlNet, MultiControlNet
 from livestyle.models import packed
-from livestyle.models.loading import Pipeline, load_controlnet
+from livestyle.models.loading import Pipeline, decode_frames, load_controlnet
 from livestyle.models.vae import KLAutoencoder
 from livestyle.stream import control
 from livestyle.stream.conditioning import Conditioning
@@ -649,6 +649,8 @@ class Engine:
                 continue
             if tag is not None:  # the frame is in the stream batch now
                 s.state.newest, s.state.last_z0, s.state.last_images = tag, z0, images
+                if self.pipe.autoencoder.guided:
+                    tag.frame = encoded[id(s)][1]
             done, denoised = result
             if done.emit:
                 finished.append((s, done, denoised))
@@ -877,8 +879,11 @@ class Engine:
                 continue
             ready.append((s, tag, z))
         def decode(part: list) -> list[torch.Tensor]:
+            latents = torch.cat([z for _, _, z in part])
+            # A guided decoder reads each frame's own input frame (kept on its tag since it was encoded).
+            frames = torch.cat([tag.frame for _, tag, _ in part]) if self.pipe.autoencoder.guided else None
             with self._device_time():
-                return list(self.pipe.autoencoder.decode(torch.cat([z for _, _, z in part])).split(1))
+                return list(decode_frames(self.pipe.autoencoder, latents, frames).split(1))
 
         decoded = _isolated(decode, ready, "decoding")
         blended = []
@@ -897,7 +902,7 @@ class Engine:
             state.previous_latent, state.previous_image, state.previous_tag = z, image, tag
             # Its motion is spent: kept, it would hold the previous tag, which holds its own
             # previous one, chaining every frame ever output (~0.3 MB each) to the stream.
-            tag.motion = None
+            tag.motion = tag.frame = None
             blended.append((s, tag, image))
         if not blended:
             return

@@ -1,7 +1,8 @@
 """Restyling frames with a flow-bridge model (the embedded demo model), one call per frame.
 
 The reference path of the demo model: encode, integrate the bridge from t=0 to
-t=strength in `steps` Euler steps with the U-Net's velocity, decode. The streaming
+t=strength in `steps` Euler steps with the U-Net's velocity, decode (a guided decoder
+reading the frames too: LiteAutoencoder.guided). The streaming
 engine (stream batch, similarity filter, flow-guided latents, many streams) builds on
 these same pieces.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from livestyle.models.loading import Pipeline
+from livestyle.models.loading import Pipeline, decode_frames
 from livestyle.models.temporal import TemporalCache
 from livestyle.stream.samplers import sample_bridge
 
@@ -32,4 +33,4 @@ def restyle(pipe: Pipeline, images: torch.Tensor, context: torch.Tensor, strengt
     z = sample_bridge(lambda z, t: pipe.unet(z, t, context, temporal=temporal), z0, strength, steps)
     if temporal is not None:
         temporal.advance()
-    return pipe.autoencoder.decode(z)
+    return decode_frames(pipe.autoencoder, z, images)

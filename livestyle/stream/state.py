@@ -41,7 +41,7 @@ from livestyle.stream.step import CONTROL, Bucket, coefficients
 
 @dataclass(eq=False)
 class Tag:
-    """A frame on its way through the engine (host side only).
+    """A frame on its way through the engine (host side, but for `frame`).
 
     size: the input frame's (width, height), the output's size; grey: its small grey
     copy (flow, similarity). emit: False for the stand-in copies that prime or drain
@@ -53,6 +53,9 @@ class Tag:
     frame is output or dropped, or every frame would keep the one before it alive.
     edges: uint8 (H, W) Canny edges of the processing-size frame for a "canny" ControlNet,
     made by submit() (host work off the worker); dropped once its control images are made.
+    frame: the processing-size frame on the device, (1, 3, H, W) in [0, 1], for an
+    autoencoder whose decoder reads it (LiteAutoencoder.guided), from when the frame
+    enters the stream batch until it is decoded (the one device tensor a tag holds).
     """
 
     pts: int | None
@@ -66,6 +69,7 @@ class Tag:
     repeats: list[Tag] = field(default_factory=list)
     motion: tuple[Tag, Motion, dict] | None = None
     edges: np.ndarray | None = None
+    frame: torch.Tensor | None = None
 
     def echo(self) -> Tag:
         return Tag(self.pts, self.time_base, self.size, self.submitted_at, self.grey, emit=False)
