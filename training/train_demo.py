@@ -289,7 +289,7 @@ def train_autoencoder(vae, crops, styled, steps, batch, size, gen, lr, sharp, de
                                torch.randint(0, S, (batch,), generator=gen))
         x = torch.where((pick == S)[:, None, None, None], crops[idx], styled[pick.clamp(max=S - 1), idx])
         x = x[..., 4:4 + size, 4:4 + size].to(device)
-        out = vae.decode_raw(vae.encode(x), x) if vae.guided else vae.decode_raw(vae.encode(x))
+        out = vae.decode_raw(vae.encode(x), x if vae.guided else None)
         loss = (out - x).abs().mean() + gradient_l1(out, x) + sharp * sharpness_loss(out, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -360,8 +360,7 @@ def train_bridge(unet, styles, vae, crops, styled, steps, batch, size, gen, lr, 
             # One step from t = 0 for both views: pixel loss on a, consistency between a and b.
             v0 = unet(torch.cat([z0, z0b]), torch.zeros(2 * batch, device=device), torch.cat([context, context]))
         latents = torch.cat([torch.cat([z0, z0b]) + v0, z0])
-        out_a, out_b, recon = (vae.decode_raw(latents, torch.cat([a, b, a])) if vae.guided else
-                               vae.decode_raw(latents)).split(batch)
+        out_a, out_b, recon = vae.decode_raw(latents, torch.cat([a, b, a]) if vae.guided else None).split(batch)
         pixel_loss = (out_a - target_a).abs().mean() + gradient_l1(out_a, target_a)
         if moved_views:  # b's output against a's output moved along the same motion (bilinear)
             oa = F.grid_sample(out_a, grid.expand(batch, -1, -1, -1), mode="bilinear", align_corners=False)

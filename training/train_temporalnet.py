@@ -176,8 +176,7 @@ def frozen_output(pipeline: Pipeline, z: torch.Tensor, frames: torch.Tensor, sty
     residuals: a ControlNet's, as the U-Net takes them."""
     t = torch.zeros(z.shape[0], device=z.device)
     v = pipeline.unet(z, t, pipeline.styles.embeddings[style], **(residuals or {}))
-    return pipeline.autoencoder.decode_raw(z + v, frames) if pipeline.autoencoder.guided else \
-        pipeline.autoencoder.decode_raw(z + v)
+    return pipeline.autoencoder.decode_raw(z + v, frames if pipeline.autoencoder.guided else None)
 
 
 def make_pairs(pipeline: Pipeline, clips: int, frames: int, size: int, rng: np.random.Generator,
