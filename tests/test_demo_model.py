@@ -70,6 +70,10 @@ def test_student_is_close_to_teacher_on_held_out_images(setup, style):
     v2_psnr, v2_ssim, v2_sharpness = V2[style]
     assert f["student_psnr"] >= v2_psnr - 0.02 and f["student_ssim"] >= v2_ssim, (f, V2[style])
     assert f["sharpness"] > v2_sharpness, (f, V2[style])
+    # The latent ceiling (the teacher's stylisation through the autoencoder, decoded with the
+    # input frame) is what a perfect U-Net would give; v3 measured 1.9 to 5.4 dB above its
+    # student (README). A ceiling at or under the student would mean it was not measured so.
+    assert f["ceiling_psnr"] > f["student_psnr"] + 1.0, f
 
 
 def test_autoencoder_round_trip_on_held_out_photos(setup):

