@@ -110,7 +110,6 @@ from training.data import MORE_TRAIN, TRAIN, load_image, random_crops  # noqa: E
 from training.teacher import Teacher  # noqa: E402
 
 # Look name -> the teacher's style index. Chosen to look as different as possible.
-CONTEXT_CUTS = 4  # training crops cut from each of --context's stylised crops
 STYLES = {
     "starry-night": 19,   # blue and yellow swirling brush strokes
     "sepia-oil": 10,      # warm brown oil painting
@@ -119,6 +118,7 @@ STYLES = {
     "pastel-wash": 14,    # pale blue watercolour wash
 }
 STYLE_TOKENS, STYLE_DIM, LATENT = 4, 64, 16  # LATENT: v2's latent channels (--latent-channels)
+CONTEXT_CUTS = 4  # training crops cut from each of --context's stylised crops
 
 
 def log(msg: str) -> None:
@@ -137,8 +137,9 @@ def make_pool(rng: np.random.Generator, teacher: Teacher, n: int, size: int,
     crops are cut from them (CONTEXT_CUTS per context crop, photo and stylisations alike).
     The teacher normalises over the whole image it is given (instance norm), so the
     stylisation of a small crop is not the same region of a whole frame's: on the held-out
-    images at 256x256 they differ by 9.9 to 19.2 dB PSNR for a 96 px crop. Whole frames are
-    what users stream and what evaluate_demo measures; these are their targets.
+    images at 256x256 they differ by 9.9 to 19.2 dB PSNR for a 96 px crop. Cut crops'
+    targets are what the teacher makes of a larger view, closer to the whole frames users
+    stream and evaluate_demo measures (tried on v2's U-Net: worse, README).
     """
     images = [load_image(name) for name in names]
     side = max(context, size + 8)
