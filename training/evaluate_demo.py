@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     clips = motion_clips(HELD_OUT, np.random.default_rng(0), args.clips, args.frames, (args.size, args.size))
     paths = camera_paths(HELD_OUT, np.random.default_rng(0), args.clips, args.frames, (args.size, args.size))
     results = {}
+    sides = [side for side in CROP_SIDES if side < args.size]  # teacher_crop_agreement's crops that fit
     styled = torch.cat([torch.from_numpy(teacher.stylize(images.numpy(), index)) for index in STYLES.values()])
     results["autoencoder"] = {"photos": round_trip(pipe.autoencoder, images),
                               "teacher": round_trip(pipe.autoencoder, styled)}
@@ -313,12 +314,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['warp_student_temporal']:.2f} | "
               f"{r['warp_steady_teacher']:.2f} ({r['steady_teacher_sharpness']:.2f}) |")
         r["teacher_crop_agreement"] = {side: round(teacher_crop_agreement(teacher, images, style, side), 2)
-                                       for side in CROP_SIDES if side < args.size}
+                                       for side in sides}
         if args.pictures:
             args.pictures.mkdir(parents=True, exist_ok=True)
             side_by_side(images, f["teacher"], f["student"], args.pictures / f"{style}.jpg")
     print(f"teacher's crop agreement (its stylisation of a centre crop against the same region of the whole "
-          f"image's, PSNR), crops of {', '.join(str(s) for s in CROP_SIDES if s < args.size)} px: " + "; ".join(
+          f"image's, PSNR), crops of {', '.join(map(str, sides))} px: " + "; ".join(
               f"{style} " + " / ".join(f"{v:.2f}" for v in results[style]["teacher_crop_agreement"].values())
               for style in STYLES) + " dB")
     print("latent ceiling: the teacher's stylisation through the autoencoder (decoding with the input frame), "
